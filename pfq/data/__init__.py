@@ -1,0 +1,1 @@
+"""Data: phantoms, manifests, NIfTI preprocessing, the cache, stratified sets and the Grain pipeline."""

@@ -1,0 +1,202 @@
+"""ProFound-Conv: a 3-D ConvNeXt-V2 encoder and the ProFound classifier head, in Flax NNX.
+
+Attribute paths mirror the upstream PyTorch state-dict names, so `encoder.stages.2.4.dwconv.kernel`
+here is `encoder.stages.2.4.dwconv.weight` there; weight conversion is a walk over paths
+(see `pfq.convert`). Input is channels-last (N, D, H, W, C); the numeric definitions (eps, exact-erf
+GELU, GRN, 1x1x1 stride-1 last downsample) follow docs/profound-checkpoints.md section 0.3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pfq.model.depthwise import depthwise_conv3d
+
+# name -> (depths, dims); upstream presets. ProFound itself uses "tiny".
+SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+HEAD_HIDDEN = 256
+LN_EPS = 1e-6
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # Flax weight on the old value == torch momentum 0.1
+
+_trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+_zeros = nnx.initializers.zeros_init()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that fixes the parameter shapes, plus numerics that do not."""
+
+    depths: tuple[int, ...]
+    dims: tuple[int, ...]
+    in_chans: int = 3
+    num_classes: int = 2
+    drop_path_rate: float = 0.0
+    depthwise_impl: str = "auto"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat_stages: tuple[bool, ...] = (False, False, False, False)
+
+    @classmethod
+    def from_size(cls, size: str, **kwargs) -> ModelSpec:
+        if size not in SIZES:
+            raise ValueError(f"unknown model size {size!r}; choose from {list(SIZES)}")
+        depths, dims = SIZES[size]
+        return cls(depths=depths, dims=dims, **kwargs)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dims[-1]
+
+
+def _layer_norm(dim: int, rngs: nnx.Rngs, dtype) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+class DepthwiseConv3d(nnx.Module):
+    """7x7x7 depthwise conv with the Flax grouped-conv kernel layout (kd, kh, kw, 1, C)."""
+
+    def __init__(self, dim: int, kernel_size: int, impl: str, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_trunc_normal(rngs.params(), (kernel_size,) * 3 + (1, dim)))
+        self.bias = nnx.Param(jnp.zeros((dim,)))
+        self.impl = impl
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return depthwise_conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                self.bias[...].astype(self.dtype), impl=self.impl)
+
+
+class GRN(nnx.Module):
+    """Global response normalisation over the spatial axes, per sample and channel."""
+
+    def __init__(self, dim: int):
+        self.gamma = nnx.Param(jnp.zeros((dim,)))
+        self.beta = nnx.Param(jnp.zeros((dim,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        g = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(1, 2, 3), keepdims=True))
+        n = g / (jnp.mean(g, axis=-1, keepdims=True) + 1e-6)
+        out = self.gamma[...] * (xf * n) + self.beta[...] + xf
+        return out.astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop the residual branch per sample, rescale the kept ones."""
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, dim: int, drop_path_rate: float, impl: str, dtype, rngs: nnx.Rngs):
+        self.dwconv = DepthwiseConv3d(dim, 7, impl, dtype, rngs)
+        self.norm = _layer_norm(dim, rngs, dtype)
+        self.pwconv1 = nnx.Linear(dim, 4 * dim, kernel_init=_trunc_normal, bias_init=_zeros,
+                                  dtype=dtype, rngs=rngs)
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nnx.Linear(4 * dim, dim, kernel_init=_trunc_normal, bias_init=_zeros,
+                                  dtype=dtype, rngs=rngs)
+        self.drop_path_rate = drop_path_rate
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        y = self.dwconv(x)
+        y = self.norm(y)
+        y = self.pwconv1(y)
+        y = jax.nn.gelu(y, approximate=False)
+        y = self.grn(y)
+        y = self.pwconv2(y)
+        return x + drop_path(y, self.drop_path_rate, key)
+
+
+def _conv(din: int, dout: int, k: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(din, dout, kernel_size=(k, k, k), strides=(k, k, k), padding="VALID",
+                    kernel_init=_trunc_normal, bias_init=_zeros, dtype=dtype, rngs=rngs)
+
+
+class ConvNeXtV2(nnx.Module):
+    """The encoder: returns the final-LayerNorm'd globally pooled features (N, E)."""
+
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+        dtype = jnp.dtype(spec.dtype)
+        dims, depths = spec.dims, spec.depths
+        # Stem k4/s4 then LayerNorm; later transitions LayerNorm then conv k2/s2, except the last,
+        # which upstream makes a 1x1x1 stride-1 conv (total downsampling 16, not 32).
+        layers = [nnx.List([_conv(spec.in_chans, dims[0], 4, dtype, rngs), _layer_norm(dims[0], rngs, dtype)])]
+        for i in range(1, 4):
+            k = 1 if i == 3 else 2
+            layers.append(nnx.List([_layer_norm(dims[i - 1], rngs, dtype), _conv(dims[i - 1], dims[i], k, dtype, rngs)]))
+        self.downsample_layers = nnx.List(layers)
+        rates = np.linspace(0.0, spec.drop_path_rate, sum(depths)).tolist()
+        stages, cursor = [], 0
+        for i in range(4):
+            stages.append(nnx.List([Block(dims[i], rates[cursor + j], spec.depthwise_impl, dtype, rngs)
+                                    for j in range(depths[i])]))
+            cursor += depths[i]
+        self.stages = nnx.List(stages)
+        self.norm = _layer_norm(dims[-1], rngs, jnp.float32)
+        self.remat_stages = tuple(spec.remat_stages)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        keys = None if key is None else jax.random.split(key, sum(len(s) for s in self.stages))
+        cursor = 0
+        for i in range(4):
+            for layer in self.downsample_layers[i]:
+                x = layer(x)
+            for block in self.stages[i]:
+                k = None if keys is None else keys[cursor]
+                if self.remat_stages[i] if i < len(self.remat_stages) else False:
+                    x = nnx.remat(lambda blk, y, kk: blk(y, kk))(block, x, k)
+                else:
+                    x = block(x, k)
+                cursor += 1
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))
+        return self.norm(pooled)
+
+
+class ReLU(nnx.Module):
+    """Placeholder at head index 2 (no parameters), so head indices match upstream's nn.Sequential."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+class Classifier(nnx.Module):
+    """Upstream `Classifier(convnextv2_*(), num_classes)`: encoder -> Linear(E,256)-BN-ReLU-Linear."""
+
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+        self.encoder = ConvNeXtV2(spec, rngs)
+        e = spec.embed_dim
+        self.head = nnx.List([
+            nnx.Linear(e, HEAD_HIDDEN, kernel_init=_trunc_normal, bias_init=_zeros, rngs=rngs),
+            nnx.BatchNorm(HEAD_HIDDEN, epsilon=BN_EPS, momentum=BN_MOMENTUM, rngs=rngs),
+            ReLU(),
+            nnx.Linear(HEAD_HIDDEN, spec.num_classes, kernel_init=_trunc_normal, bias_init=_zeros, rngs=rngs),
+        ])
+
+    def features(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        return self.encoder(x, key)
+
+    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+        f = self.encoder(x, key if train else None)
+        h = self.head[0](f)
+        h = self.head[1](h, use_running_average=not train)
+        h = self.head[2](h)
+        return self.head[3](h)
