@@ -215,22 +215,24 @@ def depthwise_fft_autodiff(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Sum of kd*kh*kw shifted, channel-scaled copies: no FFT and memory-light, but XLA's CPU
-    code for it (and its autodiff) is slow; a fallback for backends without good FFTs."""
+    code for it (and its autodiff) is slow; a fallback for backends without good FFTs.
+    A scan over the kd*kh (depth, row) offsets with the kw column shifts unrolled keeps the
+    compiled program small."""
     kd, kh, kw = kernel.shape[:3]
     pads = [(0, 0)] + [((k - 1) // 2, (k - 1) // 2) for k in (kd, kh, kw)] + [(0, 0)]
     xp = jnp.pad(x, pads)
     d, h, w = x.shape[1:4]
-    k = kernel[:, :, :, 0, :].astype(x.dtype)
+    k = kernel[:, :, :, 0, :].astype(x.dtype).reshape(kd * kh, kw, -1)
 
-    def over_depth(acc, a):
-        plane = jax.lax.dynamic_slice_in_dim(xp, a, d, axis=1)
-        ka = jax.lax.dynamic_index_in_dim(k, a, axis=0, keepdims=False)
-        for b in range(kh):
-            for c in range(kw):
-                acc = acc + plane[:, :, b:b + h, c:c + w, :] * ka[b, c]
+    def over_offsets(acc, ab):
+        rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
+                                     (x.shape[0], d, h, xp.shape[3], x.shape[4]))
+        kab = jax.lax.dynamic_index_in_dim(k, ab, axis=0, keepdims=False)
+        for c in range(kw):
+            acc = acc + rows[:, :, :, c:c + w, :] * kab[c]
         return acc, None
 
-    acc, _ = jax.lax.scan(over_depth, jnp.zeros_like(x), jnp.arange(kd))
+    acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh))
     return acc
 
 
@@ -256,7 +258,7 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 def depthwise_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                      impl: str = "auto") -> jax.Array:
-    """Depthwise 'SAME' cross-correlation with stride 1, as torch `Conv3d(C, C, k, padding=k//2, groups=C)`."""
+    """Depthwise 'SAME' cross-correlation, stride 1: torch `Conv3d(C, C, k, padding=k//2, groups=C)`."""
     _check(x, kernel)
     y = IMPLEMENTATIONS[resolve_impl(impl)](x, kernel)
     if bias is not None:
