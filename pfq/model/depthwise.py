@@ -22,6 +22,7 @@ from functools import lru_cache
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 DepthwiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -180,12 +181,16 @@ def _fft_fwd(x: jax.Array, kernel: jax.Array):
     xs = _spectrum(x, lengths)
     kp = _kernel_partial_spectrum(kernel[:, :, :, 0, :].astype(jnp.float32), lengths)
     y = _spatial(_times_kernel_spectrum(xs, kp, lengths[1], conj=False), lengths, n, x.dtype)
+    # The spectrum is kept as (re, im) float pairs: same bytes, and jax.checkpoint (0.10) cannot
+    # save complex residuals. Named so that a remat policy can choose to keep it (convnext.py).
+    saved = checkpoint_name(jnp.stack([jnp.real(xs), jnp.imag(xs)], axis=-1), "dwconv_spectrum")
     # Zero-size arrays carry the dtypes to the backward without holding any memory.
-    return y, (xs, kernel, jnp.zeros((0,), x.dtype))
+    return y, (saved, kernel, jnp.zeros((0,), x.dtype))
 
 
 def _fft_bwd(res, dy: jax.Array):
-    xs, kernel, xdt = res
+    saved, kernel, xdt = res
+    xs = jax.lax.complex(saved[..., 0], saved[..., 1])
     ks, n = kernel.shape[:3], dy.shape[1:4]
     lengths = fft_lengths(n, ks)
     kp = _kernel_partial_spectrum(kernel[:, :, :, 0, :].astype(jnp.float32), lengths)
