@@ -140,7 +140,8 @@ class ConvNeXtV2(nnx.Module):
         layers = [nnx.List([_conv(spec.in_chans, dims[0], 4, dtype, rngs), _layer_norm(dims[0], rngs, dtype)])]
         for i in range(1, 4):
             k = 1 if i == 3 else 2
-            layers.append(nnx.List([_layer_norm(dims[i - 1], rngs, dtype), _conv(dims[i - 1], dims[i], k, dtype, rngs)]))
+            norm = _layer_norm(dims[i - 1], rngs, dtype)
+            layers.append(nnx.List([norm, _conv(dims[i - 1], dims[i], k, dtype, rngs)]))
         self.downsample_layers = nnx.List(layers)
         rates = np.linspace(0.0, spec.drop_path_rate, sum(depths)).tolist()
         stages, cursor = [], 0
