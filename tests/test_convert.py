@@ -191,6 +191,15 @@ def test_tiny_parity(tmp_path):
     assert max_diff(feats, tiny.features) <= TOL
 
 
+def test_bfloat16_checkpoint_converts_exactly(ref):
+    sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ref.model.state_dict().items()}
+    torch.save({"model": sd}, ref.root / "bf16.pth")
+    out = convert_checkpoint(ref.root / "bf16.pth")
+    got = out.variables["params"]["encoder"]["stages"][2][1]["pwconv1"]["kernel"]
+    want = sd["encoder.stages.2.1.pwconv1.weight"].float().numpy().T
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
 # ------------------------------------------------------------------- the tolerance catches real mistakes
 
 

@@ -165,3 +165,12 @@ def test_absurd_sizes_are_refused(tmp_path):
     missing = write_zip(tmp_path / "missing.pth", _tensor_pickle(4, 4))
     with pytest.raises(ConvertError, match="no zip member"):
         read_source(missing)
+
+
+def test_cyclic_pickle_terminates(tmp_path):
+    path = write_zip(tmp_path / "cycle.pth", b"(lp0\ng0\na.")  # a list that contains itself
+    tree = torch_zip.load(path)
+    assert tree[0] is tree
+    with pytest.raises(ConvertError, match="not a dict"):
+        from pfq.convert.formats import to_dense
+        to_dense(tree)

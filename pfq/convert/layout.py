@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from pfq.convert.errors import ConvertError
@@ -18,6 +19,7 @@ from pfq.model import ModelSpec, abstract_variables
 
 Path_ = tuple[Any, ...]
 BN_COUNTER = "head.1.num_batches_tracked"  # torch-only buffer: dropped on import, re-emitted on export
+FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
 
@@ -115,7 +117,7 @@ def import_state(spec: ModelSpec, state: Mapping[str, np.ndarray], with_head: bo
     variables: dict = {"params": {}, "batch_stats": {}}
     for x in leaves:
         w = np.asarray(state[x.torch_name])
-        if not np.issubdtype(w.dtype, np.floating):
+        if w.dtype not in FLOAT_DTYPES:
             raise ConvertError(f"{x.torch_name}: expected a floating tensor, got {w.dtype}")
         _set(variables, x.path, x.to_pfq(w.astype(np.float32, copy=False)))
     return variables

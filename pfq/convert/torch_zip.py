@@ -317,11 +317,12 @@ _INERT_LEAVES = (str, bytes, bytearray, int, float, bool, complex, type(None), T
 
 def _check_tree(obj: Any) -> None:
     """Everything the pickle built must be plain data; refuse stray stand-ins or unknown objects."""
-    stack = [obj]
+    stack, seen = [obj], set()
     while stack:
         x = stack.pop()
-        if isinstance(x, _INERT_LEAVES):
+        if isinstance(x, _INERT_LEAVES) or id(x) in seen:  # the memo can make shared or cyclic refs
             continue
+        seen.add(id(x))
         if isinstance(x, dict):
             stack.extend(x.keys())
             stack.extend(x.values())
