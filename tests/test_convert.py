@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import jax
@@ -382,8 +383,13 @@ def test_predict_encoder_only_needs_features(ref, tmp_path, capsys):
 
 
 def test_converter_runs_without_torch(ref, tmp_path):
-    """The CLI converts A, B, C and exports back in a process where `import torch` fails."""
+    """The CLI converts A, B, C, exports back and refuses a hostile pickle in a process where
+    `import torch` fails."""
     a, (b, _), c = ref.write_a("nt_a.pth"), ref.write_b("nt_b.pth"), ref.write_c("nt_c.pt")
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("archive/data.pkl", f"cos\nsystem\n(Vtouch {marker}\ntR.".encode())
     script = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
@@ -391,6 +397,7 @@ def test_converter_runs_without_torch(ref, tmp_path):
         for src, dest in [({str(a)!r}, "A"), ({str(b)!r}, "B"), ({str(c)!r}, "C")]:
             assert main([src, {str(tmp_path)!r} + "/" + dest]) == 0, src
         assert main(["--to-torch", {str(tmp_path)!r} + "/A", {str(tmp_path)!r} + "/a.safetensors"]) == 0
+        assert main([{str(evil)!r}, {str(tmp_path)!r} + "/evil_out"]) == 2
         assert sys.modules["torch"] is None
         print("ok")
     """)
@@ -400,3 +407,5 @@ def test_converter_runs_without_torch(ref, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
     assert json.loads((tmp_path / "B" / "pfq_model.json").read_text())["source_format"] == "B"
+    assert "refusing global os.system" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "evil_out").exists()
