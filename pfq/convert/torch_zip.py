@@ -28,7 +28,7 @@ from pfq.convert.errors import ConvertError, UnsafeCheckpointError
 MAX_PICKLE_BYTES = 512 << 20  # data.pkl of a weights file is a few hundred KiB
 MAX_DEFLATE_RATIO = 1000  # refuse zip bombs among compressed members
 _LOCAL_HEADER = 30  # fixed part of a zip local file header
-_KEY_RE = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 # Legacy (non-zip) torch.save output starts with a protocol-2 pickle of this magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -63,8 +63,8 @@ _STORAGE_DTYPES: dict[str, Any] = {
 _V3_DTYPES: dict[str, Any] = {
     "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
     "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
-    **{n: t for n, t in (("float32", np.float32), ("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16),
-                         ("int64", np.int64), ("int32", np.int32), ("uint8", np.uint8), ("bool", np.bool_))},
+    "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64, "int32": np.int32, "uint8": np.uint8, "bool": np.bool_,
 }
 
 
