@@ -34,9 +34,18 @@ def _graph(spec: ModelSpec):
 
 def init_variables(spec: ModelSpec, key: jax.Array) -> Variables:
     """Fresh parameters (trunc-normal 0.02 weights, zero biases, identity norms) and BN statistics."""
-    model = Classifier(spec, nnx.Rngs(params=key))
-    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return {"params": _pure(params), "batch_stats": _pure(stats)}
+    return _jitted_init(spec)(key)
+
+
+@lru_cache(maxsize=32)
+def _jitted_init(spec: ModelSpec):
+    # Jitted: eager NNX construction dispatches one op per initialiser, seconds for a real model.
+    def init(key: jax.Array) -> Variables:
+        model = Classifier(spec, nnx.Rngs(params=key))
+        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return {"params": _pure(params), "batch_stats": _pure(stats)}
+
+    return jax.jit(init)
 
 
 def abstract_variables(spec: ModelSpec) -> Variables:
