@@ -8,6 +8,7 @@ import pytest
 from pfq.model import SIZES, ModelSpec, abstract_variables, apply, count_params, features, init_variables
 from pfq.model.convnext import GRN, drop_path
 
+
 # Encoder parameter counts: 10 values per block-channel pattern, checked against upstream for tiny
 # (29,311,680 in docs/profound-checkpoints.md); the others follow the same formula.
 def expected_encoder_params(depths, dims, in_chans=3):
