@@ -8,9 +8,9 @@ at any point resumes from its last checkpoint to the same final results.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +27,11 @@ from pfq.data.study import StudyData, load_study_data
 from pfq.model import ModelSpec, init_variables
 from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
+from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
 from pfq.train.optim import make_optimizer
 from pfq.train.step import init_state, make_predict_step, make_train_step
+from pfq.train.workdir import atomic_write_text
 
 log = logging.getLogger("pfq.train")
 
@@ -38,25 +40,18 @@ RESULT_KEYS = ["task", "init", "finetune_hq_ratio", "finetune_hq_count", "train_
 
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers: atomic writes and the model spec.
+# Small helpers: CSV output and the model spec.
 # ----------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Atomically write rows (all keys become columns, in first-seen order)."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def model_spec(config, num_classes: int) -> ModelSpec:
@@ -111,8 +106,8 @@ class GroupOutcome:
 
 
 class Trainer:
-    def __init__(self, config, workdir: Path, progress: bool = True):
-        self.config, self.workdir, self.progress = config, Path(workdir), progress
+    def __init__(self, config, workdir: Path, progress: bool = True, overwrite: bool = False):
+        self.config, self.workdir, self.progress, self.overwrite = config, Path(workdir), progress, overwrite
         self.task: Task = get_task(config.task)
         self.spec = model_spec(config, self.task.num_classes)
         self.compile_count = 0
@@ -217,7 +212,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         cfg = self.config
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite):
+            log.info("%s already holds this run's finished results; pass --overwrite to run it again", self.workdir)
+            with open(self.workdir / "results.csv", newline="") as f:
+                return list(csv.DictReader(f))
         data = load_study_data(cfg, self.task, progress=self.progress)
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
@@ -232,7 +230,8 @@ class Trainer:
         write_csv(self.workdir / "predictions.csv", prediction_rows)
         write_csv(self.workdir / "results.csv", rows)
         atomic_write_text(self.workdir / "run.json", json.dumps(
-            {"compile_count": self.compile_count, "lanes": len(lanes)}, indent=2))
+            {"complete": True, "compile_count": self.compile_count, "lanes": len(lanes),
+             "lane_groups": len(lanes_lib.group_lanes(lanes))}, indent=2))
         return rows
 
 
