@@ -221,7 +221,8 @@ def report_markdown(rows: list[dict], metric: str, figures: dict[str, str], titl
              "single seed, the value and its bootstrap 95% CI over test cases.", "",
              "## Diverged lanes", ""] + _diverged(rows)
     lines += ["", "## Overview", "", f"{metric} per initialisation and train size (per seed, the mean over the "
-              "finetune × test HQ ratio grid; mean ± std over seeds).", ""] + _overview(rows, metric, inits)
+              "finetune × test HQ ratio grid's finite cells; mean ± std over seeds).", ""]
+    lines += _overview(rows, metric, inits)
     lines += ["", "## Finetune HQ ratio × test HQ ratio", ""]
     for init in inits:
         for size in _values([r for r in rows if str(r["init"]) == init], "train_size"):

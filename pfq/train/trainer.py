@@ -203,10 +203,10 @@ class Trainer:
         resamples = int(sweep.get("bootstrap_resamples", 1000))
         healthy = outcome.diverged_step < 0
         scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
-        for ri, ratio in enumerate(sweep.test_hq_ratios):
+        for ratio in sweep.test_hq_ratios:
             scored[float(ratio)] = evaluate.score_subsets(
                 pool_labels, pool_hq, probs, [subsets[(float(ratio), d)] for d in range(draws)], self.task.name,
-                resamples=resamples, seed=[int(sweep.test_seed), 0xB007, ri], valid=healthy)
+                resamples=resamples, seed=[int(sweep.test_seed), 0xB007, round(float(ratio) * 1e6)], valid=healthy)
         rows = []
         for li, lane in enumerate(outcome.lanes):
             diverged = int(outcome.diverged_step[li])
