@@ -186,25 +186,31 @@ class Trainer:
     # Results: metrics on stratified test subsets of the one-pass predictions.
     # ------------------------------------------------------------------------------------------
     def lane_rows(self, outcome: GroupOutcome, probs: np.ndarray, data: StudyData) -> list[dict]:
+        """One row per lane x test ratio: metrics averaged over the ratio's subset draws, with percentile
+        bootstrap CIs of that average (see `evaluate.score_subsets` and docs/results.md)."""
         sweep = self.config.sweep
         pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
         size = int(sweep.test_size) or evaluate.max_test_size(pool_hq, pool_labels, sweep.test_hq_ratios,
                                                               self.task.num_classes)
-        subsets = evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, int(sweep.test_draws),
+        draws = int(sweep.test_draws)
+        subsets = evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, draws,
                                         int(sweep.test_seed), self.task.num_classes)
+        resamples = int(sweep.get("bootstrap_resamples", 1000))
+        healthy = outcome.diverged_step < 0
+        scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
+        for ratio in sweep.test_hq_ratios:
+            scored[float(ratio)] = evaluate.score_subsets(
+                pool_labels, pool_hq, probs, [subsets[(float(ratio), d)] for d in range(draws)], self.task.name,
+                resamples=resamples, seed=[int(sweep.test_seed), 0xB007, round(float(ratio) * 1e6)], valid=healthy)
         rows = []
         for li, lane in enumerate(outcome.lanes):
             diverged = int(outcome.diverged_step[li])
             for ratio in sweep.test_hq_ratios:
-                draws = [evaluate.score(pool_labels[idx], probs[li, idx], self.task.name)
-                         for (r, _), idx in subsets.items() if r == float(ratio)]
-                metric_names = list(draws[0])
                 row = {"task": self.task.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
                        "finetune_hq_count": hq_count(lane.train_size, lane.finetune_hq_ratio),
                        "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": float(ratio),
-                       "n_test": size, "n_draws": len(draws)}
-                for name in metric_names:
-                    row[name] = float(np.nanmean([d[name] for d in draws])) if diverged < 0 else float("nan")
+                       "n_test": size, "n_draws": draws, "n_resamples": resamples}
+                row.update(scored[float(ratio)][li])
                 row["status"] = "ok" if diverged < 0 else f"diverged at step {diverged}: non-finite loss"
                 rows.append(row)
         return rows
