@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     rows = trainer.run()
     write_report(workdir)
     print(summary_table(rows))
-    print(f"\n{len(rows)} result rows in {workdir / 'results.csv'}; heatmap {workdir / 'heatmap_auc.png'}; "
+    print(f"\n{len(rows)} result rows in {workdir / 'results.csv'}; report {workdir / 'report.md'} and figures; "
           f"{trainer.compile_count} compiled step program(s); {time.perf_counter() - t0:.0f} s")
     return 0
 

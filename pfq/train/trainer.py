@@ -35,9 +35,6 @@ from pfq.train.workdir import atomic_write_text
 
 log = logging.getLogger("pfq.train")
 
-RESULT_KEYS = ["task", "init", "finetune_hq_ratio", "finetune_hq_count", "train_size", "seed",
-               "test_hq_ratio", "n_test", "n_draws"]
-
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers: CSV output and the model spec.
