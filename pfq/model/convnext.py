@@ -157,7 +157,8 @@ class ConvNeXtV2(nnx.Module):
         layers = [nnx.List([_conv(spec.in_chans, dims[0], 4, dtype, rngs), _layer_norm(dims[0], rngs, dtype)])]
         for i in range(1, 4):
             k = 1 if i == 3 else 2
-            layers.append(nnx.List([_layer_norm(dims[i - 1], rngs, dtype), _conv(dims[i - 1], dims[i], k, dtype, rngs)]))
+            norm = _layer_norm(dims[i - 1], rngs, dtype)
+            layers.append(nnx.List([norm, _conv(dims[i - 1], dims[i], k, dtype, rngs)]))
         self.downsample_layers = nnx.List(layers)
         rates = np.linspace(0.0, spec.drop_path_rate, sum(depths)).tolist()
         stages, cursor = [], 0
@@ -171,6 +172,9 @@ class ConvNeXtV2(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        if x.ndim != 5 or min(x.shape[1:4]) < 16:
+            # Total stride is 16 (4 * 2 * 2); smaller inputs would pool over an empty volume.
+            raise ValueError(f"expected channels-last input (N, D, H, W, C) with D, H, W >= 16, got {x.shape}")
         x = x.astype(self.dtype)
         keys = None if key is None else jax.random.split(key, sum(len(s) for s in self.stages))
         cursor = 0

@@ -1,0 +1,1 @@
+"""Training: pure steps, lanes and their mesh, checkpoints, and the trainer."""

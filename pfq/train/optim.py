@@ -1,0 +1,69 @@
+"""Optimiser and schedule (optax): AdamW, linear warm-up then cosine decay, as upstream finetuning.
+
+Layer-wise learning-rate decay scales each parameter's update by decay**(depth from the top), with
+upstream ConvNeXt's grouping of layers; linear probing freezes the encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+
+
+def layer_id(path: tuple, depths: tuple[int, ...]) -> int:
+    """Upstream ConvNeXt layer id: 0 for the stem, stage 0/1/3 blocks share ids with their
+    transition, stage 2 blocks in groups of 3, head and final norm on top."""
+    num_layers = 12  # upstream uses 12 groups for ConvNeXt finetuning
+    if path[0] == "head" or path[:2] == ("encoder", "norm"):
+        return num_layers + 1
+    _, part, stage = path[0], path[1], int(path[2])
+    if part == "downsample_layers":
+        return 0 if stage == 0 else {1: 2, 2: 3, 3: num_layers}[stage]
+    block = int(path[3])
+    if stage in (0, 1):
+        return stage + 1
+    if stage == 2:
+        return 3 + block // 3
+    return num_layers
+
+
+def lr_scales(params: Any, depths: tuple[int, ...], decay: float) -> Any:
+    flat = traverse_util.flatten_dict(params)
+    top = 13
+    scales = {k: decay ** (top - layer_id(k, depths)) for k in flat}
+    return traverse_util.unflatten_dict(scales)
+
+
+def make_optimizer(config, params: Any, depths: tuple[int, ...], num_steps: int) -> optax.GradientTransformation:
+    """`config`: lr, weight_decay, warmup_steps, and optionally grad_clip, layer_decay, mode, final_lr_fraction."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=min(config.warmup_steps, max(num_steps - 1, 0)),
+        decay_steps=max(num_steps, 1), end_value=config.lr * config.get("final_lr_fraction", 0.0))
+    parts = []
+    if config.get("grad_clip", 0.0):
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=config.weight_decay))
+    decay = config.get("layer_decay", 1.0)
+    if decay != 1.0:
+        # Scaling the whole AdamW update equals scaling that group's learning rate (weight decay
+        # included), which is what upstream's per-group lr does.
+        parts.append(_scale_updates_by(lr_scales(params, depths, decay)))
+    tx = optax.chain(*parts)
+    if config.get("mode", "full") == "linear_probe":
+        labels = traverse_util.unflatten_dict(
+            {k: ("frozen" if k[0] == "encoder" else "train") for k in traverse_util.flatten_dict(params)})
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
+
+
+def _scale_updates_by(scales: Any) -> optax.GradientTransformation:
+    def init(_):
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+    return optax.GradientTransformation(init, update)

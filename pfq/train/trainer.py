@@ -1,0 +1,250 @@
+"""The trainer: data -> lanes -> one compiled step per lane group -> one-pass evaluation -> results.
+
+Read top to bottom; each section is one stage of the data flow. Everything random derives from a
+lane's seed, so a lane's numbers do not depend on which other lanes ran beside it, and a run killed
+at any point resumes from its last checkpoint to the same final results.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from pfq import evaluate
+from pfq.data.pipeline import AugmentConfig, eval_dataset, to_iterator, train_dataset
+from pfq.data.stratify import hq_count, stratified_indices
+from pfq.data.study import StudyData, load_study_data
+from pfq.model import ModelSpec, init_variables
+from pfq.tasks import Task, get_task
+from pfq.train import lanes as lanes_lib
+from pfq.train import workdir as workdir_lib
+from pfq.train.checkpoint import GroupCheckpointer
+from pfq.train.optim import make_optimizer
+from pfq.train.step import init_state, make_predict_step, make_train_step
+from pfq.train.workdir import atomic_write_text
+
+log = logging.getLogger("pfq.train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers: CSV output and the model spec.
+# ----------------------------------------------------------------------------------------------
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Atomically write rows (all keys become columns, in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def model_spec(config, num_classes: int) -> ModelSpec:
+    m = config.model
+    kwargs = dict(in_chans=3, num_classes=num_classes, drop_path_rate=m.drop_path,
+                  depthwise_impl=m.depthwise, dtype=m.dtype, remat_stages=tuple(m.get("remat_stages", (False,) * 4)))
+    if m.get("depths") and m.get("dims"):
+        return ModelSpec(depths=tuple(m.depths), dims=tuple(m.dims), **kwargs)
+    return ModelSpec.from_size(m.size, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lanes: finetuning sets and initial variables.
+# ----------------------------------------------------------------------------------------------
+def lane_training_set(lane: lanes_lib.Lane, data: StudyData, num_classes: int) -> np.ndarray:
+    pool = data.train_pool
+    chosen = stratified_indices(data.is_hq[pool], data.labels[pool], lane.train_size, lane.finetune_hq_ratio,
+                                lane.seed, num_classes=num_classes)
+    return pool[chosen]
+
+
+def lane_variables(lane: lanes_lib.Lane, spec: ModelSpec) -> dict:
+    """Fresh head (and encoder, for scratch) from the lane's seed; pretrained lanes take the encoder
+    from a converted checkpoint directory."""
+    variables = init_variables(spec, jax.random.key(lane.seed))
+    if lane.init != "scratch":
+        from pfq.convert.store import load_model_dir
+
+        ckpt_spec, ckpt_vars, _ = load_model_dir(lane.init)
+        if (ckpt_spec.depths, ckpt_spec.dims, ckpt_spec.in_chans) != (spec.depths, spec.dims, spec.in_chans):
+            raise ValueError(f"checkpoint {lane.init} is a depths={ckpt_spec.depths} dims={ckpt_spec.dims} "
+                             f"in_chans={ckpt_spec.in_chans} model; the config asks for depths={spec.depths} "
+                             f"dims={spec.dims} in_chans={spec.in_chans}")
+        variables["params"]["encoder"] = ckpt_vars["params"]["encoder"]
+    return variables
+
+
+def stack(trees: list) -> object:
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training one lane group with one compiled, vmapped step.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GroupOutcome:
+    lanes: list[lanes_lib.Lane]
+    lane_sets: list[np.ndarray]
+    state: dict
+    diverged_step: np.ndarray
+    last_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+class Trainer:
+    def __init__(self, config, workdir: Path, progress: bool = True, overwrite: bool = False):
+        self.config, self.workdir, self.progress, self.overwrite = config, Path(workdir), progress, overwrite
+        self.task: Task = get_task(config.task)
+        self.spec = model_spec(config, self.task.num_classes)
+        self.compile_count = 0
+
+    def train_group(self, gi: int, group: list[lanes_lib.Lane], data: StudyData) -> GroupOutcome:
+        cfg, optim = self.config, self.config.optim
+        steps, batch_size = int(optim.steps), int(optim.batch_size)
+        lane_sets = [lane_training_set(lane, data, self.task.num_classes) for lane in group]
+        mesh = lanes_lib.make_mesh(len(group), batch_size)
+        lane_sh, batch_sh = lanes_lib.lane_sharding(mesh), lanes_lib.batch_sharding(mesh)
+
+        variables = stack([lane_variables(lane, self.spec) for lane in group])
+        single_params = jax.tree.map(lambda x: x[0], variables["params"])
+        tx = make_optimizer(optim, single_params, self.spec.depths, steps)
+        state = jax.jit(jax.vmap(lambda v: init_state(v, tx)), out_shardings=lane_sh)(variables)
+        keys = jax.device_put(jnp.stack([jax.random.fold_in(jax.random.key(lane.seed), 1) for lane in group]), lane_sh)
+
+        dataset = train_dataset(data.source, data.labels, lane_sets, [lane.seed for lane in group],
+                                batch_size=batch_size, num_steps=steps,
+                                augment_config=AugmentConfig(enabled=cfg.data.augment), balance=cfg.data.balance)
+        iterator = to_iterator(dataset, workers=cfg.data.workers)
+
+        ckpt = GroupCheckpointer(self.workdir / "checkpoints" / f"group{gi}", keep=cfg.checkpoint.keep)
+        start = 0
+        restored = ckpt.restore(state)
+        if restored is not None:
+            start, state, meta = restored
+            iterator.set_state(meta["data_iterator"])
+            log.info("group %d: resumed from step %d", gi, start)
+
+        loss = np.full(len(group), np.nan)
+        if start < steps:
+            shape = (len(group), batch_size) + tuple(cfg.data.input_size) + (3,)
+            batch_spec = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
+                          "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh)}
+            t0 = time.perf_counter()
+            step_fn = jax.jit(jax.vmap(make_train_step(self.spec, tx, optim.loss)), donate_argnums=0,
+                              out_shardings=(lane_sh, lane_sh)).lower(state, batch_spec, keys).compile()
+            self.compile_count += 1
+            log.info("group %d: compiled the %d-lane step in %.1f s", gi, len(group), time.perf_counter() - t0)
+            bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
+                       disable=not self.progress, dynamic_ncols=True)
+            for step in bar:
+                batch = jax.device_put(next(iterator), batch_sh)
+                state, metrics = step_fn(state, batch, keys)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == steps:  # the only host sync in the loop
+                    loss = np.asarray(metrics["loss"])
+                    bar.set_postfix(loss=f"{np.nanmean(loss):.3f}")
+                if done % cfg.checkpoint.every_steps == 0 or done == steps:
+                    ckpt.save(done, state, {"data_iterator": iterator.get_state(), "step": done})
+            bar.close()
+        ckpt.wait()
+        ckpt.close()
+        return GroupOutcome(group, lane_sets, state, np.asarray(state["diverged_step"]), loss)
+
+    # ------------------------------------------------------------------------------------------
+    # One-pass prediction: every lane predicts every test-pool case once.
+    # ------------------------------------------------------------------------------------------
+    def predict_pool(self, outcome: GroupOutcome, data: StudyData) -> np.ndarray:
+        """(lanes, len(test_pool), classes) probabilities."""
+        predict = jax.jit(jax.vmap(make_predict_step(self.spec), in_axes=(0, None)))
+        variables = {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]}
+        batch_size = int(self.config.eval_batch_size)
+        probs = np.zeros((len(outcome.lanes), len(data.test_pool), self.task.num_classes), np.float32)
+        position = {int(i): p for p, i in enumerate(data.test_pool)}
+        for batch in tqdm(to_iterator(eval_dataset(data.source, data.test_pool, batch_size)),
+                          total=-(-len(data.test_pool) // batch_size), desc="predict test pool",
+                          disable=not self.progress, leave=False):
+            out = np.asarray(predict(variables, batch["image"]))
+            for b in np.flatnonzero(batch["valid"]):
+                probs[:, position[int(batch["index"][b])]] = out[:, b]
+        return probs
+
+    # ------------------------------------------------------------------------------------------
+    # Results: metrics on stratified test subsets of the one-pass predictions.
+    # ------------------------------------------------------------------------------------------
+    def lane_rows(self, outcome: GroupOutcome, probs: np.ndarray, data: StudyData) -> list[dict]:
+        """One row per lane x test ratio: metrics averaged over the ratio's subset draws, with percentile
+        bootstrap CIs of that average (see `evaluate.score_subsets` and docs/results.md)."""
+        sweep = self.config.sweep
+        pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
+        size = int(sweep.test_size) or evaluate.max_test_size(pool_hq, pool_labels, sweep.test_hq_ratios,
+                                                              self.task.num_classes)
+        draws = int(sweep.test_draws)
+        subsets = evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, draws,
+                                        int(sweep.test_seed), self.task.num_classes)
+        resamples = int(sweep.get("bootstrap_resamples", 1000))
+        healthy = outcome.diverged_step < 0
+        scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
+        for ratio in sweep.test_hq_ratios:
+            scored[float(ratio)] = evaluate.score_subsets(
+                pool_labels, pool_hq, probs, [subsets[(float(ratio), d)] for d in range(draws)], self.task.name,
+                resamples=resamples, seed=[int(sweep.test_seed), 0xB007, round(float(ratio) * 1e6)], valid=healthy)
+        rows = []
+        for li, lane in enumerate(outcome.lanes):
+            diverged = int(outcome.diverged_step[li])
+            for ratio in sweep.test_hq_ratios:
+                row = {"task": self.task.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
+                       "finetune_hq_count": hq_count(lane.train_size, lane.finetune_hq_ratio),
+                       "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": float(ratio),
+                       "n_test": size, "n_draws": draws, "n_resamples": resamples}
+                row.update(scored[float(ratio)][li])
+                row["status"] = "ok" if diverged < 0 else f"diverged at step {diverged}: non-finite loss"
+                rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        cfg = self.config
+        if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite):
+            log.info("%s already holds this run's finished results; pass --overwrite to run it again", self.workdir)
+            with open(self.workdir / "results.csv", newline="") as f:
+                return list(csv.DictReader(f))
+        data = load_study_data(cfg, self.task, progress=self.progress)
+        lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
+                                     cfg.sweep.seeds)
+        log.info("%d lanes in %d group(s); train pool %d, test pool %d", len(lanes),
+                 len(lanes_lib.group_lanes(lanes)), len(data.train_pool), len(data.test_pool))
+        rows, prediction_rows = [], []
+        for gi, group in enumerate(lanes_lib.group_lanes(lanes)):
+            outcome = self.train_group(gi, group, data)
+            probs = self.predict_pool(outcome, data)
+            rows += self.lane_rows(outcome, probs, data)
+            prediction_rows += prediction_table(outcome, probs, data)
+        write_csv(self.workdir / "predictions.csv", prediction_rows)
+        write_csv(self.workdir / "results.csv", rows)
+        atomic_write_text(self.workdir / "run.json", json.dumps(
+            {"complete": True, "compile_count": self.compile_count, "lanes": len(lanes),
+             "lane_groups": len(lanes_lib.group_lanes(lanes))}, indent=2))
+        return rows
+
+
+def prediction_table(outcome: GroupOutcome, probs: np.ndarray, data: StudyData) -> list[dict]:
+    rows = []
+    for li, lane in enumerate(outcome.lanes):
+        for p, case in enumerate(data.test_pool):
+            row = {"lane": lane.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
+                   "train_size": lane.train_size, "seed": lane.seed, "case_id": data.case_ids[case],
+                   "quality": "hq" if data.is_hq[case] else "lq", "label": int(data.labels[case])}
+            row.update({f"prob_{c}": float(probs[li, p, c]) for c in range(probs.shape[-1])})
+            rows.append(row)
+    return rows
