@@ -67,6 +67,15 @@ def max_rss_bytes() -> int:
 
 # ------------------------------------------------------------------------------------ workers
 
+def parse_remat(text: str) -> tuple[bool | str, ...]:
+    """'light' (every stage), 'light,none,none,none' (per stage) or '1000' (per-stage bools)."""
+    if "," in text:
+        return tuple(text.split(","))
+    if text.isdigit():
+        return tuple(c == "1" for c in text)
+    return (text,) * 4
+
+
 def _emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
@@ -93,12 +102,13 @@ def pfq_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import optax
 
+    import pfq  # noqa: F401  (sets XLA:CPU flags; they are read when the backend starts)
     from pfq.model import ModelSpec, apply, count_params, init_variables
     from pfq.model.depthwise import resolve_impl
 
     spec = ModelSpec.from_size(args.model, num_classes=2, drop_path_rate=DROP_PATH,
                                depthwise_impl=args.impl, dtype=args.dtype,
-                               remat_stages=tuple(bool(int(c)) for c in args.remat))
+                               remat_stages=parse_remat(args.remat))
     variables = init_variables(spec, jax.random.key(0))
     params, batch_stats = variables["params"], variables["batch_stats"]
     tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
@@ -272,7 +282,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (oneDNN caches)")
     p.add_argument("--impl", default="auto", help="pfq depthwise formulation")
     p.add_argument("--dtype", default="float32", help="pfq compute dtype (the comparison is fp32)")
-    p.add_argument("--remat", default="0000", help="pfq per-stage remat flags, e.g. 1000")
+    p.add_argument("--remat", default="none",
+                   help="pfq remat per stage: none|light|full, per stage 'light,light,none,none', or '1000'")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPU cores for both sides (affinity; torch.set_num_threads)")
     p.add_argument("--torch-format", choices=["channels_last", "contiguous"], default="contiguous")
