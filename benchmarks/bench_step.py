@@ -153,7 +153,9 @@ def pfq_worker(args: argparse.Namespace) -> None:
     do_step()
     info["first_step_s"] = time.perf_counter() - t0
     if args.profile:
-        info["profile"] = profile_pfq(compiled, do_step)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from xla_profile import profile_compiled
+        info["profile"] = profile_compiled(compiled, do_step)
     _serve(do_step, info, sampler)
 
 
@@ -185,61 +187,12 @@ def torch_worker(args: argparse.Namespace) -> None:
         opt.step()
 
     info = {"side": "torch", "params": sum(p.numel() for p in model.parameters()),
-            "threads": torch.get_num_threads(), "format": args.torch_format}
+            "threads": torch.get_num_threads(), "format": args.torch_format,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     t0 = time.perf_counter()
     do_step()
     info["first_step_s"] = time.perf_counter() - t0
     _serve(do_step, info, sampler)
-
-
-# ------------------------------------------------------------------------------------ profile
-
-def profile_pfq(compiled, do_step, steps: int = 2) -> dict:
-    """XLA's cost analysis plus a jax.profiler trace of `steps` steps, summed by HLO op kind and
-    by forward/backward, with the costliest ops (name, HLO opcode and shape)."""
-    import collections
-    import glob
-    import gzip
-    import re
-    import tempfile
-
-    import jax
-
-    out: dict = {}
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    if cost:
-        out["cost_flops"] = float(cost.get("flops", 0.0))
-        out["cost_bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
-    ops: dict[str, tuple[str, str, bool]] = {}
-    for line in compiled.as_text().splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(", line)
-        if m and m.group(1) not in ops:
-            ops[m.group(1)] = (m.group(3), m.group(2), "transpose(jvp" in line)
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(steps):
-                do_step()
-        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        events = json.load(gzip.open(files[0]))["traceEvents"] if files else []
-    per_op: collections.Counter = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("name") in ops:
-            per_op[e["name"]] += e["dur"] / 1e6 / steps
-    by_kind: collections.Counter = collections.Counter()
-    by_pass: collections.Counter = collections.Counter()
-    for name, sec in per_op.items():
-        opcode, shape, backward = ops[name]
-        kind = {"fft": "fft", "dot": "matmul (dot)", "convolution": "convolution"}.get(opcode)
-        if kind is None:
-            kind = "fusion/elementwise/transpose" if opcode == "fusion" else opcode
-        by_kind[kind] += sec
-        by_pass["backward" if backward else "forward/other"] += sec
-    out["op_seconds_total"] = sum(per_op.values())
-    out["by_kind"] = dict(by_kind.most_common())
-    out["by_pass"] = dict(by_pass)
-    out["top_ops"] = [[n, round(s, 4), ops[n][0], ops[n][1]] for n, s in per_op.most_common(15)]
-    return out
 
 
 # ------------------------------------------------------------------------------------ parent
@@ -247,10 +200,16 @@ def profile_pfq(compiled, do_step, steps: int = 2) -> dict:
 def _spawn(side: str, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--batch", str(args.batch),
            "--size", ",".join(map(str, args.size)), "--impl", args.impl, "--dtype", args.dtype,
-           "--remat", args.remat, "--threads", str(args.threads), "--torch-format", args.torch_format]
+           "--remat", args.remat, "--threads", str(args.threads), "--torch-format", args.torch_format,
+           "--torch-omp-wait", args.torch_omp_wait]
     if args.profile:
         cmd.append("--profile")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if side == "torch" and args.torch_omp_wait == "passive":
+        # OpenMP threads that sleep instead of spinning at barriers: on this shared, oversubscribed
+        # machine spinning made PyTorch's step up to 10x slower and erratic; passive gives it its
+        # best and steadiest times (XLA's thread pool is not affected this way).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -287,6 +246,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPU cores for both sides (affinity; torch.set_num_threads)")
     p.add_argument("--torch-format", choices=["channels_last", "contiguous"], default="contiguous")
+    p.add_argument("--torch-omp-wait", choices=["passive", "default"], default="passive",
+                   help="OMP_WAIT_POLICY for the PyTorch worker")
     p.add_argument("--sides", default="pfq,torch")
     p.add_argument("--profile", action="store_true", help="profile pfq's step (XLA cost analysis + trace)")
     p.add_argument("--worker", choices=["pfq", "torch"], help=argparse.SUPPRESS)
@@ -330,7 +291,7 @@ def main() -> None:
         result[side] = {"median_s": _median(times[side]), "times_s": [round(t, 4) for t in times[side]],
                         "first_step_s": r["first_step_s"], "peak_rss_mb": r["max_rss"] / 2**20,
                         "steps_rss_peak_mb": r["rss_steps_peak"] / 2**20}
-        for k in ("compile_s", "depthwise", "params", "xla_temp_bytes", "format", "backend"):
+        for k in ("compile_s", "depthwise", "params", "xla_temp_bytes", "format", "backend", "omp_wait_policy"):
             if k in r:
                 result[side][k] = r[k]
         if "profile" in r:
@@ -349,15 +310,10 @@ def main() -> None:
         print(f"speedup (torch / pfq) {result['speedup']:.2f}x, "
               f"peak RSS pfq/torch {result['peak_rss_ratio']:.2f}")
     if "profile" in result.get("pfq", {}):
-        prof = result["pfq"]["profile"]
-        print(f"pfq profile: {prof.get('cost_flops', 0) / 1e9:.1f} GFLOP (XLA cost analysis); op time "
-              f"{prof['op_seconds_total']:.3f} s/step")
-        for k, v in prof["by_kind"].items():
-            print(f"  {k:32s} {v:7.3f} s")
-        for k, v in prof["by_pass"].items():
-            print(f"  {k:32s} {v:7.3f} s")
-        for n, s, opc, shape in prof["top_ops"]:
-            print(f"  {s:7.3f} s  {opc:12s} {shape[:60]:60s} {n}")
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from xla_profile import print_profile
+        print("pfq profile (one step, traced after the timed steps' warm-up):")
+        print_profile(result["pfq"]["profile"])
     print(json.dumps(result))
 
 
