@@ -3,7 +3,8 @@ formulation against PyTorch's `Conv3d(groups=C)` on the stage shapes of ProFound
 
 Repetitions are interleaved across formulations (A, B, C, torch, A, B, ...) so that all see the
 same background load; medians are reported with ratio = torch / formulation (> 1: faster than
-PyTorch). Formulations slower than --budget seconds per call are timed once and then skipped.
+PyTorch). Formulations slower than --budget seconds per call are timed once and then skipped;
+direct and shifted are not run on the large shapes (--slow-max-elems).
 
     python benchmarks/bench_depthwise.py                 # stage shapes of both presets
     python benchmarks/bench_depthwise.py --shapes 1,16,56,56,96
@@ -74,7 +75,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--budget", type=float, default=1.5, help="skip formulations slower than this (s)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--slow-max-elems", type=float, default=2e6,
+                   help="run direct/shifted only on inputs with at most this many elements (they take "
+                        "tens of seconds on the large stage shapes)")
     args = p.parse_args()
+    # PyTorch's OpenMP threads sleep rather than spin at barriers: on this shared machine spinning
+    # made its times up to 10x slower and erratic (see bench_step.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     import numpy as np
     import torch
@@ -84,7 +91,8 @@ def main() -> None:
     impls = args.impls.split(",")
     results = {}
     for label, shape in shapes.items():
-        runners = make_runners(shape, impls)
+        big = float(np.prod(shape)) > args.slow_max_elems
+        runners = make_runners(shape, [i for i in impls if not (big and i in ("direct", "shifted"))])
         compile_s, times, skipped = {}, {n: [] for n in runners}, set()
         for name, run in runners.items():  # warm-up: compile, oneDNN primitive caches
             t0 = time.perf_counter()
@@ -103,8 +111,8 @@ def main() -> None:
         results[label] = {"shape": list(shape), "median_s": med,
                           "speedup_vs_torch": {n: med["torch"] / med[n] for n in med if n != "torch"},
                           "first_call_s": compile_s, "reps": {n: len(t) for n, t in times.items()}}
-        row = "  ".join(f"{n} {1e3 * med[n]:8.1f} ms" + (f" ({med['torch'] / med[n]:4.2f}x)" if n != "torch" else "")
-                        for n in runners)
+        row = "  ".join(f"{n} {1e3 * med[n]:8.1f} ms"
+                        + (f" ({med['torch'] / med[n]:5.2f}x)" if n != "torch" else "") for n in runners)
         print(f"{label:10s} {str(shape):24s} {row}", flush=True)
     print(f"1-min load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(json.dumps({"bench": "depthwise", "threads": args.threads, "results": results}))
