@@ -241,7 +241,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (oneDNN caches)")
     p.add_argument("--impl", default="auto", help="pfq depthwise formulation")
     p.add_argument("--dtype", default="float32", help="pfq compute dtype (the comparison is fp32)")
-    p.add_argument("--remat", default="none",
+    p.add_argument("--remat", default="light",
                    help="pfq remat per stage: none|light|full, per stage 'light,light,none,none', or '1000'")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPU cores for both sides (affinity; torch.set_num_threads)")
