@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--remat", nargs="+", default=["none", "light", "full"])
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--impl", default="auto", help="depthwise formulation")
     args = p.parse_args()
 
     import os
@@ -45,7 +46,7 @@ def main() -> None:
     rows = []
     for mode in args.remat:
         spec = ModelSpec.from_size(args.model, num_classes=2, drop_path_rate=0.1, dtype=args.dtype,
-                                   remat_stages=(mode,) * 4)
+                                   depthwise_impl=args.impl, remat_stages=(mode,) * 4)
         v = abstract_variables(spec)
         opt = jax.eval_shape(tx.init, v["params"])
         x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
@@ -74,7 +75,7 @@ def main() -> None:
               f"{row['argument_mib']:5.0f} MiB, {row['gflop']:6.1f} GFLOP, compile {row['compile_s']:.1f} s",
               flush=True)
     print(json.dumps({"bench": "step_memory", "preset": args.preset, "model": args.model, "dtype": args.dtype,
-                      "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}))
+                      "impl": args.impl, "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}))
 
 
 if __name__ == "__main__":
