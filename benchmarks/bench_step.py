@@ -76,6 +76,13 @@ def parse_remat(text: str) -> tuple[bool | str, ...]:
     return (text,) * 4
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: less sensitive than wall time to other
+    jobs on a shared machine (though not immune: cache misses, lock and barrier waits)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
@@ -87,9 +94,9 @@ def _serve(do_step, info: dict, sampler: RssSampler) -> None:
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             do_step()
-            _emit({"time": time.perf_counter() - t0})
+            _emit({"time": time.perf_counter() - t0, "cpu": _cpu_seconds() - c0})
         elif cmd == "done":
             _emit({"rss_steps_peak": sampler.reset(), "max_rss": max_rss_bytes()})
             return
@@ -275,9 +282,12 @@ def main() -> None:
             _ask(procs[side], "step")
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {s: [] for s in sides}
+    cpu: dict[str, list[float]] = {s: [] for s in sides}
     for i in range(args.steps):
         for side in sides:
-            times[side].append(_ask(procs[side], "step")["time"])
+            r = _ask(procs[side], "step")
+            times[side].append(r["time"])
+            cpu[side].append(r["cpu"])
         print(f"  step {i}: " + ", ".join(f"{s} {times[s][-1]:.3f}s" for s in sides), file=sys.stderr)
     for side in sides:
         info[side].update(_ask(procs[side], "done"))
@@ -289,6 +299,7 @@ def main() -> None:
     for side in sides:
         r = info[side]
         result[side] = {"median_s": _median(times[side]), "min_s": min(times[side]),
+                        "median_cpu_s": _median(cpu[side]),
                         "times_s": [round(t, 4) for t in times[side]],
                         "first_step_s": r["first_step_s"], "peak_rss_mb": r["max_rss"] / 2**20,
                         "steps_rss_peak_mb": r["rss_steps_peak"] / 2**20}
@@ -305,17 +316,20 @@ def main() -> None:
         rounds = zip(times["pfq"], times["torch"], strict=True)
         result["speedup_paired_median"] = _median([t / p for p, t in rounds])
         result["speedup_min"] = result["torch"]["min_s"] / result["pfq"]["min_s"]
+        result["cpu_time_ratio"] = result["torch"]["median_cpu_s"] / result["pfq"]["median_cpu_s"]
         result["peak_rss_ratio"] = result["pfq"]["peak_rss_mb"] / result["torch"]["peak_rss_mb"]
     for side in sides:
         r = result[side]
         extra = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
-        print(f"{side:6s} median {r['median_s']:.3f} s (min {r['min_s']:.3f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
+        print(f"{side:6s} median {r['median_s']:.3f} s (min {r['min_s']:.3f} s, "
+              f"CPU {r['median_cpu_s']:.2f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
               f"(steps {r['steps_rss_peak_mb']:.0f} MB){extra}")
     print(f"1-min load average before/after the timed steps: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     if "speedup" in result:
         print(f"speedup (torch / pfq) {result['speedup']:.2f}x from medians; median of paired rounds "
-              f"{result['speedup_paired_median']:.2f}x; fastest steps {result['speedup_min']:.2f}x. "
+              f"{result['speedup_paired_median']:.2f}x; fastest steps {result['speedup_min']:.2f}x; "
+              f"CPU time {result['cpu_time_ratio']:.2f}x. "
               f"Peak RSS pfq/torch {result['peak_rss_ratio']:.2f}")
     if "profile" in result.get("pfq", {}):
         sys.path.insert(0, str(ROOT / "benchmarks"))
