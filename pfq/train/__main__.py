@@ -21,6 +21,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder: results.csv, figures, checkpoints.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Let JAX discover the cluster (TPU VM pods, SLURM).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard the workdir's checkpoints and results and start over.")
 
 
@@ -29,6 +33,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pfq.train import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     config = _CONFIG.value
     validate_config(config)
     from pfq.report import summary_table, write_report
@@ -38,6 +45,8 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     trainer = Trainer(config, workdir, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
     rows = trainer.run()
+    if not distributed.is_writer():
+        return 0
     write_report(workdir)
     print(summary_table(rows))
     print(f"\n{len(rows)} result rows in {workdir / 'results.csv'}; report {workdir / 'report.md'} and figures; "

@@ -29,6 +29,7 @@ from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
+from pfq.train.distributed import global_array, is_writer, to_host
 from pfq.train.optim import make_optimizer
 from pfq.train.step import init_state, make_predict_step, make_train_step
 from pfq.train.workdir import atomic_write_text
@@ -120,7 +121,8 @@ class Trainer:
         single_params = jax.tree.map(lambda x: x[0], variables["params"])
         tx = make_optimizer(optim, single_params, self.spec.depths, steps)
         state = jax.jit(jax.vmap(lambda v: init_state(v, tx)), out_shardings=lane_sh)(variables)
-        keys = jax.device_put(jnp.stack([jax.random.fold_in(jax.random.key(lane.seed), 1) for lane in group]), lane_sh)
+        lane_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 1))
+        keys = jax.jit(lane_keys, out_shardings=lane_sh)(np.array([lane.seed for lane in group], np.uint32))
 
         dataset = train_dataset(data.source, data.labels, lane_sets, [lane.seed for lane in group],
                                 batch_size=batch_size, num_steps=steps,
@@ -148,18 +150,18 @@ class Trainer:
             bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
                        disable=not self.progress, dynamic_ncols=True)
             for step in bar:
-                batch = jax.device_put(next(iterator), batch_sh)
+                batch = global_array(next(iterator), batch_sh)
                 state, metrics = step_fn(state, batch, keys)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == steps:  # the only host sync in the loop
-                    loss = np.asarray(metrics["loss"])
+                    loss = to_host(metrics["loss"])
                     bar.set_postfix(loss=f"{np.nanmean(loss):.3f}")
                 if done % cfg.checkpoint.every_steps == 0 or done == steps:
                     ckpt.save(done, state, {"data_iterator": iterator.get_state(), "step": done})
             bar.close()
         ckpt.wait()
         ckpt.close()
-        return GroupOutcome(group, lane_sets, state, np.asarray(state["diverged_step"]), loss)
+        return GroupOutcome(group, lane_sets, state, to_host(state["diverged_step"]), loss)
 
     # ------------------------------------------------------------------------------------------
     # One-pass prediction: every lane predicts every test-pool case once.
@@ -174,7 +176,7 @@ class Trainer:
         for batch in tqdm(to_iterator(eval_dataset(data.source, data.test_pool, batch_size)),
                           total=-(-len(data.test_pool) // batch_size), desc="predict test pool",
                           disable=not self.progress, leave=False):
-            out = np.asarray(predict(variables, batch["image"]))
+            out = to_host(predict(variables, batch["image"]))
             for b in np.flatnonzero(batch["valid"]):
                 probs[:, position[int(batch["index"][b])]] = out[:, b]
         return probs
@@ -215,7 +217,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         cfg = self.config
-        if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite):
+        if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer()):
             log.info("%s already holds this run's finished results; pass --overwrite to run it again", self.workdir)
             with open(self.workdir / "results.csv", newline="") as f:
                 return list(csv.DictReader(f))
@@ -230,6 +232,8 @@ class Trainer:
             probs = self.predict_pool(outcome, data)
             rows += self.lane_rows(outcome, probs, data)
             prediction_rows += prediction_table(outcome, probs, data)
+        if not is_writer():
+            return rows
         write_csv(self.workdir / "predictions.csv", prediction_rows)
         write_csv(self.workdir / "results.csv", rows)
         atomic_write_text(self.workdir / "run.json", json.dumps(

@@ -49,10 +49,12 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare(workdir: Path, config_json: str, overwrite: bool) -> bool:
-    """Create or check the workdir; True when it already holds this run's finished results."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
+def prepare(workdir: Path, config_json: str, overwrite: bool, write: bool = True) -> bool:
+    """Create or check the workdir; True when it already holds this run's finished results.
+    Only the writer process (`write`) changes files; the others just read."""
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+    if overwrite and write:
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         for name in OUTPUTS:
             (workdir / name).unlink(missing_ok=True)
@@ -63,7 +65,8 @@ def prepare(workdir: Path, config_json: str, overwrite: bool) -> bool:
         if changed:
             raise WorkdirError(f"{workdir} holds a run with a different config ({'; '.join(changed[:8])}); "
                                f"use another --workdir, or --overwrite to discard it")
-    atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
+    if write:
+        atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
     status = workdir / "run.json"
     if status.exists() and (workdir / "results.csv").exists():
         return bool(json.loads(status.read_text()).get("complete"))
