@@ -62,7 +62,7 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, 
     if pixdim is not None:
         header["pixdim"][1:1 + len(pixdim)] = pixdim
     header["scl_slope"] = np.nan if slope is None else slope
-    header["scl_inter"] = np.nan if inter is None else inter
+    header["scl_inter"] = (np.nan if slope is None else 0.0) if inter is None else inter
     header["vox_offset"] = 352
     payload = np.asarray(data).astype(dt).tobytes(order="F")
     opener = gzip.open if path.name.endswith(".gz") else open

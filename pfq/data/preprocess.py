@@ -23,6 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from scipy import ndimage
 
@@ -91,14 +92,17 @@ class Volume:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
-def _header_affine(image) -> tuple[np.ndarray, bool]:
+def _header_affine(image, path: Path) -> tuple[np.ndarray, bool]:
     header = image.header
     codes = int(header.get_sform(coded=True)[1]), int(header.get_qform(coded=True)[1])
     affine = np.asarray(image.affine, dtype=np.float64)
     if max(codes) > 0 and np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 1e-12:
         return affine, True
-    # No usable orientation: keep the stored axes, take spacing from pixdim.
-    zooms = [float(z) for z in header.get_zooms()[:3]]
+    # No usable orientation: keep the stored axes, take spacing from pixdim as written (nibabel's
+    # loader silently turns a zero pixdim into 1 mm, which would hide a broken header).
+    with ImageOpener(str(path)) as f:
+        raw = type(header).from_fileobj(f, check=False)
+    zooms = [float(z) for z in raw["pixdim"][1:4]]
     return np.diag(zooms + [1.0]), False
 
 
@@ -120,7 +124,7 @@ def read_volume(path: Path | str) -> Volume:
         shape = shape[:-1]
     if len(shape) != 3:
         raise VolumeError(path, f"expected a 3-D volume, got a {len(shape)}-D image of shape {tuple(image.shape)}")
-    affine, oriented = _header_affine(image)
+    affine, oriented = _header_affine(image, path)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     low, high = SPACING_RANGE_MM
     if not (np.isfinite(spacing).all() and low <= spacing.min() and spacing.max() <= high):
@@ -248,21 +252,26 @@ def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return out
 
 
-def preprocess_volumes(volumes: dict[str, Volume], config: PreprocessConfig) -> np.ndarray:
-    """(D, H, W, 3) float32 model input from a case's checked volumes (see the module docstring)."""
+def aligned_channels(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | None) -> list[np.ndarray]:
+    """Each channel on the output grid in (D, H, W) order, before normalisation (steps 2-4)."""
     ref = volumes["t2w"]
-    shape, affine, ornt = output_grid(ref, config.spacing)
+    shape, affine, ornt = output_grid(ref, spacing_dhw)
     channels = []
     for role in IMAGE_COLUMNS:
         vol = volumes[role]
         same = _same_grid(vol, ref)
-        if same and config.spacing is None:
+        if same and spacing_dhw is None:
             data = apply_orientation(vol.data, ornt)  # flips/permutations only: exact
         else:
             data = _onto(vol, ref.affine if same else vol.affine, shape, affine)
-        dhw = np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32)
-        channels.append(crop_or_pad(znormalise(dhw), config.input_size))
-    return np.stack(channels, axis=-1)
+        channels.append(np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32))
+    return channels
+
+
+def preprocess_volumes(volumes: dict[str, Volume], config: PreprocessConfig) -> np.ndarray:
+    """(D, H, W, 3) float32 model input from a case's checked volumes (see the module docstring)."""
+    return np.stack([crop_or_pad(znormalise(c), config.input_size)
+                     for c in aligned_channels(volumes, config.spacing)], axis=-1)
 
 
 def load_case(case: CaseRecord, config: PreprocessConfig) -> np.ndarray:
