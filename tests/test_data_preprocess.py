@@ -164,3 +164,35 @@ def test_volume_error_names_file(tmp_path):
     with pytest.raises(VolumeError, match="file not found") as info:
         read_volume(tmp_path / "nope.nii.gz")
     assert info.value.file == tmp_path / "nope.nii.gz"
+
+
+@pytest.mark.parametrize("scale, offset, shape", [
+    ((0.5, 0.5, 1 / 3), (-0.25, -0.25, -1 / 3), (20, 16, 15)),  # upsampling, edges blend to zero
+    ((2.0, 1.0, 1.5), (0.5, 0.0, 0.25), (5, 10, 4)),  # downsampling
+    ((-1.0, 0.7, 1.0), (11.0, -2.0, 3.5), (12, 18, 6)),  # a flip, partly outside the source
+])
+def test_separable_resampling_equals_the_general_path(scale, offset, shape):
+    from pfq.data.preprocess import _resample_general, resample_separable
+
+    data = smooth_volume(SHAPE, 4)
+    expected = _resample_general(data, np.diag(scale), np.array(offset), shape)
+    np.testing.assert_allclose(resample_separable(data, np.array(scale), np.array(offset), shape), expected,
+                               atol=1e-5)
+
+
+def test_general_resampling_edges():
+    from pfq.data.preprocess import _resample_general
+
+    data = np.ones((4, 4, 4), np.float32)
+    out = _resample_general(data, np.eye(3), np.array([-0.5, 0.0, 0.0]), (6, 4, 4))
+    # Source coordinates -0.5 .. 4.5: within one voxel of the edge the edge value, beyond it zero.
+    np.testing.assert_allclose(out[:, 0, 0], [1, 1, 1, 1, 1, 0])
+
+
+def test_preprocessing_normalises_over_the_whole_volume_then_crops(tmp_path):
+    cells = write_case(tmp_path, "a", shape=(20, 16, 6))
+    case = read_manifest(write_manifest(tmp_path / "m.csv", [{**cells, "quality": "hq"}])).cases[0]
+    config = PreprocessConfig(input_size=(8, 10, 12), spacing=(2.0, 0.6, 0.5))
+    channels = aligned_channels(read_case(case), config.spacing)
+    expected = np.stack([crop_or_pad(znormalise(c), config.input_size) for c in channels], -1)
+    np.testing.assert_allclose(load_case(case, config), expected, atol=1e-5)

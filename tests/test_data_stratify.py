@@ -74,7 +74,8 @@ def test_sets_are_exact_balanced_and_deterministic(pool, size, r, seed):
     assert chosen_hq.sum() == s.n_hq == round_half_up(r, size)  # exact HQ count
     assert s.n_lq == size - s.n_hq
     for c in range(labels.max() + 1):
-        assert [np.sum(chosen_hq & (chosen_labels == c)), np.sum(~chosen_hq & (chosen_labels == c))] == list(s.counts[c])
+        in_class = chosen_labels == c
+        assert [np.sum(chosen_hq & in_class), np.sum(~chosen_hq & in_class)] == list(s.counts[c])
     # class totals do not depend on the ratio
     other = stratum_counts(size, 1.0 - r, np.bincount(labels).astype(float))
     np.testing.assert_array_equal(other.sum(1), s.class_counts)

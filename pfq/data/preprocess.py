@@ -214,24 +214,70 @@ def output_grid(ref: Volume, spacing_dhw: Sequence[float] | None) -> tuple[tuple
     return shape, affine @ step, ornt
 
 
+def _is_diagonal(matrix: np.ndarray) -> bool:
+    return bool(np.all(np.abs(matrix - np.diag(np.diag(matrix))) < 1e-9))
+
+
+def resample_separable(data: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Trilinear resampling for an axis-aligned map (source index = scale * output index + offset),
+    one axis at a time, about ten times faster than `ndimage.affine_transform`. Edges: the source is
+    extended by one replicated voxel (so the half voxel at each border of its field of view keeps
+    the edge value), zero beyond: exactly `_resample_general`'s result."""
+    out = data
+    # Shrinking axes first keeps the intermediate arrays small.
+    for axis in sorted(range(3), key=lambda a: shape[a] / data.shape[a]):
+        n = out.shape[axis]
+        coords = np.arange(shape[axis]) * scale[axis] + offset[axis]
+        low = np.floor(coords).astype(np.int64)
+        frac = (coords - low).astype(np.float32)
+        inside = ((coords >= -1) & (coords <= n)).astype(np.float32)
+        bshape = [1, 1, 1]
+        bshape[axis] = -1
+        a = np.take(out, np.clip(low, 0, n - 1), axis=axis)
+        a *= ((1 - frac) * inside).reshape(bshape)
+        b = np.take(out, np.clip(low + 1, 0, n - 1), axis=axis)
+        b *= (frac * inside).reshape(bshape)
+        a += b
+        out = a
+    return out
+
+
+def _resample_general(data: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Trilinear resampling for any affine map, with `resample_separable`'s edge rule."""
+    padded = np.pad(data, 1, mode="edge")
+    return ndimage.affine_transform(padded, matrix, offset=np.asarray(offset) + 1.0, output_shape=tuple(shape),
+                                    order=1, mode="constant", cval=0.0, prefilter=False, output=np.float32)
+
+
 def _onto(volume: Volume, source_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
     """Trilinear resampling of `volume` onto the grid (`shape`, `affine`); zero outside its field of view."""
     m = np.linalg.inv(source_affine) @ affine  # output voxel -> source voxel
-    return ndimage.affine_transform(volume.data, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1,
-                                    mode="constant", cval=0.0, prefilter=False, output=np.float32)
+    if _is_diagonal(m[:3, :3]):  # axis-aligned grids (the usual case): separable and fast
+        return resample_separable(volume.data, np.diag(m[:3, :3]), m[:3, 3], shape)
+    return _resample_general(volume.data, m[:3, :3], m[:3, 3], shape)
 
 
-def znormalise(volume: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the non-zero voxels; zeros (background/padding) stay zero."""
-    mask = volume != 0
-    n = int(np.count_nonzero(mask))
+def nonzero_stats(volume: np.ndarray) -> tuple[float, float] | None:
+    """Mean and standard deviation over the non-zero voxels (None if there are none)."""
+    n = int(np.count_nonzero(volume))
     if n == 0:
+        return None
+    mean = float(volume.sum(dtype=np.float64)) / n  # zeros add nothing, so no masked copy is needed
+    flat = volume.reshape(-1)  # a view for the contiguous arrays preprocessing produces
+    var = max(float(np.einsum("i,i->", flat, flat, dtype=np.float64)) / n - mean * mean, 0.0)
+    return mean, (float(np.sqrt(var)) if var > 0 else 1.0)
+
+
+def znormalise(volume: np.ndarray, stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Zero mean, unit variance over the non-zero voxels (or with the given stats); zeros
+    (background/padding) stay zero."""
+    stats = nonzero_stats(volume) if stats is None else stats
+    if stats is None:
         return volume.astype(np.float32)
-    total = volume.sum(dtype=np.float64)  # zeros add nothing, so no masked copy is needed
-    mean = total / n
-    var = max(float(np.square(volume, dtype=np.float64).sum()) / n - mean * mean, 0.0)
-    std = np.sqrt(var) if var > 0 else 1.0
-    return np.where(mask, (volume - np.float32(mean)) / np.float32(std), np.float32(0)).astype(np.float32)
+    mean, std = stats
+    out = (volume.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    out[volume == 0] = 0
+    return out
 
 
 def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -252,8 +298,7 @@ def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return out
 
 
-def aligned_channels(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | None) -> list[np.ndarray]:
-    """Each channel on the output grid in (D, H, W) order, before normalisation (steps 2-4)."""
+def _aligned_ijk(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | None) -> list[np.ndarray]:
     ref = volumes["t2w"]
     shape, affine, ornt = output_grid(ref, spacing_dhw)
     channels = []
@@ -261,17 +306,27 @@ def aligned_channels(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | 
         vol = volumes[role]
         same = _same_grid(vol, ref)
         if same and spacing_dhw is None:
-            data = apply_orientation(vol.data, ornt)  # flips/permutations only: exact
+            channels.append(apply_orientation(vol.data, ornt))  # flips/permutations only: exact
         else:
-            data = _onto(vol, ref.affine if same else vol.affine, shape, affine)
-        channels.append(np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32))
+            channels.append(_onto(vol, ref.affine if same else vol.affine, shape, affine))
     return channels
 
 
+def aligned_channels(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | None) -> list[np.ndarray]:
+    """Each channel on the output grid in (D, H, W) order, before normalisation (steps 2-4)."""
+    return [np.ascontiguousarray(c.transpose(2, 1, 0), dtype=np.float32) for c in _aligned_ijk(volumes, spacing_dhw)]
+
+
 def preprocess_volumes(volumes: dict[str, Volume], config: PreprocessConfig) -> np.ndarray:
-    """(D, H, W, 3) float32 model input from a case's checked volumes (see the module docstring)."""
-    return np.stack([crop_or_pad(znormalise(c), config.input_size)
-                     for c in aligned_channels(volumes, config.spacing)], axis=-1)
+    """(D, H, W, 3) float32 model input from a case's checked volumes (see the module docstring).
+
+    Statistics come from the whole volume, but only the cropped window is normalised and transposed:
+    the same result as normalising first, with less work."""
+    out = np.empty(tuple(config.input_size) + (len(IMAGE_COLUMNS),), np.float32)
+    for c, data in enumerate(_aligned_ijk(volumes, config.spacing)):
+        window = crop_or_pad(data, tuple(config.input_size)[::-1])  # axes are independent: crop in (i, j, k)
+        out[..., c] = znormalise(window, nonzero_stats(data)).transpose(2, 1, 0)
+    return out
 
 
 def load_case(case: CaseRecord, config: PreprocessConfig) -> np.ndarray:
