@@ -108,20 +108,22 @@ def part_a(folder: Path, args) -> dict:
     labels = np.arange(len(manifest)) % 2
     data = base_config().data
     dataset = train_dataset(source, labels, [np.arange(len(manifest))] * lanes, list(range(lanes)), batch_size=batch,
-                            num_steps=args.steps + 1, augment_config=AugmentConfig.from_config(data))
-    it = to_iterator(dataset, workers=int(data.workers))
+                            num_steps=args.steps + 2, augment_config=AugmentConfig.from_config(data))
+    workers = int(data.workers) if args.workers is None else args.workers
+    it = to_iterator(dataset, workers=workers)
+    next(it)  # start-up (threads, worker processes) is not throughput
     produce_t = time.perf_counter()
-    for _ in range(3):
+    for _ in range(args.steps):
         next(it)
-    produce = (time.perf_counter() - produce_t) / 3
+    produce = (time.perf_counter() - produce_t) / args.steps
     sleep_s = args.real_step_ms / 1000
-    it = to_iterator(dataset, workers=int(data.workers))
+    it = to_iterator(dataset, workers=workers)
     wait, per_step = input_wait(it, args.steps, lambda b: time.sleep(sleep_s))
     return {"real_size": [3, 64, 224, 224], "native_t2w": [384, 384, 19], "native_dwi": [128, 128, 19],
             "nifti_volumes_per_s": round(nifti, 3), "cache_volumes_per_s": round(cached, 1),
             "cache_speedup": round(cached / nifti, 1), "real_lanes_x_batch": [lanes, batch],
             "real_pipeline_ms_per_step": round(produce * 1000, 1), "real_step_sleep_ms": args.real_step_ms,
-            "real_input_wait_fraction": round(wait, 4)}
+            "real_input_wait_fraction": round(wait, 4), "real_workers": workers}
 
 
 def part_b(folder: Path, args) -> dict:
@@ -175,7 +177,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--real-step-ms", type=float, default=500.0, help="simulated step at real size (sleep)")
-    p.add_argument("--model-steps", type=int, default=8, help="timed default-config train steps")
+    p.add_argument("--workers", type=int, default=None, help="Grain workers at real size (default: the config's)")
+    p.add_argument("--model-steps", type=int, default=4, help="timed default-config train steps")
     p.add_argument("--skip-model", action="store_true", help="skip part B (no model compile)")
     args = p.parse_args()
     figures = {}
@@ -184,7 +187,8 @@ def main() -> None:
         figures.update(part_a(Path(tmp) / "a", args))
         print(f"real size 3x64x224x224: from NIfTI {figures['nifti_volumes_per_s']:.2f} vol/s | "
               f"from cache {figures['cache_volumes_per_s']:.1f} vol/s ({figures['cache_speedup']:.0f}x)")
-        print(f"real size lane pipeline ({args.lanes} lanes x batch {args.batch}, augmenting): "
+        print(f"real size lane pipeline ({args.lanes} lanes x batch {args.batch}, augmenting, "
+              f"{figures['real_workers']} workers): "
               f"{figures['real_pipeline_ms_per_step']:.0f} ms/step; input wait "
               f"{100 * figures['real_input_wait_fraction']:.1f}% with a {args.real_step_ms:.0f} ms (sleep) step")
         if not args.skip_model:

@@ -33,13 +33,14 @@ def _add_quality_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--quality-scale", choices=sorted(QUALITY_SCALES), default=None,
                    help="how numeric `quality` scores are read (default: the config's, piqual_v1)")
-    p.add_argument("--quality-threshold", type=float, default=None,
+    p.add_argument("--quality-threshold", type=float, default=None, metavar="T",
                    help="scores at or above this are HQ (default: the scale's, v1: 4, v2: 3)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pfq.data", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pfq.data",
+                                     description="Data tools: write phantoms (synth), fill the preprocessing cache "
+                                                 "(prepare), check a manifest before training (validate).")
     sub = parser.add_subparsers(dest="command", metavar="{synth,prepare,validate}")
     sub.add_parser("synth", help="write a synthetic phantom set (see `python -m pfq.data synth --help`)",
                    add_help=False)
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="override data.input_size")
     prep.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
                       help="override data.spacing (mm); default: the config's (none: no resampling)")
-    prep.add_argument("--workers", type=int, default=0, help="worker processes (0: this process)")
+    prep.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (0: this process)")
     prep.add_argument("--no-progress", action="store_true")
 
     val = sub.add_parser("validate", help="check every row of a manifest before training",
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_quality_args(val)
     val.add_argument("--no-quality", action="store_true", help="the manifest has no quality column")
     val.add_argument("--no-images", action="store_true", help="check the CSV only, do not open images")
-    val.add_argument("--workers", type=int, default=0, help="worker processes for the image checks")
+    val.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes for the image checks")
     val.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -110,13 +111,13 @@ def _validate(args) -> int:
     data = base_config().data
     try:
         task = get_task(args.task) if args.task else None
-    except ValueError as e:
+        report = validate_manifest(args.manifest, task=task, quality_scale=args.quality_scale or data.quality_scale,
+                                   quality_threshold=args.quality_threshold, require_quality=not args.no_quality,
+                                   check_images=not args.no_images, workers=args.workers,
+                                   progress=not args.no_progress)
+    except ValueError as e:  # an unknown task, scale or threshold
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = validate_manifest(args.manifest, task=task, quality_scale=args.quality_scale or data.quality_scale,
-                               quality_threshold=args.quality_threshold, require_quality=not args.no_quality,
-                               check_images=not args.no_images, workers=args.workers,
-                               progress=not args.no_progress)
     for problem in report.problems:
         print(f"{args.manifest}: {problem}")
     if not report.ok:
@@ -136,8 +137,11 @@ def _validate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":  # the phantom generator owns its arguments
-        from pfq.data.phantoms import synth_main
-
+        try:
+            from pfq.data.phantoms import synth_main
+        except ImportError as e:
+            print(f"error: the phantom generator is not available ({e})", file=sys.stderr)
+            return 2
         return synth_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "prepare":
