@@ -171,7 +171,7 @@ def test_training_refuses_a_bad_manifest_listing_every_problem(tmp_path, base):
     assert [(p.line, p.column) for p in info.value.problems] == [(3, "pirads"), (4, "t2w")]
 
 
-def test_training_loads_a_valid_manifest_through_the_cache(tmp_path):
+def test_training_loads_a_valid_manifest_through_the_cache(tmp_path, monkeypatch):
     config = base_config()
     config.data.manifest = str(write_study(tmp_path / "study", n=8, shape=SHAPE))
     config.data.cache_dir = str(tmp_path / "cache")
@@ -180,3 +180,24 @@ def test_training_loads_a_valid_manifest_through_the_cache(tmp_path):
     assert len(data.source) == 8 and data.source[0].shape == (8, 12, 12, 3)
     assert isinstance(data.source[0], np.memmap)  # served from the cache, not decoded again
     assert sorted(np.concatenate([data.train_pool, data.test_pool]).tolist()) == list(range(8))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("NIfTI decoded again")
+
+    monkeypatch.setattr("pfq.data.cache.load_case", no_decoding)
+    again = load_study_data(config, TASK, progress=False)  # a second run of a sweep
+    assert again.source.paths == data.source.paths
+
+
+def test_phantom_set_validates_and_loads(tmp_path):
+    phantoms = pytest.importorskip("pfq.data.phantoms")
+    manifest = phantoms.write_phantom_set(tmp_path / "ph", 8, seed=0, shape=(16, 32, 32), spacing=(2.0, 1.0, 1.0),
+                                          hq_fraction=0.5, progress=False)
+    report = validate_manifest(manifest, task=TASK)
+    assert report.ok, report.problems
+    config = base_config()
+    config.data.manifest = str(manifest)
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.data.input_size = (16, 32, 32)
+    data = load_study_data(config, TASK, progress=False)
+    assert data.source[0].shape == (16, 32, 32, 3) and data.is_hq.sum() == 4
