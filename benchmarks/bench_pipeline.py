@@ -9,9 +9,9 @@ and everything is resampled to 1.0 x 0.5 x 0.5 mm (the real-size configs' spacin
 - volumes/s preprocessed from NIfTI (decode, reorient, resample, z-normalise, crop/pad);
 - volumes/s read from the cache (memory-mapped .npy, page cache warm: the files were just written);
 - the lane pipeline (Grain, default augmentation, default workers) producing lane-stacked batches
-  from the cache: milliseconds per step, and the fraction of time the loop waits for input when each
-  step is simulated by a sleep of --real-step-ms (a sleep leaves the cores to the pipeline, as an
-  accelerator step does).
+  from the cache: milliseconds per step (also without augmentation, to show its cost), and the
+  fraction of time the loop waits for input when each step is simulated by a sleep of
+  --real-step-ms (a sleep leaves the cores to the pipeline, as an accelerator step does).
 
 Part B, the default CPU config (ProFound-Conv atto, 32 x 64 x 64, 6 lanes x batch 8, workers 0):
 the fraction of a training run's time spent waiting for input, with the real vmapped, jitted train
@@ -107,22 +107,32 @@ def part_a(folder: Path, args) -> dict:
     lanes, batch = args.lanes, args.batch
     labels = np.arange(len(manifest)) % 2
     data = base_config().data
-    dataset = train_dataset(source, labels, [np.arange(len(manifest))] * lanes, list(range(lanes)), batch_size=batch,
-                            num_steps=args.steps + 2, augment_config=AugmentConfig.from_config(data))
     workers = int(data.workers) if args.workers is None else args.workers
-    it = to_iterator(dataset, workers=workers)
-    next(it)  # start-up (threads, worker processes) is not throughput
-    produce_t = time.perf_counter()
-    for _ in range(args.steps):
-        next(it)
-    produce = (time.perf_counter() - produce_t) / args.steps
+
+    def lane_dataset(augment_config):
+        return train_dataset(source, labels, [np.arange(len(manifest))] * lanes, list(range(lanes)),
+                             batch_size=batch, num_steps=args.steps + 2, augment_config=augment_config)
+
+    def seconds_per_step(ds) -> float:
+        it = to_iterator(ds, workers=workers)
+        next(it)  # start-up (threads, worker processes) is not throughput
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            next(it)
+        return (time.perf_counter() - t0) / args.steps
+
+    dataset = lane_dataset(AugmentConfig.from_config(data))
+    produce = seconds_per_step(dataset)
+    produce_plain = seconds_per_step(lane_dataset(AugmentConfig(enabled=False)))
     sleep_s = args.real_step_ms / 1000
     it = to_iterator(dataset, workers=workers)
     wait, per_step = input_wait(it, args.steps, lambda b: time.sleep(sleep_s))
     return {"real_size": [3, 64, 224, 224], "native_t2w": [384, 384, 19], "native_dwi": [128, 128, 19],
             "nifti_volumes_per_s": round(nifti, 3), "cache_volumes_per_s": round(cached, 1),
             "cache_speedup": round(cached / nifti, 1), "real_lanes_x_batch": [lanes, batch],
-            "real_pipeline_ms_per_step": round(produce * 1000, 1), "real_step_sleep_ms": args.real_step_ms,
+            "real_pipeline_ms_per_step": round(produce * 1000, 1),
+            "real_pipeline_ms_per_step_no_augment": round(produce_plain * 1000, 1),
+            "real_step_sleep_ms": args.real_step_ms,
             "real_input_wait_fraction": round(wait, 4), "real_workers": workers}
 
 
@@ -189,7 +199,8 @@ def main() -> None:
               f"from cache {figures['cache_volumes_per_s']:.1f} vol/s ({figures['cache_speedup']:.0f}x)")
         print(f"real size lane pipeline ({args.lanes} lanes x batch {args.batch}, augmenting, "
               f"{figures['real_workers']} workers): "
-              f"{figures['real_pipeline_ms_per_step']:.0f} ms/step; input wait "
+              f"{figures['real_pipeline_ms_per_step']:.0f} ms/step "
+              f"({figures['real_pipeline_ms_per_step_no_augment']:.0f} without augmentation); input wait "
               f"{100 * figures['real_input_wait_fraction']:.1f}% with a {args.real_step_ms:.0f} ms (sleep) step")
         if not args.skip_model:
             (Path(tmp) / "b").mkdir()
