@@ -60,6 +60,7 @@ def base_config() -> ConfigDict:
     c.sweep.test_size = 0  # 0: the largest size every test ratio can be drawn at
     c.sweep.test_draws = 5
     c.sweep.test_seed = 0
+    c.sweep.bootstrap_resamples = 1000  # for the percentile 95% CIs in results.csv; 0: none
 
     c.optim = ConfigDict()
     c.optim.steps = 300

@@ -155,6 +155,9 @@ class ConvNeXtV2(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        if x.ndim != 5 or min(x.shape[1:4]) < 16:
+            # Total stride is 16 (4 * 2 * 2); smaller inputs would pool over an empty volume.
+            raise ValueError(f"expected channels-last input (N, D, H, W, C) with D, H, W >= 16, got {x.shape}")
         x = x.astype(self.dtype)
         keys = None if key is None else jax.random.split(key, sum(len(s) for s in self.stages))
         cursor = 0

@@ -19,6 +19,11 @@ from pfq.model.convnext import Classifier, ModelSpec
 Variables = dict[str, Any]
 
 
+def _pure(state) -> dict:
+    """nnx.State -> nested dict of arrays (newer Flax spells it nnx.to_pure_dict)."""
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
 @lru_cache(maxsize=32)
 def _graph(spec: ModelSpec):
     """Graph definition and abstract state of a spec, built without allocating parameters."""
@@ -29,15 +34,24 @@ def _graph(spec: ModelSpec):
 
 def init_variables(spec: ModelSpec, key: jax.Array) -> Variables:
     """Fresh parameters (trunc-normal 0.02 weights, zero biases, identity norms) and BN statistics."""
-    model = Classifier(spec, nnx.Rngs(params=key))
-    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return {"params": params.to_pure_dict(), "batch_stats": stats.to_pure_dict()}
+    return _jitted_init(spec)(key)
+
+
+@lru_cache(maxsize=32)
+def _jitted_init(spec: ModelSpec):
+    # Jitted: eager NNX construction dispatches one op per initialiser, seconds for a real model.
+    def init(key: jax.Array) -> Variables:
+        model = Classifier(spec, nnx.Rngs(params=key))
+        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return {"params": _pure(params), "batch_stats": _pure(stats)}
+
+    return jax.jit(init)
 
 
 def abstract_variables(spec: ModelSpec) -> Variables:
     """Shapes and dtypes of `init_variables(spec, ...)` as jax.ShapeDtypeStruct leaves."""
     _, params, stats = _graph(spec)
-    to_sds = lambda s: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), s.to_pure_dict())
+    to_sds = lambda s: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _pure(s))
     return {"params": to_sds(params), "batch_stats": to_sds(stats)}
 
 
@@ -54,7 +68,7 @@ def apply(spec: ModelSpec, variables: Variables, x: jax.Array, *, train: bool = 
     """Logits (N, num_classes) and the (possibly updated) BatchNorm statistics."""
     model = _merge(spec, variables)
     logits = model(x, train=train, key=key)
-    stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+    stats = _pure(nnx.state(model, nnx.BatchStat))
     return logits, stats
 
 

@@ -21,6 +21,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder: results.csv, figures, checkpoints.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard the workdir's checkpoints and results and start over.")
 
 
 def main(argv: list[str]) -> int:
@@ -35,11 +36,11 @@ def main(argv: list[str]) -> int:
 
     workdir = Path(_WORKDIR.value)
     t0 = time.perf_counter()
-    trainer = Trainer(config, workdir, progress=_PROGRESS.value)
+    trainer = Trainer(config, workdir, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
     rows = trainer.run()
     write_report(workdir)
     print(summary_table(rows))
-    print(f"\n{len(rows)} result rows in {workdir / 'results.csv'}; heatmap {workdir / 'heatmap_auc.png'}; "
+    print(f"\n{len(rows)} result rows in {workdir / 'results.csv'}; report {workdir / 'report.md'} and figures; "
           f"{trainer.compile_count} compiled step program(s); {time.perf_counter() - t0:.0f} s")
     return 0
 

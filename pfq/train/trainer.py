@@ -8,9 +8,9 @@ at any point resumes from its last checkpoint to the same final results.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,36 +27,28 @@ from pfq.data.study import StudyData, load_study_data
 from pfq.model import ModelSpec, init_variables
 from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
+from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
 from pfq.train.optim import make_optimizer
 from pfq.train.step import init_state, make_predict_step, make_train_step
+from pfq.train.workdir import atomic_write_text
 
 log = logging.getLogger("pfq.train")
 
-RESULT_KEYS = ["task", "init", "finetune_hq_ratio", "finetune_hq_count", "train_size", "seed",
-               "test_hq_ratio", "n_test", "n_draws"]
-
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers: atomic writes and the model spec.
+# Small helpers: CSV output and the model spec.
 # ----------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Atomically write rows (all keys become columns, in first-seen order)."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def model_spec(config, num_classes: int) -> ModelSpec:
@@ -111,8 +103,8 @@ class GroupOutcome:
 
 
 class Trainer:
-    def __init__(self, config, workdir: Path, progress: bool = True):
-        self.config, self.workdir, self.progress = config, Path(workdir), progress
+    def __init__(self, config, workdir: Path, progress: bool = True, overwrite: bool = False):
+        self.config, self.workdir, self.progress, self.overwrite = config, Path(workdir), progress, overwrite
         self.task: Task = get_task(config.task)
         self.spec = model_spec(config, self.task.num_classes)
         self.compile_count = 0
@@ -192,25 +184,31 @@ class Trainer:
     # Results: metrics on stratified test subsets of the one-pass predictions.
     # ------------------------------------------------------------------------------------------
     def lane_rows(self, outcome: GroupOutcome, probs: np.ndarray, data: StudyData) -> list[dict]:
+        """One row per lane x test ratio: metrics averaged over the ratio's subset draws, with percentile
+        bootstrap CIs of that average (see `evaluate.score_subsets` and docs/results.md)."""
         sweep = self.config.sweep
         pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
         size = int(sweep.test_size) or evaluate.max_test_size(pool_hq, pool_labels, sweep.test_hq_ratios,
                                                               self.task.num_classes)
-        subsets = evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, int(sweep.test_draws),
+        draws = int(sweep.test_draws)
+        subsets = evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, draws,
                                         int(sweep.test_seed), self.task.num_classes)
+        resamples = int(sweep.get("bootstrap_resamples", 1000))
+        healthy = outcome.diverged_step < 0
+        scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
+        for ratio in sweep.test_hq_ratios:
+            scored[float(ratio)] = evaluate.score_subsets(
+                pool_labels, pool_hq, probs, [subsets[(float(ratio), d)] for d in range(draws)], self.task.name,
+                resamples=resamples, seed=[int(sweep.test_seed), 0xB007, round(float(ratio) * 1e6)], valid=healthy)
         rows = []
         for li, lane in enumerate(outcome.lanes):
             diverged = int(outcome.diverged_step[li])
             for ratio in sweep.test_hq_ratios:
-                draws = [evaluate.score(pool_labels[idx], probs[li, idx], self.task.name)
-                         for (r, _), idx in subsets.items() if r == float(ratio)]
-                metric_names = list(draws[0])
                 row = {"task": self.task.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
                        "finetune_hq_count": hq_count(lane.train_size, lane.finetune_hq_ratio),
                        "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": float(ratio),
-                       "n_test": size, "n_draws": len(draws)}
-                for name in metric_names:
-                    row[name] = float(np.nanmean([d[name] for d in draws])) if diverged < 0 else float("nan")
+                       "n_test": size, "n_draws": draws, "n_resamples": resamples}
+                row.update(scored[float(ratio)][li])
                 row["status"] = "ok" if diverged < 0 else f"diverged at step {diverged}: non-finite loss"
                 rows.append(row)
         return rows
@@ -218,7 +216,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         cfg = self.config
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite):
+            log.info("%s already holds this run's finished results; pass --overwrite to run it again", self.workdir)
+            with open(self.workdir / "results.csv", newline="") as f:
+                return list(csv.DictReader(f))
         data = load_study_data(cfg, self.task, progress=self.progress)
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
@@ -233,7 +234,8 @@ class Trainer:
         write_csv(self.workdir / "predictions.csv", prediction_rows)
         write_csv(self.workdir / "results.csv", rows)
         atomic_write_text(self.workdir / "run.json", json.dumps(
-            {"compile_count": self.compile_count, "lanes": len(lanes)}, indent=2))
+            {"complete": True, "compile_count": self.compile_count, "lanes": len(lanes),
+             "lane_groups": len(lanes_lib.group_lanes(lanes))}, indent=2))
         return rows
 
 

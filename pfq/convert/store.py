@@ -1,0 +1,127 @@
+"""The pfq model directory: an Orbax checkpoint of the variables plus `pfq_model.json`.
+
+    DIR/pfq_model.json   size, depths, dims, in_chans, num_classes (null: encoder only), provenance
+    DIR/variables/       Orbax PyTree checkpoint of {"params": ..., ["batch_stats": ...]}
+
+Writes are atomic: everything goes to a hidden sibling temp dir that is renamed into place, so a
+failed write leaves no partial DIR, and an existing DIR is replaced only with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pfq.convert.errors import ConvertError
+from pfq.convert.infer import size_name
+from pfq.convert.layout import describe, variables_problems
+from pfq.model import ModelSpec, abstract_variables
+
+METADATA_FILE = "pfq_model.json"
+VARIABLES_DIR = "variables"
+FORMAT_VERSION = 1
+
+
+def has_head(variables: Mapping) -> bool:
+    return "head" in variables.get("params", {})
+
+
+@contextmanager
+def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `dest`; on success it replaces `dest`, on failure it is removed."""
+    dest = Path(dest).absolute()
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def model_metadata(spec: ModelSpec, with_head: bool) -> dict[str, Any]:
+    return {"pfq_model_format": FORMAT_VERSION, "size": size_name(spec.depths, spec.dims),
+            "depths": list(spec.depths), "dims": list(spec.dims), "in_chans": spec.in_chans,
+            "num_classes": spec.num_classes if with_head else None}
+
+
+def save_model_dir(dest_dir: str | Path, spec: ModelSpec, variables: dict, metadata: dict, *,
+                   overwrite: bool = False) -> Path:
+    """Write `variables` (full classifier, or `{"params": {"encoder": ...}}`) and metadata to `dest_dir`.
+
+    The structural fields of the metadata (size, depths, dims, in_chans, num_classes) come from
+    `spec` and `variables`; `metadata` adds provenance (source format, sha256, ...).
+    """
+    with_head = has_head(variables)
+    problems = variables_problems(spec, variables, with_head)
+    if problems:
+        raise ConvertError(f"variables do not match a {describe(spec, with_head)}", problems)
+    tree = {"params": jax.tree.map(np.asarray, dict(variables["params"]))}
+    if with_head:
+        tree["batch_stats"] = jax.tree.map(np.asarray, dict(variables["batch_stats"]))
+    meta = {**metadata, **model_metadata(spec, with_head)}
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    with atomic_dir(dest_dir, overwrite=overwrite) as tmp:
+        ocp.PyTreeCheckpointer().save(tmp / VARIABLES_DIR, tree)
+        (tmp / METADATA_FILE).write_text(text + "\n")
+    return Path(dest_dir).absolute()
+
+
+def read_metadata(src_dir: str | Path) -> dict[str, Any]:
+    path = Path(src_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ConvertError(f"{src_dir}: not a pfq model directory (no {METADATA_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("pfq_model_format") != FORMAT_VERSION:
+        raise ConvertError(f"{path}: unsupported pfq_model_format {meta.get('pfq_model_format')!r}")
+    return meta
+
+
+def spec_from_metadata(meta: Mapping[str, Any]) -> ModelSpec:
+    kwargs = {} if meta["num_classes"] is None else {"num_classes": int(meta["num_classes"])}
+    return ModelSpec(depths=tuple(meta["depths"]), dims=tuple(meta["dims"]), in_chans=int(meta["in_chans"]),
+                     **kwargs)
+
+
+def load_model_dir(src_dir: str | Path) -> tuple[ModelSpec, dict, dict]:
+    """(spec, variables as numpy arrays, metadata). Encoder-only: params {"encoder"}, batch_stats {}.
+
+    For encoder-only directories `metadata["num_classes"]` is None and `spec.num_classes` is the
+    ModelSpec default; set it with `dataclasses.replace` before building a head.
+    """
+    meta = read_metadata(src_dir)
+    spec = spec_from_metadata(meta)
+    full = abstract_variables(spec)
+    # Restoring against a target keeps the integer list keys (Orbax alone would return strings).
+    target = {"params": full["params"]} if meta["num_classes"] is not None else \
+        {"params": {"encoder": full["params"]["encoder"]}}
+    if meta["num_classes"] is not None:
+        target["batch_stats"] = full["batch_stats"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    path = (Path(src_dir) / VARIABLES_DIR).absolute()
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args))
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    problems = variables_problems(spec, variables, meta["num_classes"] is not None)
+    if problems:
+        raise ConvertError(f"{src_dir}: stored variables do not match its metadata", problems)
+    return spec, variables, meta

@@ -1,0 +1,200 @@
+"""Statistics over seeds on results rows: mean ± std, the paired pretrained-vs-scratch test, and the
+finetune/test quality mismatch effect. Pure functions of result rows (dicts from results.csv).
+
+Seeds are the unit of replication: a lane's seed fixes its finetuning set, data order and head
+initialisation, and every initialisation is run with the same seeds, so lanes that differ only in
+initialisation and share a seed are paired (same finetuning cases, same test subsets).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+REFERENCE_INIT = "scratch"
+CELL_KEYS = ("task", "finetune_hq_ratio", "train_size", "test_hq_ratio")  # a grid cell, over seeds
+
+
+def as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def key_of(row: dict, keys: Sequence[str]) -> tuple:
+    """A hashable, sortable key; numbers become floats so '0.5' from a CSV equals 0.5 from the trainer."""
+    out = []
+    for k in keys:
+        v = row.get(k)
+        f = as_float(v)
+        out.append(round(f, 9) if not math.isnan(f) and k not in ("task", "init", "status") else str(v))
+    return tuple(out)
+
+
+def group(rows: Iterable[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        out[key_of(row, keys)].append(row)
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean ± sample std (ddof=1) of the finite values; n of n_total were finite."""
+
+    mean: float
+    std: float
+    n: int
+    n_total: int
+
+    def format(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "n/a"
+        text = f"{self.mean:.{digits}f}"
+        if self.n > 1:
+            text += f" ± {self.std:.{digits}f}"
+        if self.n < self.n_total:
+            text += f" (n={self.n}/{self.n_total})"
+        return text
+
+
+def summarize(values: Iterable[float]) -> Summary:
+    values = np.array([as_float(v) for v in values], dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    n = len(finite)
+    return Summary(float(finite.mean()) if n else math.nan, float(finite.std(ddof=1)) if n > 1 else math.nan,
+                   n, len(values))
+
+
+def seed_means(rows: Iterable[dict], metric: str) -> dict[int, float]:
+    """Per seed, the mean of the metric over that seed's rows with a finite value (NaN if none)."""
+    by_seed: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        by_seed[int(as_float(row["seed"]))].append(as_float(row.get(metric)))
+    out = {}
+    for seed, values in sorted(by_seed.items()):
+        finite = [v for v in values if math.isfinite(v)]
+        out[seed] = float(np.mean(finite)) if finite else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired test across seeds.
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Paired:
+    """a - b over paired seeds: n pairs, mean and sample std of the differences, the means of a and b
+    over the same pairs, the paired t-test and the Wilcoxon signed-rank p-values (two-sided)."""
+
+    n: int
+    mean_a: float
+    mean_b: float
+    mean_diff: float
+    std_diff: float
+    t_p: float
+    wilcoxon_p: float
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> Paired:
+    """Paired comparison of a and b (same order = same seed); pairs with a NaN are dropped. p-values are
+    NaN when undefined: fewer than 2 pairs, or differences without spread (t-test) or all zero (Wilcoxon)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    d = a - b
+    n = len(d)
+    if n == 0:
+        return Paired(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
+    std = float(d.std(ddof=1)) if n > 1 else math.nan
+    t_p = w_p = math.nan
+    if n > 1 and std > 1e-12 * max(1.0, float(np.abs(d).max())):
+        t_p = float(sps.ttest_1samp(d, 0.0).pvalue)
+    if n > 1 and np.any(d != 0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                w_p = float(sps.wilcoxon(d).pvalue)
+            except ValueError:
+                w_p = math.nan
+    return Paired(n, float(a.mean()), float(b.mean()), float(d.mean()), std, t_p, w_p)
+
+
+def paired_by_seed(a: dict[int, float], b: dict[int, float]) -> Paired:
+    seeds = sorted(set(a) & set(b))
+    return paired_test([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def paired_comparisons(rows: list[dict], metric: str, reference: str = REFERENCE_INIT,
+                       keys: Sequence[str] = CELL_KEYS) -> list[dict]:
+    """For every initialisation other than `reference` and every cell `keys`: the paired test across
+    seeds of init minus reference. Empty when either side is missing."""
+    out = []
+    inits = sorted({str(r["init"]) for r in rows} - {reference})
+    for init in inits:
+        for key, cell in group([r for r in rows if str(r["init"]) in (init, reference)], keys).items():
+            a = seed_means([r for r in cell if str(r["init"]) == init], metric)
+            b = seed_means([r for r in cell if str(r["init"]) == reference], metric)
+            if a and b:
+                out.append({"init": init, **dict(zip(keys, key, strict=True)), "result": paired_by_seed(a, b)})
+    return out
+
+
+def pooled_comparisons(rows: list[dict], metric: str, reference: str = REFERENCE_INIT,
+                       by: Sequence[str] = ("task", "train_size")) -> list[dict]:
+    """The headline test: per `by` group, each seed's difference init - reference is averaged over the
+    cells (finetune ratio x test ratio) where both are finite, then tested across seeds."""
+    out = []
+    inits = sorted({str(r["init"]) for r in rows} - {reference})
+    cell_keys = [k for k in CELL_KEYS if k not in by]
+    for init in inits:
+        for key, part in group([r for r in rows if str(r["init"]) in (init, reference)], by).items():
+            diffs: dict[int, list[tuple[float, float]]] = defaultdict(list)
+            for cell in group(part, cell_keys).values():
+                a = seed_means([r for r in cell if str(r["init"]) == init], metric)
+                b = seed_means([r for r in cell if str(r["init"]) == reference], metric)
+                for seed in set(a) & set(b):
+                    if math.isfinite(a[seed]) and math.isfinite(b[seed]):
+                        diffs[seed].append((a[seed], b[seed]))
+            if not diffs:
+                continue
+            seeds = sorted(diffs)
+            a_mean = [float(np.mean([p[0] for p in diffs[s]])) for s in seeds]
+            b_mean = [float(np.mean([p[1] for p in diffs[s]])) for s in seeds]
+            out.append({"init": init, **dict(zip(by, key, strict=True)), "result": paired_test(a_mean, b_mean)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Finetune / test quality mismatch.
+# ----------------------------------------------------------------------------------------------
+def mismatch(row: dict) -> float:
+    return round(abs(as_float(row["finetune_hq_ratio"]) - as_float(row["test_hq_ratio"])), 9)
+
+
+def mismatch_effect(rows: list[dict], metric: str, by: Sequence[str] = ("task", "init", "train_size")) -> list[dict]:
+    """Per `by` group: the metric at each |finetune ratio - test ratio| (per seed, the mean over cells at
+    that mismatch; then mean ± std over seeds), and the least-squares slope of the metric on the mismatch
+    (per seed over its finite cells; then mean ± std over seeds; NaN with fewer than 2 distinct mismatches)."""
+    out = []
+    for key, part in group(rows, by).items():
+        levels = sorted({mismatch(r) for r in part})
+        at = {level: summarize(seed_means([r for r in part if mismatch(r) == level], metric).values())
+              for level in levels}
+        slopes = []
+        for seed_rows in group(part, ("seed",)).values():
+            x = np.array([mismatch(r) for r in seed_rows])
+            y = np.array([as_float(r.get(metric)) for r in seed_rows])
+            ok = np.isfinite(y)
+            if len(np.unique(x[ok])) >= 2:
+                slopes.append(float(np.polyfit(x[ok], y[ok], 1)[0]))
+            else:
+                slopes.append(math.nan)
+        out.append({**dict(zip(by, key, strict=True)), "levels": at, "slope": summarize(slopes)})
+    return out
