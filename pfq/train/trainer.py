@@ -126,7 +126,8 @@ class Trainer:
 
         dataset = train_dataset(data.source, data.labels, lane_sets, [lane.seed for lane in group],
                                 batch_size=batch_size, num_steps=steps,
-                                augment_config=AugmentConfig(enabled=cfg.data.augment), balance=cfg.data.balance)
+                                augment_config=AugmentConfig.from_config(cfg.data), balance=cfg.data.balance,
+                                is_hq=data.is_hq, exact_quality=cfg.data.exact_batch_quality)
         iterator = to_iterator(dataset, workers=cfg.data.workers)
 
         ckpt = GroupCheckpointer(self.workdir / "checkpoints" / f"group{gi}", keep=cfg.checkpoint.keep)
