@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pfq import evaluate
 from pfq.data.pipeline import AugmentConfig, eval_dataset, to_iterator, train_dataset
-from pfq.data.stratify import hq_count, stratified_indices
+from pfq.data.stratify import stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.model import ModelSpec, init_variables
 from pfq.tasks import Task, get_task
@@ -207,7 +207,7 @@ class Trainer:
             diverged = int(outcome.diverged_step[li])
             for ratio in sweep.test_hq_ratios:
                 row = {"task": self.task.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
-                       "finetune_hq_count": hq_count(lane.train_size, lane.finetune_hq_ratio),
+                       "finetune_hq_count": int(data.is_hq[outcome.lane_sets[li]].sum()),  # realised, not requested
                        "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": float(ratio),
                        "n_test": size, "n_draws": draws, "n_resamples": resamples}
                 row.update(scored[float(ratio)][li])
