@@ -1,0 +1,596 @@
+"""Synthetic prostate mpMRI phantoms: T2w, high-b DWI and ADC with latent ISUP and reader PI-RADS.
+
+What the phantom is: an analytic pelvis (superellipsoid gland with transition zone, peripheral
+zone, anterior fibromuscular stroma, capsule, urethra; rectum, bladder, seminal vesicles, levator ani
+and obturator muscles in fat) painted with published T2 and ADC values, smooth tissue texture,
+tumours with a latent ISUP grade (irregular, zone-dependent contrast) and benign mimics (prostatitis
+wedges and encapsulated stromal BPH nodules in the PZ/TZ). DWI is simulated at b=50 and b=1400 from
+S0 (T2 shine-through) and ADC, degraded as an EPI acquisition, and ADC is computed from the two
+degraded images. The PI-RADS label is what a reader would score on the *degraded* ADC (visible
+contrast and size; mimics recognised by shape score 2), with reader noise that grows with severity.
+
+What it is not: real anatomy, real noise statistics or a validated reader model. It is a study
+instrument whose task difficulty is tuned so that image quality changes what can be learnt.
+
+Axis convention: arrays are (D, H, W) = (k, j, i) of the file's voxel axes, i.e. (S-I, A-P, L-R)
+with H increasing anteriorly; NIfTI files hold ``arr.transpose(2, 1, 0)`` with
+``affine = diag(sW, sH, sD, 1)`` (RAS-canonical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pfq.data import degrade as dg
+
+GENERATOR_VERSION = 1  # bump when the phantom model changes, so cached sets are regenerated
+B_LOW, B_HIGH = 50.0, 1400.0
+MANIFEST_COLUMNS = ("case_id", "t2w", "highb", "adc", "pirads", "isup", "quality")
+CHANNELS = ("t2w", "highb", "adc")
+
+Shape = tuple[int, int, int]
+Spacing = tuple[float, float, float]
+
+
+# ============================================================================ public data types
+
+
+@dataclass(frozen=True)
+class LesionInfo:
+    """One focal finding: a tumour (isup >= 1), a benign focal lesion (isup 0) or a mimic."""
+
+    kind: str  # 'tumour' | 'benign' | 'prostatitis' | 'bph_nodule'
+    zone: str  # 'pz' | 'tz'
+    isup: int
+    diameter_mm: float  # equivalent-sphere diameter of the lesion mask
+    contrast: float  # visible ADC contrast on the degraded image, (bg - lesion) / bg
+    pirads: int  # reader score of this finding before reader noise
+
+
+@dataclass
+class PhantomCase:
+    t2w: np.ndarray  # float32, (D, H, W)
+    highb: np.ndarray
+    adc: np.ndarray
+    pirads: int
+    isup: int
+    quality: str  # 'hq' | 'lq'
+    severity: float
+    spacing: tuple[float, float, float]  # mm along (D, H, W)
+    # Extras (not written to disk): undegraded-geometry masks and per-finding details.
+    masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    lesions: list[LesionInfo] = field(default_factory=list, compare=False)
+
+
+# ============================================================================ tissues
+
+
+@dataclass(frozen=True)
+class Tissue:
+    t2: float  # relative T2w signal (PZ = 1)
+    adc: float  # 1e-6 mm^2/s
+    s0: float | None = None  # b=0 signal; None: T2 shine-through 0.6 + 0.4 * t2
+
+    @property
+    def b0(self) -> float:
+        return 0.6 + 0.4 * self.t2 if self.s0 is None else self.s0
+
+
+FAT = Tissue(1.15, 450.0, s0=0.12)  # fat-suppressed on DWI
+MUSCLE = Tissue(0.30, 1400.0)
+RECTAL_WALL = Tissue(0.35, 1300.0)
+RECTAL_GAS = Tissue(0.04, 0.0, s0=0.02)
+RECTAL_GEL = Tissue(1.40, 2600.0)
+URINE = Tissue(1.50, 3000.0)
+SEMINAL_FLUID = Tissue(1.30, 1900.0)
+CAPSULE = Tissue(0.35, 1500.0)
+AFMS = Tissue(0.32, 1450.0)
+URETHRA = Tissue(1.10, 2000.0)
+GLANDULAR_NODULE = Tissue(0.80, 1600.0)
+TUMOUR_ADC = {1: 1135.0, 2: 976.0, 3: 831.0, 4: 700.0, 5: 620.0}
+
+# PI-CAI-like latent grades: 38% of cases without a focal lesion; of lesion cases the index lesion is
+# benign (ISUP 0) 15%, ISUP 1 25%, 2 27%, 3 14%, 4 10%, 5 9%  ->  csPCa (ISUP >= 2) in about 37%.
+P_NO_LESION = 0.38
+INDEX_ISUP_P = np.array([0.15, 0.25, 0.27, 0.14, 0.10, 0.09])
+P_SECOND_LESION = 0.20
+P_PZ = 0.70
+P_PROSTATITIS = 0.35
+P_STROMAL_NODULE = 0.45
+READER_FLIP = {"hq": 0.10, "lq": 0.25}
+READER_VOXELS = 4  # voxels a reader's eye effectively averages when judging contrast
+
+
+# ============================================================================ geometry helpers
+
+
+def smooth_field(shape: Shape, spacing: Spacing, corr_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance Gaussian random field with Gaussian correlation length ``corr_mm``.
+
+    White noise is drawn directly in the Fourier domain and filtered, saving the forward FFT.
+    """
+    fz, fy, fx = dg._rfreqs(shape, spacing)
+    transfer = np.exp(-2.0 * np.pi**2 * corr_mm**2 * (fz**2 + fy**2 + fx**2)).astype(np.float32)
+    spec_shape = transfer.shape
+    spec = rng.standard_normal(spec_shape, dtype=np.float32) + 1j * rng.standard_normal(spec_shape, dtype=np.float32)
+    out = np.fft.irfftn(spec * transfer, s=shape, axes=(0, 1, 2)).astype(np.float32)
+    return out / max(float(out.std()), 1e-6)
+
+
+def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
+    """Rotation about x (LR), y (AP) and z (SI) axes, in that order."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def soft(sd_mm: np.ndarray, width: float = 1.0) -> np.ndarray:
+    """Partial-volume occupancy from a signed distance (negative inside), ramp ``width`` mm wide."""
+    return np.clip(0.5 - sd_mm / width, 0.0, 1.0).astype(np.float32)
+
+
+def radial_sd(rho: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Signed distance along the ray for an implicit shape with normalised radius ``rho`` at distance ``r``."""
+    return (rho - 1.0) * r / np.maximum(rho, 1e-3)
+
+
+@dataclass
+class _Canvas:
+    """Body-frame coordinates (mm; x = L-R, y = A-P anterior +, z = S-I superior +) and tissue maps."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    spacing: Spacing
+    rotation: np.ndarray  # body = R @ (grid - origin)
+    origin: np.ndarray  # body origin in grid mm (x, y, z)
+    t2: np.ndarray
+    s0: np.ndarray
+    adc: np.ndarray
+
+    @property
+    def shape(self) -> Shape:
+        return self.t2.shape
+
+    def paint(self, alpha: np.ndarray, tissue: Tissue, box: tuple[slice, ...] = ()) -> None:
+        """Blend a tissue into the maps with occupancy ``alpha`` (a sub-box of the volume if given)."""
+        self.paint_values(alpha, tissue.t2, tissue.b0, tissue.adc, box)
+
+    def paint_values(self, alpha: np.ndarray, t2: float, s0: float, adc: float, box: tuple = ()) -> None:
+        for arr, value in ((self.t2, t2), (self.s0, s0), (self.adc, adc)):
+            view = arr[box] if box else arr
+            view += alpha * (np.float32(value) - view)
+
+    def box(self, centre: Sequence[float], radius_mm: float) -> tuple[slice, slice, slice]:
+        """Voxel box (D, H, W) that contains a body-frame sphere."""
+        grid_mm = self.origin + self.rotation.T @ np.asarray(centre, dtype=np.float64)  # (x, y, z)
+        centre_dhw = (grid_mm[2], grid_mm[1], grid_mm[0])
+        out = []
+        for c_mm, sp, n in zip(centre_dhw, self.spacing, self.shape):
+            c = c_mm / sp + (n - 1) / 2
+            r = radius_mm / sp + 1
+            out.append(slice(int(max(np.floor(c - r), 0)), int(min(np.ceil(c + r) + 1, n))))
+        return tuple(out)
+
+    def coords(self, box: tuple = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not box:
+            return self.x, self.y, self.z
+        return self.x[box], self.y[box], self.z[box]
+
+
+def _make_canvas(shape: Shape, spacing: Spacing, rng: np.random.Generator) -> _Canvas:
+    """Grid coordinates rotated by up to +-10 deg about each axis around a jittered gland centre."""
+    axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(sp) for n, sp in zip(shape, spacing)]
+    gz, gy, gx = np.meshgrid(*axes, indexing="ij")
+    origin = np.array([rng.normal(0, 1.5), 3.0 + rng.normal(0, 1.5), rng.normal(0, 2.0)])
+    rot = rotation_matrix(rng.uniform(-10, 10, size=3)).astype(np.float32)
+    px, py, pz = gx - np.float32(origin[0]), gy - np.float32(origin[1]), gz - np.float32(origin[2])
+    x = rot[0, 0] * px + rot[0, 1] * py + rot[0, 2] * pz
+    y = rot[1, 0] * px + rot[1, 1] * py + rot[1, 2] * pz
+    z = rot[2, 0] * px + rot[2, 1] * py + rot[2, 2] * pz
+    full = lambda v: np.full(shape, v, dtype=np.float32)
+    return _Canvas(x, y, z, spacing, rot, origin, full(FAT.t2), full(FAT.b0), full(FAT.adc))
+
+
+# ============================================================================ anatomy
+
+
+@dataclass
+class _Anatomy:
+    a: float  # gland semi-axes (mm): L-R, A-P, S-I
+    b: float
+    c: float
+    gland_sd: np.ndarray  # signed distance to the capsule (mm)
+    masks: dict[str, np.ndarray]
+    rectum_sd: np.ndarray  # signed distance to the rectal outer wall (mm)
+    rectal_gas: bool  # gas (strong susceptibility) rather than gel in the rectum
+    tz_centre: tuple[float, float, float]
+    urethra_xy: tuple[float, float, float]  # x, y at z=0, dy/dz
+
+
+def _gland_axes(rng: np.random.Generator, shape: Shape, spacing: Spacing) -> tuple[float, float, float]:
+    """Semi-axes from a log-normal volume (median 42 mL), kept inside the field of view."""
+    volume_ml = float(np.clip(42.0 * np.exp(rng.normal(0, 0.4)), 22.0, 110.0))
+    ratios = np.array([23.0, 18.0, 21.5]) * rng.uniform(0.9, 1.1, size=3)
+    scale = (volume_ml * 1000 / (4 / 3 * np.pi * np.prod(ratios))) ** (1 / 3)
+    fov = np.array([shape[2] * spacing[2], shape[1] * spacing[1], shape[0] * spacing[0]])
+    a, b, c = np.minimum(ratios * scale, np.array([0.43, 0.36, 0.42]) * fov)
+    return float(a), float(b), float(c)
+
+
+def _paint_surroundings(
+    cv: _Canvas, a: float, b: float, c: float, rng: np.random.Generator
+) -> tuple[np.ndarray, bool]:
+    """Obturator and levator muscles, rectum, bladder and seminal vesicles.
+
+    Returns the signed distance to the rectal outer wall and whether the rectum holds gas.
+    """
+    x, y, z = cv.x, cv.y, cv.z
+    obturator_x = a + rng.uniform(9, 13)
+    cv.paint(soft(obturator_x - np.abs(x), 2.0), MUSCLE)
+
+    la_r = np.sqrt((x / (a + 6.0)) ** 2 + ((y + 0.3 * b) / (b + 9.0)) ** 2)
+    ring = np.abs(radial_sd(la_r, np.sqrt(x**2 + (y + 0.3 * b) ** 2))) - rng.uniform(1.5, 2.5)
+    sling = soft(ring) * soft(y - 0.2 * b, 4.0) * soft(z - 0.3 * c, 6.0)
+    cv.paint(sling, MUSCLE)
+
+    r = rng.uniform(8.0, 12.0)
+    rx, cx = r * rng.uniform(1.2, 1.5), rng.normal(0, 2.0)
+    cy = -(0.85 * b + 2.0 + r) - 0.15 * np.maximum(z, 0)
+    dxr, dyr = x - cx, y - cy
+    rect_rho = np.sqrt((dxr / rx) ** 2 + (dyr / r) ** 2)
+    rect_sd = radial_sd(rect_rho, np.sqrt(dxr**2 + dyr**2))
+    cv.paint(soft(rect_sd), RECTAL_WALL)
+    gas = bool(rng.random() < 0.6)
+    cv.paint(soft(rect_sd + rng.uniform(2.5, 3.5)), RECTAL_GAS if gas else RECTAL_GEL)
+
+    rb = rng.uniform(18.0, 28.0)
+    bc = np.array([0.0, 0.2 * b + 0.1 * rb, c + 0.8 * rb + rng.uniform(1, 5)])
+    bl = np.sqrt(((x - bc[0]) / (1.3 * rb)) ** 2 + ((y - bc[1]) / rb) ** 2 + ((z - bc[2]) / (0.8 * rb)) ** 2)
+    bl_sd = radial_sd(bl, np.sqrt((x - bc[0]) ** 2 + (y - bc[1]) ** 2 + (z - bc[2]) ** 2))
+    cv.paint(soft(bl_sd), MUSCLE)
+    cv.paint(soft(bl_sd + 2.5), URINE)
+
+    for side in (-1.0, 1.0):
+        sc = np.array([side * 0.45 * a, -0.55 * b, c * 0.9 + rng.uniform(2, 6)])
+        box = cv.box(sc, 14.0)
+        sx, sy, sz = cv.coords(box)
+        sv = np.sqrt(((sx - sc[0]) / 12.0) ** 2 + ((sy - sc[1]) / 4.5) ** 2 + ((sz - sc[2]) / 6.0) ** 2)
+        sv_sd = radial_sd(sv, np.sqrt((sx - sc[0]) ** 2 + (sy - sc[1]) ** 2 + (sz - sc[2]) ** 2))
+        cv.paint(soft(sv_sd), SEMINAL_FLUID, box)
+    return rect_sd, gas
+
+
+def _paint_gland(cv: _Canvas, rng: np.random.Generator, shape: Shape, spacing: Spacing) -> _Anatomy:
+    """Gland, capsule, AFMS, TZ with benign glandular nodules, surgical capsule and urethra."""
+    a, b, c = _gland_axes(rng, shape, spacing)
+    rect_sd, gas = _paint_surroundings(cv, a, b, c, rng)
+    x, y, z = cv.x, cv.y, cv.z
+    n = rng.uniform(2.0, 2.5)
+    az = a * np.clip(1.0 + 0.15 * z / c, 0.7, 1.2)  # wider at the base, narrower at the apex
+    by = np.where(y < 0, 0.85 * b, b).astype(np.float32)  # posterior surface flattened by the rectum
+    rho = (np.abs(x / az) ** n + np.abs(y / by) ** n + np.abs(z / c) ** n) ** (1.0 / n)
+    gland_sd = radial_sd(rho, np.sqrt(x**2 + y**2 + z**2))
+    gland = soft(gland_sd)
+
+    pz = Tissue(float(np.clip(rng.normal(1.0, 0.1), 0.8, 1.2)), float(np.clip(rng.normal(1800, 270), 1300, 2400)))
+    tz = Tissue(float(np.clip(rng.normal(0.55, 0.05), 0.45, 0.65)), float(np.clip(rng.normal(1340, 140), 1100, 1600)))
+    cv.paint(gland, pz)
+    cv.paint(np.clip(gland - soft(gland_sd + 0.9), 0, 1), CAPSULE)
+
+    # TZ: anterior-central, larger in larger (BPH) glands; it spares the apex and the posterior PZ.
+    tz_frac = float(np.clip(0.3 + 0.3 * (a * b * c / 8900.0 - 1.0) + rng.normal(0, 0.05), 0.3, 0.6))
+    k = (tz_frac / 0.211) ** (1 / 3)
+    ta, tb, tc = 0.65 * a * k, 0.5 * b * k, 0.65 * c * k
+    tcen = (rng.normal(0, 1.0), b * rng.uniform(0.2, 0.35), c * rng.uniform(0.05, 0.25))
+    dx, dy, dz = x - tcen[0], y - tcen[1], z - tcen[2]
+    tz_sd = radial_sd(np.sqrt((dx / ta) ** 2 + (dy / tb) ** 2 + (dz / tc) ** 2), np.sqrt(dx**2 + dy**2 + dz**2))
+    tz_a = soft(tz_sd) * gland
+    afms_a = gland * (1 - tz_a) * soft(tcen[1] + 0.35 * tb - y, 1.5)
+    cv.paint(afms_a, AFMS)
+    cv.paint(np.clip(tz_a - soft(tz_sd + 0.8) * gland, 0, 1), Tissue(0.45, 1400.0))  # surgical capsule
+    cv.paint(soft(tz_sd + 0.8) * gland, tz)
+    _paint_tz_nodules(cv, rng, tcen, (ta, tb, tc))
+
+    ux, uy, slope = tcen[0] + rng.normal(0, 0.8), tcen[1] + rng.normal(0, 1.0), 0.15
+    uret_sd = np.sqrt((x - ux) ** 2 + (y - uy - slope * z) ** 2) - 1.5
+    cv.paint(soft(uret_sd) * gland, URETHRA)
+
+    masks = {
+        "gland": gland >= 0.5,
+        "tz": (tz_a >= 0.5),
+        "afms": (afms_a >= 0.5) & (tz_a < 0.5),
+    }
+    masks["pz"] = masks["gland"] & ~masks["tz"] & ~masks["afms"]
+    masks["urethra"] = (uret_sd < 2.0) & masks["gland"]
+    return _Anatomy(a, b, c, gland_sd, masks, rect_sd, gas, tcen, (ux, uy, slope))
+
+
+def _paint_tz_nodules(cv: _Canvas, rng: np.random.Generator, centre: Sequence[float], axes: Sequence[float]) -> None:
+    """BPH 'organised chaos': 2-6 bright glandular nodules with thin dark rims (PI-RADS 1 in the TZ)."""
+    for _ in range(int(rng.integers(2, 7))):
+        offset = rng.uniform(-0.6, 0.6, size=3) * np.asarray(axes)
+        pos = np.asarray(centre) + offset
+        r = rng.uniform(3.0, 7.0)
+        box = cv.box(pos, r + 2)
+        x, y, z = cv.coords(box)
+        dist = np.sqrt((x - pos[0]) ** 2 + (y - pos[1]) ** 2 + (z - pos[2]) ** 2)
+        inside_tz = (cv.t2[box] < 0.75).astype(np.float32)  # only over TZ-like tissue
+        cv.paint(soft(np.abs(dist - r) - 0.5) * inside_tz, CAPSULE, box)
+        cv.paint(soft(dist - r + 0.7) * inside_tz, GLANDULAR_NODULE, box)
+
+
+# ============================================================================ lesions and mimics
+
+
+@dataclass
+class _Finding:
+    kind: str
+    zone: str
+    isup: int
+    mask: np.ndarray  # bool, full volume (T2w geometry)
+    diameter_mm: float
+
+
+def _sample_isup(rng: np.random.Generator, max_isup: int = 5) -> int:
+    p = INDEX_ISUP_P[: max_isup + 1] / INDEX_ISUP_P[: max_isup + 1].sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def _lesion_diameter(isup: int, rng: np.random.Generator) -> float:
+    lo, hi = {0: (6, 12), 1: (6, 12), 2: (8, 15)}.get(isup, (10, 22))
+    return float(rng.uniform(lo, hi))
+
+
+def _sample_centre(cv: _Canvas, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Body-frame position of a random voxel among ``candidates``."""
+    flat = np.flatnonzero(candidates)
+    i = flat[int(rng.integers(len(flat)))]
+    return np.array([cv.x.flat[i], cv.y.flat[i], cv.z.flat[i]], dtype=np.float64)
+
+
+def _equivalent_diameter(mask: np.ndarray, spacing: Spacing) -> float:
+    volume = float(mask.sum()) * float(np.prod(spacing))
+    return float((6.0 * volume / np.pi) ** (1 / 3))
+
+
+def _full_mask(shape: Shape, box: tuple, local: np.ndarray) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[box] = local
+    return mask
+
+
+def _paint_tumour(
+    cv: _Canvas, anat: _Anatomy, zone: str, isup: int, rough: np.ndarray, rng: np.random.Generator,
+    avoid: np.ndarray,
+) -> _Finding:
+    """An irregular, ill-defined lesion: ADC by ISUP (benign focal lesion for ISUP 0), low T2."""
+    d = _lesion_diameter(isup, rng)
+    r = d / 2
+    radii = r * rng.uniform(0.75, 1.25, size=3)
+    radii *= r / np.prod(radii) ** (1 / 3)  # keep the target volume
+    deep = anat.masks[zone] & (anat.gland_sd < -1.5) & ~avoid & ~anat.masks["urethra"]
+    pos = _sample_centre(cv, deep if deep.any() else anat.masks[zone], rng)
+    box = cv.box(pos, 1.4 * radii.max() + 2)
+    x, y, z = cv.coords(box)
+    rho = np.sqrt(((x - pos[0]) / radii[0]) ** 2 + ((y - pos[1]) / radii[1]) ** 2 + ((z - pos[2]) / radii[2]) ** 2)
+    irregular = 0.12 + 0.05 * isup  # higher grades: more spiculated margins
+    rho = rho + irregular * rough[box]
+    sd = radial_sd(rho, np.sqrt((x - pos[0]) ** 2 + (y - pos[1]) ** 2 + (z - pos[2]) ** 2))
+    in_gland = soft(anat.gland_sd[box] - (1.5 if isup >= 4 else 0.0))  # high grades may breach the capsule
+    alpha = soft(sd, 1.5 if zone == "tz" else 1.0) * in_gland
+    if isup == 0:
+        adc, t2 = rng.uniform(1100, 1300), rng.uniform(0.45, 0.6)
+    else:
+        adc, t2 = rng.normal(TUMOUR_ADC[isup], 100), rng.uniform(0.35, 0.45)
+    cv.paint_values(alpha, t2, 0.6 + 0.4 * t2, float(max(adc, 450.0)), box)
+    mask = _full_mask(cv.shape, box, alpha >= 0.5)
+    kind = "tumour" if isup > 0 else "benign"
+    return _Finding(kind, zone, isup, mask, _equivalent_diameter(mask, cv.spacing))
+
+
+def _paint_prostatitis(cv: _Canvas, anat: _Anatomy, rng: np.random.Generator) -> _Finding:
+    """A wedge of the PZ (apex towards the gland centre, base at the capsule): mildly low T2 and ADC."""
+    x, y, z = cv.x, cv.y, cv.z
+    theta0 = rng.uniform(-np.pi, 0.0)  # posterior half, where the PZ is thick
+    half = np.deg2rad(rng.uniform(12, 28))
+    z0, dz = rng.uniform(-0.6, 0.6) * anat.c, rng.uniform(4, 8)
+    ang = np.angle(np.exp(1j * (np.arctan2(y, x) - theta0)))
+    radius = np.sqrt(x**2 + y**2)
+    sd_ang = (np.abs(ang) - half) * np.maximum(radius, 1.0)
+    wedge = soft(sd_ang, 1.5) * soft(np.abs(z - z0) - dz, 2.0)
+    alpha = (wedge * anat.masks["pz"]).astype(np.float32)
+    t2 = rng.uniform(0.65, 0.8)
+    cv.paint_values(alpha, t2, 0.6 + 0.4 * t2, rng.uniform(1200, 1400))
+    mask = alpha >= 0.5
+    return _Finding("prostatitis", "pz", 0, mask, _equivalent_diameter(mask, cv.spacing))
+
+
+def _paint_stromal_nodule(cv: _Canvas, anat: _Anatomy, rng: np.random.Generator, avoid: np.ndarray) -> _Finding:
+    """Round, well-circumscribed, encapsulated TZ nodule: low T2 and ADC, but benign (PI-RADS 2)."""
+    r = rng.uniform(3.0, 7.0)
+    deep = anat.masks["tz"] & ~avoid & ~anat.masks["urethra"]
+    pos = _sample_centre(cv, deep if deep.any() else anat.masks["gland"], rng)
+    box = cv.box(pos, r + 3)
+    x, y, z = cv.coords(box)
+    dist = np.sqrt((x - pos[0]) ** 2 + (y - pos[1]) ** 2 + (z - pos[2]) ** 2)
+    in_gland = soft(anat.gland_sd[box])
+    cv.paint(soft(np.abs(dist - r) - 0.6) * in_gland, Tissue(0.25, 1300.0), box)  # dark capsule rim
+    alpha = soft(dist - r + 0.6) * in_gland
+    t2 = rng.uniform(0.38, 0.5)
+    cv.paint_values(alpha, t2, 0.6 + 0.4 * t2, rng.uniform(1000, 1200), box)
+    mask = _full_mask(cv.shape, box, alpha >= 0.5)
+    return _Finding("bph_nodule", "tz", 0, mask, _equivalent_diameter(mask, cv.spacing))
+
+
+def _paint_findings(cv: _Canvas, anat: _Anatomy, rng: np.random.Generator) -> list[_Finding]:
+    """Mimics first (independent of cancer status), then 0-2 lesions painted over them."""
+    findings: list[_Finding] = []
+    taken = np.zeros(cv.shape, dtype=bool)
+    if rng.random() < P_PROSTATITIS:
+        findings.append(_paint_prostatitis(cv, anat, rng))
+    if rng.random() < P_STROMAL_NODULE:
+        for _ in range(int(rng.integers(1, 3))):
+            findings.append(_paint_stromal_nodule(cv, anat, rng, taken))
+            taken |= findings[-1].mask
+    rough = smooth_field(cv.shape, cv.spacing, 2.0, rng)
+    if rng.random() >= P_NO_LESION:
+        isups = [_sample_isup(rng)]
+        if rng.random() < P_SECOND_LESION:
+            isups.append(_sample_isup(rng, isups[0]))
+        for isup in isups:
+            zone = "pz" if rng.random() < P_PZ else "tz"
+            findings.append(_paint_tumour(cv, anat, zone, isup, rough, rng, taken))
+            taken |= findings[-1].mask
+    return findings
+
+
+# ============================================================================ acquisition and reading
+
+
+def _add_texture(cv: _Canvas, rng: np.random.Generator) -> None:
+    """5-10% multiplicative tissue texture; ADC texture partly correlated with T2 texture."""
+    fa = smooth_field(cv.shape, cv.spacing, 1.5, rng)
+    fb = smooth_field(cv.shape, cv.spacing, 2.5, rng)
+    amp = rng.uniform(0.05, 0.10)
+    cv.t2 *= 1.0 + amp * fa
+    cv.s0 *= 1.0 + 0.5 * amp * fa
+    cv.adc *= 1.0 + 0.05 * (0.6 * fa + 0.8 * fb)
+
+
+@dataclass
+class _Acquisition:
+    t2w: np.ndarray
+    b_low: np.ndarray
+    b_high: np.ndarray
+    adc: np.ndarray
+    dwi_shift_vox: np.ndarray
+
+
+def _acquire(cv: _Canvas, anat: _Anatomy, s: float, rng: np.random.Generator) -> _Acquisition:
+    """Clean T2w and b-value images with a per-case gain, degraded with severity ``s``."""
+    gland = anat.masks["gland"]
+    t2_clean = cv.t2 * np.float32(400.0 * rng.uniform(0.5, 2.0))
+    s0 = cv.s0 * np.float32(300.0 * rng.uniform(0.5, 2.0))
+    adc_mm2 = cv.adc * np.float32(1e-6)
+    b_low = s0 * np.exp(-B_LOW * adc_mm2)
+    b_high = s0 * np.exp(-B_HIGH * adc_mm2)
+    t2w = dg.degrade_t2w(t2_clean, s, rng, cv.spacing, reference=float(t2_clean[gland].mean()))
+    # Susceptibility focus: the rectal wall, much weaker when the rectum is filled with gel.
+    focus = np.exp(-((np.maximum(anat.rectum_sd, 0.0) / 10.0) ** 2)) * (1.0 if anat.rectal_gas else 0.35)
+    (low, high), shift_mm = dg.degrade_dwi(
+        [b_low, b_high], s, rng, cv.spacing, focus=focus, reference=float(b_low[gland].mean())
+    )
+    adc = dg.compute_adc(low, high, B_LOW, B_HIGH)
+    return _Acquisition(t2w, low, high, adc, shift_mm / np.float32(cv.spacing[1]))
+
+
+def pirads_from_contrast(contrast: float, diameter_mm: float) -> int:
+    """Reader rule: c < 0.15 -> 2 (not seen), < 0.3 -> 3, else 4 (< 15 mm) or 5 (>= 15 mm)."""
+    if contrast < 0.15:
+        return 2
+    if contrast < 0.30:
+        return 3
+    return 4 if diameter_mm < 15.0 else 5
+
+
+def _visible_contrast(adc: np.ndarray, lesion: np.ndarray, background: np.ndarray) -> tuple[float, float]:
+    """Visible ADC contrast (bg - lesion) / bg from medians on the degraded map, and its perceptual SD.
+
+    A reader judges contrast by eye from a handful of voxels, so the judgement is as noisy as the map:
+    SD = robust voxel SD of the background / (bg * sqrt(READER_VOXELS)).
+    """
+    if lesion.sum() == 0 or background.sum() < 10:
+        return 0.0, 0.0
+    values = adc[background]
+    bg = max(float(np.median(values)), 1.0)
+    spread = 1.4826 * float(np.median(np.abs(values - bg)))
+    return (bg - float(np.median(adc[lesion]))) / bg, spread / (bg * np.sqrt(READER_VOXELS))
+
+
+def _read_case(
+    findings: list[_Finding], anat: _Anatomy, acq: _Acquisition, s: float, rng: np.random.Generator
+) -> tuple[int, list[LesionInfo]]:
+    """Score every finding on the degraded ADC, then add reader noise to the case score.
+
+    The reader looks at the lesion where it appears on the ADC map: the map is pulled back into T2w
+    geometry (inverse of the EPI shift, to first order) so the T2w-space masks select it.
+    """
+    adc = dg.apply_ap_shift(acq.adc, -acq.dwi_shift_vox, pile_up=False)
+    normal = ~anat.masks["urethra"]
+    for f in findings:
+        normal &= ~f.mask
+    infos = []
+    for f in findings:
+        contrast, perceptual_sd = _visible_contrast(adc, f.mask, anat.masks[f.zone] & normal)
+        seen_c = contrast + rng.normal(0, perceptual_sd)
+        measured_d = f.diameter_mm * (1.0 + rng.normal(0, 0.05 + 0.1 * s))
+        score = pirads_from_contrast(seen_c, measured_d) if f.kind in ("tumour", "benign") else 2
+        infos.append(LesionInfo(f.kind, f.zone, f.isup, round(f.diameter_mm, 2), round(contrast, 4), score))
+    pirads = max([i.pirads for i in infos], default=2)
+    if rng.random() < reader_flip_probability(s):
+        pirads += 1 if rng.random() < 0.5 else -1
+    return int(np.clip(pirads, 2, 5)), infos
+
+
+def reader_flip_probability(s: float) -> float:
+    """10% at HQ severities (<= 0.15), 25% at LQ severities (>= 0.5), linear in between."""
+    t = float(np.clip((s - 0.15) / 0.35, 0.0, 1.0))
+    return READER_FLIP["hq"] + t * (READER_FLIP["lq"] - READER_FLIP["hq"])
+
+
+# ============================================================================ public API
+
+
+def _highb_display(high: np.ndarray) -> np.ndarray:
+    return high.astype(np.float32)
+
+
+def generate_case(
+    seed: int,
+    *,
+    quality: str,
+    shape: Shape = (32, 64, 64),
+    spacing: Spacing = (2.0, 1.0, 1.0),
+    severity: float | None = None,
+) -> PhantomCase:
+    """One patient (anatomy and lesions from ``seed``) scanned at ``quality``.
+
+    The same seed gives the same patient at either quality; the acquisition stream depends on the
+    quality too. ``severity`` overrides the draw from the quality's range.
+    """
+    dg._check_quality(quality)
+    shape = tuple(int(v) for v in shape)
+    spacing = tuple(float(v) for v in spacing)
+    patient_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
+    scan_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1 if quality == "hq" else 2]))
+    s = dg.sample_severity(quality, scan_rng) if severity is None else float(severity)
+
+    cv = _make_canvas(shape, spacing, patient_rng)
+    anat = _paint_gland(cv, patient_rng, shape, spacing)
+    findings = _paint_findings(cv, anat, patient_rng)
+    _add_texture(cv, patient_rng)
+    np.clip(cv.adc, 0.0, 3000.0, out=cv.adc)
+
+    acq = _acquire(cv, anat, s, scan_rng)
+    pirads, infos = _read_case(findings, anat, acq, s, scan_rng)
+    isup = max([f.isup for f in findings], default=0)
+    masks = dict(anat.masks)
+    masks["lesion"] = np.zeros(shape, dtype=bool)
+    masks["mimic"] = np.zeros(shape, dtype=bool)
+    for f in findings:
+        masks["lesion" if f.kind in ("tumour", "benign") else "mimic"] |= f.mask
+    return PhantomCase(
+        t2w=acq.t2w, highb=_highb_display(acq.b_high), adc=acq.adc, pirads=pirads, isup=isup,
+        quality=quality, severity=s, spacing=spacing, masks=masks, lesions=infos,
+    )
