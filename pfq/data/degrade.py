@@ -1,15 +1,17 @@
-"""MRI quality degradation driven by one severity knob ``s`` (0 = pristine, 1 = severe).
+"""MRI quality degradation driven by one severity knob ``s`` (0 = a good scan, 1 = severe).
 
 Every artefact is pure numpy and deterministic given a ``numpy.random.Generator``. Arrays are
 (D, H, W) = (slice, phase-encode, read-out) with the phase-encode direction anterior-posterior (H),
 as for axial prostate T2w and EPI DWI. Amplitudes follow ``docs/synthetic-phantoms.md``:
 
 - motion: k-space splicing of 2-4 rigidly moved copies (in-plane rotation <= 4s deg, shift <= 3s mm);
-- ghosting: every n-th phase-encode plane (n = 4-8; EPI: n = 2) scaled by 1 - 0.7s;
-- blur: in-plane Gaussian sigma = base + 0.8s mm, plus thick-slice box averaging (up to ~4 mm slices);
+- ghosting: every n-th phase-encode plane (n = 4-8) scaled by 1 - 0.7s (EPI Nyquist ghost: n = 2,
+  1 - 0.35s), the k-space centre kept;
+- blur: in-plane Gaussian sigma = 0.25 + 0.8s mm (EPI: 0.5 + 1.0s), plus thick-slice box averaging
+  (slices (1-2)s mm thicker than the grid: 3-4 mm at s = 1 on a 2 mm grid);
 - bias field: exp of a degree-3 Legendre polynomial, coefficients U(-0.3s, 0.3s);
-- Rician noise: sigma = (sigma0 + 0.12s) * reference level (DWI: 0.08s of the b=50 level),
-  magnitude sqrt((x + n1)^2 + n2^2);
+- Rician noise: sigma = (sigma0 + 0.12s) * reference tissue level (DWI: of the b=50 level, so the
+  b=1400 PZ signal is at SNR ~1 for s >= 0.5), magnitude sqrt((x + n1)^2 + n2^2);
 - DWI distortion: a smooth anterior-posterior shift of up to 2-6s mm, strongest where ``focus`` is 1
   (the rectal wall), applied to every b-value before ADC is computed, so ADC is misregistered vs T2w.
 
@@ -21,6 +23,7 @@ spectra, so the image is the real part rather than the magnitude of a complex re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,20 +31,18 @@ Spacing = tuple[float, float, float]
 Shape = tuple[int, int, int]
 
 SEVERITY_RANGES = {"hq": (0.0, 0.15), "lq": (0.5, 1.0)}
-# Noise sigma = (sigma0 + slope * s) * tissue signal. T2w follows the recipe (slope 0.12); for DWI the
-# reference is the b=50 signal, and high-b tissue signal is ~10x lower, so a smaller slope already
-# takes the b=1400 image to SNR ~1 in the PZ at s = 1.
+# Noise sigma = (sigma0 + slope * s) * tissue signal (the gland mean; for DWI at b=50).
 T2W_SIGMA0, T2W_NOISE_SLOPE = 0.02, 0.12
 DWI_SIGMA0, DWI_NOISE_SLOPE = 0.015, 0.12
 
 
 def sample_severity(quality: str, rng: np.random.Generator) -> float:
     """Draw a severity for a quality grade: HQ ~ U(0, 0.15), LQ ~ U(0.5, 1)."""
-    lo, hi = SEVERITY_RANGES[_check_quality(quality)]
+    lo, hi = SEVERITY_RANGES[check_quality(quality)]
     return float(rng.uniform(lo, hi))
 
 
-def _check_quality(quality: str) -> str:
+def check_quality(quality: str) -> str:
     if quality not in SEVERITY_RANGES:
         raise ValueError(f"quality must be 'hq' or 'lq', got {quality!r}")
     return quality
@@ -50,7 +51,7 @@ def _check_quality(quality: str) -> str:
 # ----------------------------------------------------------------------------- k-space helpers
 
 
-def _rfreqs(shape: Shape, spacing: Spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rfft_freqs(shape: Shape, spacing: Spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Frequencies (cycles/mm) of an rfftn grid, broadcastable to its (D, H, W//2+1) shape."""
     fz = np.fft.fftfreq(shape[0], d=spacing[0]).astype(np.float32)[:, None, None]
     fy = np.fft.fftfreq(shape[1], d=spacing[1]).astype(np.float32)[None, :, None]
@@ -65,7 +66,7 @@ def resolution_transfer(
 
     The clean grid is point-sampled, so severity 0 (sigma 0, no extra width) must be the identity.
     """
-    fz, fy, fx = _rfreqs(shape, spacing)
+    fz, fy, fx = rfft_freqs(shape, spacing)
     gauss = np.exp(-2.0 * np.pi**2 * sigma_mm**2 * (fy**2 + fx**2))
     slab = np.sinc(extra_slice_mm * fz).astype(np.float32)
     return (gauss * slab).astype(np.float32)
@@ -73,9 +74,11 @@ def resolution_transfer(
 
 def _phase_ramp(shape: Shape, spacing: Spacing, shift_mm: Sequence[float]) -> np.ndarray:
     """Fourier factor that translates an image by ``shift_mm`` (D, H, W) with sub-voxel accuracy."""
-    fz, fy, fx = _rfreqs(shape, spacing)
-    ramps = [np.exp(-2j * np.pi * f * d).astype(np.complex64) for f, d in zip((fz, fy, fx), shift_mm)]
-    return ramps[0] * ramps[1] * ramps[2]  # separable: three small vectors, one broadcast product
+    fz, fy, fx = rfft_freqs(shape, spacing)
+    # Separable: three small vectors and one broadcast product instead of a full-volume exp.
+    pairs = zip((fz, fy, fx), shift_mm, strict=True)
+    rz, ry, rx = (np.exp(-2j * np.pi * f * d).astype(np.complex64) for f, d in pairs)
+    return rz * ry * rx
 
 
 def _centred_ky(n: int) -> np.ndarray:
@@ -201,22 +204,47 @@ def ap_shift_field(
     return field.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _ShiftPlan:
+    """Gather indices and weights of an H-axis resampling, reusable across images of one field."""
+
+    lo: np.ndarray  # flat indices of the lower neighbour
+    hi: np.ndarray
+    weight: np.ndarray  # weight of the upper neighbour
+    jacobian: np.ndarray | None
+
+
+def _shift_plan(shift_vox: np.ndarray, pile_up: bool) -> _ShiftPlan:
+    d, h, w = shift_vox.shape
+    src = np.clip(np.arange(h, dtype=np.float32)[None, :, None] - shift_vox, 0, h - 1)
+    j0 = np.minimum(np.floor(src).astype(np.int64), h - 2)
+    base = (np.arange(d)[:, None, None] * h) * w + np.arange(w)[None, None, :]
+    lo = base + j0 * w
+    jac = np.clip(1.0 - np.gradient(shift_vox, axis=1), 0.5, 2.0).astype(np.float32) if pile_up else None
+    return _ShiftPlan(lo, lo + w, (src - j0).astype(np.float32), jac)
+
+
+def _apply_plan(vol: np.ndarray, plan: _ShiftPlan) -> np.ndarray:
+    flat = vol.reshape(-1)
+    out = flat[plan.lo] * (1 - plan.weight) + flat[plan.hi] * plan.weight
+    if plan.jacobian is not None:
+        out *= plan.jacobian
+    return out.astype(np.float32)
+
+
 def apply_ap_shift(vol: np.ndarray, shift_vox: np.ndarray, *, pile_up: bool = True) -> np.ndarray:
     """Resample along H: out(j) = in(j - u(j)) with linear interpolation, edges clamped.
 
     With ``pile_up`` the intensity is scaled by the Jacobian |1 - du/dj| (signal piles up where the
     distortion compresses tissue, thins out where it stretches it), as in real EPI.
     """
-    h = vol.shape[1]
-    src = np.arange(h, dtype=np.float32)[None, :, None] - shift_vox
-    src = np.clip(src, 0, h - 1)
-    j0 = np.minimum(np.floor(src).astype(np.int64), h - 2)
-    w = (src - j0).astype(np.float32)
-    out = np.take_along_axis(vol, j0, axis=1) * (1 - w) + np.take_along_axis(vol, j0 + 1, axis=1) * w
-    if pile_up:
-        jac = np.clip(1.0 - np.gradient(shift_vox, axis=1), 0.5, 2.0)
-        out = out * jac
-    return out.astype(np.float32)
+    return _apply_plan(vol, _shift_plan(shift_vox, pile_up))
+
+
+def susceptibility_loss(focus: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicative DWI signal loss near a susceptibility interface: up to (0.72-1.2)s, capped at 95%."""
+    loss = min(rng.uniform(0.6, 1.0) * 1.2 * s, 0.95)
+    return (1.0 - loss * np.clip(focus, 0.0, 1.0)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- full acquisitions
@@ -270,24 +298,24 @@ def degrade_dwi(
     """An EPI acquisition of several b-value images of one object.
 
     All b-values share the distortion field, the susceptibility signal loss and the coil bias (both
-    cancel in noise-free ADC), the blur and the Nyquist-ghost pattern; each later b-value is slightly misregistered (patient drift between
-    b-values, <= 1.5s mm) and gets its own noise. The noise level is relative to ``reference`` (the
-    low-b tissue signal; default: from the first image). Returns (images, AP shift field in mm).
+    cancel in noise-free ADC), the blur and the Nyquist-ghost pattern. Each later b-value drifts a
+    little (patient motion between b-values, <= 1.5s mm) and every image gets its own noise, relative
+    to ``reference`` (the low-b tissue signal; default: from the first image).
+    Returns (images, AP shift field in mm).
     """
     shape = tuple(images[0].shape)
     ref = _reference_level(images[0], reference)
     shift_mm = ap_shift_field(shape, s, rng, focus)
-    shift_vox = shift_mm / np.float32(spacing[1])
+    plan = _shift_plan(shift_mm / np.float32(spacing[1]), pile_up=True)
     bias = legendre_bias_field(shape, s, rng)
     if focus is not None:
-        loss = min(rng.uniform(0.6, 1.0) * 1.2 * s, 0.95)
-        bias = bias * (1.0 - loss * np.clip(focus, 0.0, 1.0)).astype(np.float32)
+        bias = bias * susceptibility_loss(focus, s, rng)
     gain = ghost_line_gain(shape[1], 2, int(rng.integers(0, 2)), 0.35 * s)
     transfer = resolution_transfer(shape, spacing, 0.5 + 1.0 * s, s * rng.uniform(1.0, 2.0))
     sigma = noise_sigma(s, ref, sigma0, noise_slope)
     out = []
     for idx, img in enumerate(images):
-        spec = np.fft.rfftn(apply_ap_shift(img.astype(np.float32), shift_vox))
+        spec = np.fft.rfftn(_apply_plan(img.astype(np.float32), plan))
         drift = rng.uniform(-1.5, 1.5, size=3) * s
         if idx > 0 and s > 0:
             spec = spec * _phase_ramp(shape, spacing, drift)
