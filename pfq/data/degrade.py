@@ -284,6 +284,14 @@ def degrade_t2w(
     return rician_noise(out, noise_sigma(s, ref, sigma0, noise_slope), rng)
 
 
+@dataclass
+class DwiAcquisition:
+    images: list[np.ndarray]  # degraded b-value images, Rician noise included
+    noiseless: list[np.ndarray]  # the same before noise: what an observer's eye averages towards
+    shift_mm: np.ndarray  # anterior-posterior EPI displacement (mm) applied to every image
+    sigma: list[float]  # noise level of each image
+
+
 def degrade_dwi(
     images: Sequence[np.ndarray],
     s: float,
@@ -292,16 +300,17 @@ def degrade_dwi(
     *,
     focus: np.ndarray | None = None,
     reference: float | None = None,
+    averages: Sequence[float] | None = None,
     sigma0: float = DWI_SIGMA0,
     noise_slope: float = DWI_NOISE_SLOPE,
-) -> tuple[list[np.ndarray], np.ndarray]:
+) -> DwiAcquisition:
     """An EPI acquisition of several b-value images of one object.
 
     All b-values share the distortion field, the susceptibility signal loss and the coil bias (both
     cancel in noise-free ADC), the blur and the Nyquist-ghost pattern. Each later b-value drifts a
     little (patient motion between b-values, <= 1.5s mm) and every image gets its own noise, relative
-    to ``reference`` (the low-b tissue signal; default: from the first image).
-    Returns (images, AP shift field in mm).
+    to ``reference`` (the low-b tissue signal; default: from the first image) and divided by
+    sqrt(``averages``) (protocols may average high b-values more; default 1 each).
     """
     shape = tuple(images[0].shape)
     ref = _reference_level(images[0], reference)
@@ -311,17 +320,20 @@ def degrade_dwi(
     if focus is not None:
         bias = bias * susceptibility_loss(focus, s, rng)
     gain = ghost_line_gain(shape[1], 2, int(rng.integers(0, 2)), 0.35 * s)
-    transfer = resolution_transfer(shape, spacing, 0.5 + 1.0 * s, s * rng.uniform(1.0, 2.0))
+    transfer = resolution_transfer(shape, spacing, 0.5 + 0.8 * s, s * rng.uniform(1.0, 2.0))
     sigma = noise_sigma(s, ref, sigma0, noise_slope)
-    out = []
+    averages = [1.0] * len(images) if averages is None else list(averages)
+    result = DwiAcquisition([], [], shift_mm, [])
     for idx, img in enumerate(images):
         spec = np.fft.rfftn(_apply_plan(img.astype(np.float32), plan))
         drift = rng.uniform(-1.5, 1.5, size=3) * s
         if idx > 0 and s > 0:
             spec = spec * _phase_ramp(shape, spacing, drift)
         degraded = _kspace_degrade(spec, shape, spacing, gain, transfer) * bias
-        out.append(rician_noise(degraded, sigma, rng))
-    return out, shift_mm
+        result.noiseless.append(degraded)
+        result.sigma.append(sigma / float(np.sqrt(averages[idx])))
+        result.images.append(rician_noise(degraded, result.sigma[-1], rng))
+    return result
 
 
 def compute_adc(low: np.ndarray, high: np.ndarray, b_low: float, b_high: float) -> np.ndarray:

@@ -35,6 +35,7 @@ from pfq.data import degrade as dg
 
 GENERATOR_VERSION = 1  # bump when the phantom model changes, so cached sets are regenerated
 B_LOW, B_HIGH = 50.0, 1400.0
+DWI_AVERAGES = (1, 1)  # relative averages per b-value (noise / sqrt(averages))
 MANIFEST_COLUMNS = ("case_id", "t2w", "highb", "adc", "pirads", "isup", "quality")
 CHANNELS = ("t2w", "highb", "adc")
 
@@ -103,10 +104,11 @@ URETHRA = Tissue(1.10, 2000.0)
 GLANDULAR_NODULE = Tissue(0.80, 1600.0)
 TUMOUR_ADC = {1: 1135.0, 2: 976.0, 3: 831.0, 4: 700.0, 5: 620.0}
 
-# PI-CAI-like latent grades: 38% of cases without a focal lesion; of lesion cases the index lesion is
-# benign (ISUP 0) 15%, ISUP 1 25%, 2 27%, 3 14%, 4 10%, 5 9%  ->  csPCa (ISUP >= 2) in about 37%.
-P_NO_LESION = 0.38
-INDEX_ISUP_P = np.array([0.15, 0.25, 0.27, 0.14, 0.10, 0.09])
+# PI-CAI-like latent grades: 32% of cases without a focal lesion; of lesion cases the index lesion is
+# benign (ISUP 0) 22%, ISUP 1 26%, 2 24%, 3 12%, 4 8%, 5 8%  ->  csPCa (ISUP >= 2) in about 35% (PI-CAI
+# 28%), and PI-RADS >= 4 in about 45% of HQ cases (PI-CAI 49%), many of them ISUP <= 1 as in PI-CAI.
+P_NO_LESION = 0.32
+INDEX_ISUP_P = np.array([0.22, 0.26, 0.24, 0.12, 0.08, 0.08])
 P_SECOND_LESION = 0.20
 P_PZ = 0.70
 P_PROSTATITIS = 0.35
@@ -485,9 +487,9 @@ def _add_texture(cv: _Canvas, fine: np.ndarray, coarse: np.ndarray, rng: np.rand
 @dataclass
 class _Acquisition:
     t2w: np.ndarray
-    b_low: np.ndarray
     b_high: np.ndarray
-    adc: np.ndarray
+    adc: np.ndarray  # from the noisy images: the channel the model sees
+    adc_seen: np.ndarray  # from the noise-free degraded images: the contrast a reader perceives
     dwi_shift_vox: np.ndarray
 
 
@@ -502,11 +504,13 @@ def _acquire(cv: _Canvas, anat: _Anatomy, s: float, rng: np.random.Generator) ->
     t2w = dg.degrade_t2w(t2_clean, s, rng, cv.spacing, reference=float(t2_clean[gland].mean()))
     # Susceptibility focus: around the rectal wall, much weaker when the rectum holds gel.
     focus = np.exp(-((np.maximum(anat.rectum_sd, 0.0) / 10.0) ** 2)) * (1.0 if anat.rectal_gas else 0.35)
-    (low, high), shift_mm = dg.degrade_dwi(
-        [b_low, b_high], s, rng, cv.spacing, focus=focus, reference=float(b_low[gland].mean())
+    dwi = dg.degrade_dwi(
+        [b_low, b_high], s, rng, cv.spacing, focus=focus, reference=float(b_low[gland].mean()),
+        averages=DWI_AVERAGES,
     )
-    adc = dg.compute_adc(low, high, B_LOW, B_HIGH)
-    return _Acquisition(t2w, low, high, adc, shift_mm / np.float32(cv.spacing[1]))
+    adc = dg.compute_adc(*dwi.images, B_LOW, B_HIGH)
+    adc_seen = dg.compute_adc(*dwi.noiseless, B_LOW, B_HIGH)
+    return _Acquisition(t2w, dwi.images[1], adc, adc_seen, dwi.shift_mm / np.float32(cv.spacing[1]))
 
 
 def pirads_from_contrast(contrast: float, diameter_mm: float) -> int:
@@ -524,18 +528,21 @@ def reader_flip_probability(s: float) -> float:
     return READER_FLIP["hq"] + t * (READER_FLIP["lq"] - READER_FLIP["hq"])
 
 
-def _visible_contrast(adc: np.ndarray, lesion: np.ndarray, background: np.ndarray) -> tuple[float, float]:
-    """Visible ADC contrast (bg - lesion) / bg from medians on the degraded map, and its perceptual SD.
+def _visible_contrast(
+    seen: np.ndarray, noisy: np.ndarray, lesion: np.ndarray, background: np.ndarray
+) -> tuple[float, float]:
+    """Visible ADC contrast (bg - lesion) / bg, and the SD of a reader's judgement of it.
 
-    A reader judges contrast by eye from a handful of voxels, so the judgement is as noisy as the map:
-    SD = robust voxel SD of the background / (bg * sqrt(READER_VOXELS)).
+    The contrast comes from medians on the noise-free degraded map (blur, distortion, motion and
+    signal loss change what is visible; noise is averaged over by eye). Noise makes the judgement
+    unreliable instead: SD = robust voxel SD of the noisy background / (bg * sqrt(READER_VOXELS)).
     """
     if lesion.sum() == 0 or background.sum() < 10:
         return 0.0, 0.0
-    values = adc[background]
-    bg = max(float(np.median(values)), 1.0)
-    spread = 1.4826 * float(np.median(np.abs(values - bg)))
-    return (bg - float(np.median(adc[lesion]))) / bg, spread / (bg * np.sqrt(READER_VOXELS))
+    bg = max(float(np.median(seen[background])), 1.0)
+    values = noisy[background]
+    spread = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    return (bg - float(np.median(seen[lesion]))) / bg, spread / (bg * np.sqrt(READER_VOXELS))
 
 
 def _read_case(
@@ -543,19 +550,20 @@ def _read_case(
 ) -> tuple[int, list[LesionInfo]]:
     """Score every finding on the degraded ADC, then add reader noise to the case score.
 
-    The reader looks at a lesion where it appears on the ADC map: the map is pulled back into T2w
+    The reader looks at a lesion where it appears on the ADC map: the maps are pulled back into T2w
     geometry (inverse of the EPI shift, to first order) so that the T2w-space masks select it.
     """
-    adc = dg.apply_ap_shift(acq.adc, -acq.dwi_shift_vox, pile_up=False)
+    seen = dg.apply_ap_shift(acq.adc_seen, -acq.dwi_shift_vox, pile_up=False)
+    noisy = dg.apply_ap_shift(acq.adc, -acq.dwi_shift_vox, pile_up=False)
     normal = ~anat.masks["urethra"]
     for f in findings:
         normal &= ~f.mask
     infos = []
     for f in findings:
-        contrast, perceptual_sd = _visible_contrast(adc, f.mask, anat.masks[f.zone] & normal)
-        seen = contrast + rng.normal(0, perceptual_sd)
+        contrast, perceptual_sd = _visible_contrast(seen, noisy, f.mask, anat.masks[f.zone] & normal)
+        judged = contrast + rng.normal(0, perceptual_sd)
         measured_d = f.diameter_mm * (1.0 + rng.normal(0, 0.05 + 0.1 * s))
-        score = pirads_from_contrast(seen, measured_d) if f.kind in ("tumour", "benign") else 2
+        score = pirads_from_contrast(judged, measured_d) if f.kind in ("tumour", "benign") else 2
         infos.append(LesionInfo(f.kind, f.zone, f.isup, round(f.diameter_mm, 2), round(contrast, 4), score))
     pirads = max([i.pirads for i in infos], default=2)
     if rng.random() < reader_flip_probability(s):
