@@ -375,11 +375,17 @@ def _lesion_diameter(isup: int, rng: np.random.Generator) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def _sample_centre(cv: _Canvas, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Body-frame position of a random voxel among ``candidates``."""
-    flat = np.flatnonzero(candidates)
-    i = flat[int(rng.integers(len(flat)))]
-    return np.array([cv.x.flat[i], cv.y.flat[i], cv.z.flat[i]], dtype=np.float64)
+def _sample_centre(cv: _Canvas, rng: np.random.Generator, *candidates: np.ndarray) -> np.ndarray:
+    """Body-frame position of a random voxel of the first non-empty candidate mask.
+
+    Falls back to the gland centre, so that tiny grids (tests) never fail.
+    """
+    for mask in candidates:
+        flat = np.flatnonzero(mask)
+        if flat.size:
+            i = flat[int(rng.integers(flat.size))]
+            return np.array([cv.x.flat[i], cv.y.flat[i], cv.z.flat[i]], dtype=np.float64)
+    return np.zeros(3)
 
 
 def _finding(cv: _Canvas, kind: str, zone: str, isup: int, box: Box, alpha: np.ndarray) -> _Finding:
@@ -404,7 +410,7 @@ def _paint_tumour(
     radii = r * rng.uniform(0.75, 1.25, size=3)
     radii *= r / np.prod(radii) ** (1 / 3)  # keep the target volume
     deep = anat.masks[zone] & (anat.gland_sd < -1.5) & ~avoid & ~anat.masks["urethra"]
-    pos = _sample_centre(cv, deep if deep.any() else anat.masks[zone], rng)
+    pos = _sample_centre(cv, rng, deep, anat.masks[zone], anat.masks["gland"])
     box = cv.box(pos, 1.6 * radii.max() + 2)  # the margin perturbation reaches out to r / 0.7
     rho, dist = ellipsoid_rho(*cv.coords(box), pos, radii)
     rho = rho + (0.1 + 0.04 * isup) * np.tanh(rough[box])  # higher grades: more irregular margins
@@ -438,7 +444,7 @@ def _paint_stromal_nodule(
     """Round, well-circumscribed, encapsulated TZ nodule: low T2 and ADC, but benign (PI-RADS 2)."""
     r = rng.uniform(3.0, 7.0)
     deep = anat.masks["tz"] & ~avoid & ~anat.masks["urethra"]
-    pos = _sample_centre(cv, deep if deep.any() else anat.masks["gland"], rng)
+    pos = _sample_centre(cv, rng, deep, anat.masks["gland"])
     box = cv.box(pos, r + 3)
     sd = ellipsoid_sd(*cv.coords(box), pos, (r, r, r))
     in_gland = soft(anat.gland_sd[box])
@@ -493,6 +499,11 @@ class _Acquisition:
     dwi_shift_vox: np.ndarray
 
 
+def _mean_or_none(img: np.ndarray, mask: np.ndarray) -> float | None:
+    """Noise reference level: the gland mean (None on grids too small to hold the gland)."""
+    return float(img[mask].mean()) if mask.any() else None
+
+
 def _acquire(cv: _Canvas, anat: _Anatomy, s: float, rng: np.random.Generator) -> _Acquisition:
     """Clean T2w and b-value images with a per-case gain, degraded with severity ``s``."""
     gland = anat.masks["gland"]
@@ -501,11 +512,11 @@ def _acquire(cv: _Canvas, anat: _Anatomy, s: float, rng: np.random.Generator) ->
     adc_mm2 = cv.adc * np.float32(1e-6)
     b_low = s0 * np.exp(np.float32(-B_LOW) * adc_mm2)
     b_high = s0 * np.exp(np.float32(-B_HIGH) * adc_mm2)
-    t2w = dg.degrade_t2w(t2_clean, s, rng, cv.spacing, reference=float(t2_clean[gland].mean()))
+    t2w = dg.degrade_t2w(t2_clean, s, rng, cv.spacing, reference=_mean_or_none(t2_clean, gland))
     # Susceptibility focus: around the rectal wall, much weaker when the rectum holds gel.
     focus = np.exp(-((np.maximum(anat.rectum_sd, 0.0) / 10.0) ** 2)) * (1.0 if anat.rectal_gas else 0.35)
     dwi = dg.degrade_dwi(
-        [b_low, b_high], s, rng, cv.spacing, focus=focus, reference=float(b_low[gland].mean()),
+        [b_low, b_high], s, rng, cv.spacing, focus=focus, reference=_mean_or_none(b_low, gland),
         averages=DWI_AVERAGES,
     )
     adc = dg.compute_adc(*dwi.images, B_LOW, B_HIGH)
