@@ -64,7 +64,7 @@ def resolution_transfer(
 ) -> np.ndarray:
     """Transfer function of an in-plane Gaussian PSF and a box slice profile widened by ``extra_slice_mm``.
 
-    The clean grid is point-sampled, so severity 0 (sigma 0, no extra width) must be the identity.
+    The clean grid is point-sampled, so sigma 0 and no extra width give the identity.
     """
     fz, fy, fx = rfft_freqs(shape, spacing)
     gauss = np.exp(-2.0 * np.pi**2 * sigma_mm**2 * (fy**2 + fx**2))
@@ -131,7 +131,7 @@ def splice_motion(
     with the labels and motion shows as ghosting/blurring along H. Returns (spectrum, line owner).
     """
     h = vol.shape[1]
-    n_poses = int(rng.integers(2, 5))
+    n_poses = min(int(rng.integers(2, 5)), h)
     cuts = np.sort(rng.choice(np.arange(1, h), size=n_poses - 1, replace=False))
     owner_linear = np.searchsorted(cuts, np.arange(h), side="right")  # line index in -ky..+ky order
     ky = _centred_ky(h)
@@ -225,15 +225,15 @@ def _shift_plan(shift_vox: np.ndarray, pile_up: bool) -> _ShiftPlan:
 
 
 def _apply_plan(vol: np.ndarray, plan: _ShiftPlan) -> np.ndarray:
-    flat = vol.reshape(-1)
-    out = flat[plan.lo] * (1 - plan.weight) + flat[plan.hi] * plan.weight
+    flat = vol.reshape(*vol.shape[:-3], -1)  # leading axes: several volumes, one plan
+    out = flat[..., plan.lo] * (1 - plan.weight) + flat[..., plan.hi] * plan.weight
     if plan.jacobian is not None:
         out *= plan.jacobian
     return out.astype(np.float32)
 
 
 def apply_ap_shift(vol: np.ndarray, shift_vox: np.ndarray, *, pile_up: bool = True) -> np.ndarray:
-    """Resample along H: out(j) = in(j - u(j)) with linear interpolation, edges clamped.
+    """Resample (..., D, H, W) volumes along H: out(j) = in(j - u(j)), linear, edges clamped.
 
     With ``pile_up`` the intensity is scaled by the Jacobian |1 - du/dj| (signal piles up where the
     distortion compresses tissue, thins out where it stretches it), as in real EPI.
@@ -251,11 +251,7 @@ def susceptibility_loss(focus: np.ndarray, s: float, rng: np.random.Generator) -
 
 
 def _kspace_degrade(
-    spec: np.ndarray,
-    shape: Shape,
-    spacing: Spacing,
-    line_gain: np.ndarray,
-    transfer: np.ndarray,
+    spec: np.ndarray, shape: Shape, line_gain: np.ndarray, transfer: np.ndarray
 ) -> np.ndarray:
     """Apply ghosting line gains and the resolution transfer, back to the image (real part, abs)."""
     spec = spec * line_gain[None, :, None] * transfer
@@ -279,7 +275,7 @@ def degrade_t2w(
     gain = ghost_line_gain(shape[1], int(rng.integers(4, 9)), int(rng.integers(0, 4)), 0.7 * s)
     sigma_mm = 0.25 + 0.8 * s
     transfer = resolution_transfer(shape, spacing, sigma_mm, s * rng.uniform(1.0, 2.0))
-    out = _kspace_degrade(spec, shape, spacing, gain, transfer)
+    out = _kspace_degrade(spec, shape, gain, transfer)
     out *= legendre_bias_field(shape, s, rng)
     return rician_noise(out, noise_sigma(s, ref, sigma0, noise_slope), rng)
 
@@ -329,7 +325,7 @@ def degrade_dwi(
         drift = rng.uniform(-1.5, 1.5, size=3) * s
         if idx > 0 and s > 0:
             spec = spec * _phase_ramp(shape, spacing, drift)
-        degraded = _kspace_degrade(spec, shape, spacing, gain, transfer) * bias
+        degraded = _kspace_degrade(spec, shape, gain, transfer) * bias
         result.noiseless.append(degraded)
         result.sigma.append(sigma / float(np.sqrt(averages[idx])))
         result.images.append(rician_noise(degraded, result.sigma[-1], rng))

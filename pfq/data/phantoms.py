@@ -564,8 +564,7 @@ def _read_case(
     The reader looks at a lesion where it appears on the ADC map: the maps are pulled back into T2w
     geometry (inverse of the EPI shift, to first order) so that the T2w-space masks select it.
     """
-    seen = dg.apply_ap_shift(acq.adc_seen, -acq.dwi_shift_vox, pile_up=False)
-    noisy = dg.apply_ap_shift(acq.adc, -acq.dwi_shift_vox, pile_up=False)
+    seen, noisy = dg.apply_ap_shift(np.stack([acq.adc_seen, acq.adc]), -acq.dwi_shift_vox, pile_up=False)
     normal = ~anat.masks["urethra"]
     for f in findings:
         normal &= ~f.mask
