@@ -267,7 +267,7 @@ def test_zero_severity_artefacts_are_identities():
     rng = np.random.default_rng(0)
     vol = rng.random((8, 16, 16), dtype=np.float32)
     spec, _ = dg.splice_motion(vol, SPACING, 0.0, rng)
-    assert np.allclose(spec, np.fft.rfftn(vol))
+    assert np.allclose(spec, np.fft.rfftn(vol), atol=1e-4)
     assert np.all(dg.legendre_bias_field(vol.shape, 0.0, rng) == 1.0)
     assert np.allclose(dg.resolution_transfer(vol.shape, SPACING, 0.0, 0.0), 1.0)
     assert np.allclose(dg.apply_ap_shift(vol, np.zeros_like(vol)), vol)

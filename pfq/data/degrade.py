@@ -15,9 +15,9 @@ as for axial prostate T2w and EPI DWI. Amplitudes follow ``docs/synthetic-phanto
 - DWI distortion: a smooth anterior-posterior shift of up to 2-6s mm, strongest where ``focus`` is 1
   (the rectal wall), applied to every b-value before ADC is computed, so ADC is misregistered vs T2w.
 
-The k-space steps use real FFTs (``rfftn``): splicing and ghosting then act on Hermitian-symmetric
-spectra, so the image is the real part rather than the magnitude of a complex reconstruction. It is
-5x cheaper and looks the same at these amplitudes.
+The k-space steps use real FFTs (``scipy.fft.rfftn``): splicing and ghosting then act on
+Hermitian-symmetric spectra, so the image is the real part rather than the magnitude of a complex
+reconstruction. It is several times cheaper and looks the same at these amplitudes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import fft as sfft  # pocketfft with native float32: ~5x faster than numpy.fft here
 
 Spacing = tuple[float, float, float]
 Shape = tuple[int, int, int]
@@ -137,7 +138,7 @@ def splice_motion(
     ky = _centred_ky(h)
     owner = owner_linear[ky + h // 2]  # owner per line in FFT order
     ref = owner[0]
-    spec = np.fft.rfftn(vol)
+    spec = sfft.rfftn(vol)
     for pose in range(n_poses):
         angle = rng.uniform(-4.0, 4.0) * s
         shift = rng.uniform(-3.0, 3.0, size=3) * s
@@ -145,7 +146,7 @@ def splice_motion(
             continue
         lines = owner == pose
         moved = rotate_inplane(vol, angle, spacing) if abs(angle) > 1e-3 else vol
-        moved_spec = np.fft.rfftn(moved) * _phase_ramp(vol.shape, spacing, shift)
+        moved_spec = sfft.rfftn(moved) * _phase_ramp(vol.shape, spacing, shift)
         spec[:, lines, :] = moved_spec[:, lines, :]
     return spec, owner
 
@@ -255,7 +256,7 @@ def _kspace_degrade(
 ) -> np.ndarray:
     """Apply ghosting line gains and the resolution transfer, back to the image (real part, abs)."""
     spec = spec * line_gain[None, :, None] * transfer
-    return np.abs(np.fft.irfftn(spec, s=shape, axes=(0, 1, 2))).astype(np.float32)
+    return np.abs(sfft.irfftn(spec, s=shape, axes=(0, 1, 2))).astype(np.float32)
 
 
 def degrade_t2w(
@@ -321,7 +322,7 @@ def degrade_dwi(
     averages = [1.0] * len(images) if averages is None else list(averages)
     result = DwiAcquisition([], [], shift_mm, [])
     for idx, img in enumerate(images):
-        spec = np.fft.rfftn(_apply_plan(img.astype(np.float32), plan))
+        spec = sfft.rfftn(_apply_plan(img.astype(np.float32), plan))
         drift = rng.uniform(-1.5, 1.5, size=3) * s
         if idx > 0 and s > 0:
             spec = spec * _phase_ramp(shape, spacing, drift)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy import fft as sfft
 
 from pfq.data import degrade as dg
 
@@ -129,7 +130,8 @@ def smooth_field(shape: Shape, spacing: Spacing, corr_mm: float, rng: np.random.
     transfer = np.exp(-2.0 * np.pi**2 * corr_mm**2 * (fz**2 + fy**2 + fx**2)).astype(np.float32)
     re = rng.standard_normal(transfer.shape, dtype=np.float32)
     im = rng.standard_normal(transfer.shape, dtype=np.float32)
-    out = np.fft.irfftn((re + 1j * im) * transfer, s=shape, axes=(0, 1, 2)).astype(np.float32)
+    spec = (re + np.complex64(1j) * im) * transfer  # complex64 throughout
+    out = sfft.irfftn(spec, s=shape, axes=(0, 1, 2)).astype(np.float32)
     return out / max(float(out.std()), 1e-6)
 
 
@@ -430,7 +432,8 @@ def _paint_prostatitis(cv: _Canvas, anat: _Anatomy, rng: np.random.Generator) ->
     theta0 = rng.uniform(-np.pi, 0.0)  # posterior half, where the PZ is thick
     half = np.deg2rad(rng.uniform(12, 28))
     z0, dz = rng.uniform(-0.6, 0.6) * anat.c, rng.uniform(4, 8)
-    angle = np.angle(np.exp(1j * (np.arctan2(y, x) - theta0)))
+    pi = np.float32(np.pi)
+    angle = (np.arctan2(y, x) - np.float32(theta0) + pi) % (2 * pi) - pi  # wrapped to [-pi, pi)
     sd_angle = (np.abs(angle) - half) * np.maximum(np.sqrt(x * x + y * y), 1.0)
     alpha = soft(sd_angle, 1.5) * soft(np.abs(z - z0) - dz, 2.0) * anat.masks["pz"]
     t2 = rng.uniform(0.65, 0.8)
