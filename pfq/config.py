@@ -83,6 +83,34 @@ def base_config() -> ConfigDict:
     return c
 
 
+def paper_config(task: str) -> ConfigDict:
+    """The paper's experiments at the real size (configs/pirads_binary.py and its variants)."""
+    c = base_config()
+    c.task = task
+    c.data.input_size = (64, 224, 224)
+    c.data.spacing = (1.0, 0.5, 0.5)
+    c.data.test_fraction = 0.3
+    c.data.workers = 4
+    c.model.size = "tiny"
+    c.model.drop_path = 0.1
+    c.model.remat_stages = (True, True, False, False)  # real-size activations of stages 0-1 dominate memory
+    ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
+    c.sweep.finetune_hq_ratios = ratios
+    c.sweep.test_hq_ratios = ratios
+    c.sweep.inits = ("scratch",)  # add converted checkpoint directories on the command line
+    c.sweep.train_sizes = (50, 100, 200)
+    c.sweep.seeds = (0, 1, 2, 3, 4)
+    c.optim.steps = 3000
+    c.optim.batch_size = 4
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 300
+    c.optim.layer_decay = 0.8
+    c.checkpoint.every_steps = 250
+    c.eval_batch_size = 8
+    c.log_every = 50
+    return c
+
+
 def validate_config(c: ConfigDict) -> None:
     """Reject configs that cannot run, naming the field."""
     from pfq.tasks import get_task
