@@ -313,3 +313,18 @@ def test_severity_ranges(quality):
     lo, hi = dg.SEVERITY_RANGES[quality]
     draws = [dg.sample_severity(quality, rng) for _ in range(200)]
     assert lo <= min(draws) and max(draws) <= hi
+
+
+def test_lesion_scale_enlarges_only_the_lesions():
+    def generate(seed, scale):
+        case = ph.generate_case(seed, quality="hq", shape=(24, 48, 48), spacing=(2.0, 1.0, 1.0), lesion_scale=scale)
+        return [les.diameter_mm for les in case.lesions if les.kind == "tumour"], case
+
+    seed = next(s for s in range(100) if generate(s, 1.0)[0])
+    small, base = generate(seed, 1.0)
+    large, scaled = generate(seed, 1.5)
+    assert len(small) == len(large) >= 1
+    for a, b in zip(small, large, strict=True):
+        assert 1.2 < b / a < 1.8  # the mask-based diameter follows the scale, up to voxelisation
+    # Anatomy comes from the same patient stream: the gland is unchanged.
+    np.testing.assert_array_equal(base.masks["gland"], scaled.masks["gland"])

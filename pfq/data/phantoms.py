@@ -406,9 +406,10 @@ def _paint_tumour(
     rough: np.ndarray,
     rng: np.random.Generator,
     avoid: np.ndarray,
+    lesion_scale: float = 1.0,
 ) -> _Finding:
     """An irregular, ill-defined lesion: low T2, ADC by ISUP (ISUP 0: benign focal lesion)."""
-    r = _lesion_diameter(isup, rng) / 2
+    r = lesion_scale * _lesion_diameter(isup, rng) / 2
     radii = r * rng.uniform(0.75, 1.25, size=3)
     radii *= r / np.prod(radii) ** (1 / 3)  # keep the target volume
     deep = anat.masks[zone] & (anat.gland_sd < -1.5) & ~avoid & ~anat.masks["urethra"]
@@ -459,7 +460,7 @@ def _paint_stromal_nodule(
 
 
 def _paint_findings(
-    cv: _Canvas, anat: _Anatomy, rough: np.ndarray, rng: np.random.Generator
+    cv: _Canvas, anat: _Anatomy, rough: np.ndarray, rng: np.random.Generator, lesion_scale: float = 1.0
 ) -> list[_Finding]:
     """Mimics first (independent of cancer status), then 0-2 lesions painted over them."""
     findings: list[_Finding] = []
@@ -476,7 +477,7 @@ def _paint_findings(
             isups.append(_sample_isup(rng, isups[0]))
         for isup in isups:
             zone = "pz" if rng.random() < P_PZ else "tz"
-            findings.append(_paint_tumour(cv, anat, zone, isup, rough, rng, taken))
+            findings.append(_paint_tumour(cv, anat, zone, isup, rough, rng, taken, lesion_scale))
             taken |= findings[-1].mask
     return findings
 
@@ -594,8 +595,12 @@ def generate_case(
     shape: Shape = (32, 64, 64),
     spacing: Spacing = (2.0, 1.0, 1.0),
     severity: float | None = None,
+    lesion_scale: float = 1.0,
 ) -> PhantomCase:
     """One patient (anatomy and findings from ``seed``) scanned at ``quality``.
+
+    ``lesion_scale`` multiplies lesion diameters (1: the PI-CAI-like sizes); coarse grids for small
+    CPU runs use more, so that lesions span a few voxels.
 
     The same seed gives the same patient at either quality; the scan (severity, artefacts, reader)
     has its own stream per quality. ``severity`` overrides the draw from the quality's range.
@@ -613,7 +618,7 @@ def generate_case(
     anat = _paint_gland(cv, patient)
     fine = smooth_field(shape, spacing, 1.5, patient)
     coarse = smooth_field(shape, spacing, 2.5, patient)
-    findings = _paint_findings(cv, anat, coarse, patient)
+    findings = _paint_findings(cv, anat, coarse, patient, lesion_scale)
     _add_texture(cv, fine, coarse, patient)
 
     acq = _acquire(cv, anat, s, scan)
@@ -692,8 +697,10 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _set_params(n_cases: int, seed: int, shape: Shape, spacing: Spacing, hq_fraction: float) -> dict:
+def _set_params(n_cases: int, seed: int, shape: Shape, spacing: Spacing, hq_fraction: float,
+                lesion_scale: float = 1.0) -> dict:
     return {
+        "lesion_scale": float(lesion_scale),
         "generator_version": GENERATOR_VERSION,
         "n_cases": int(n_cases),
         "seed": int(seed),
@@ -728,6 +735,7 @@ def write_phantom_set(
     spacing: Spacing = (2.0, 1.0, 1.0),
     hq_fraction: float = 0.5,
     progress: bool = True,
+    lesion_scale: float = 1.0,
 ) -> pathlib.Path:
     """Write ``n_cases`` phantoms as NIfTI files plus ``manifest.csv``; return the manifest's path.
 
@@ -739,7 +747,7 @@ def write_phantom_set(
     from tqdm import tqdm
 
     out = pathlib.Path(out_dir)
-    params = _set_params(n_cases, seed, shape, spacing, hq_fraction)
+    params = _set_params(n_cases, seed, shape, spacing, hq_fraction, lesion_scale)
     manifest = out / "manifest.csv"
     if _is_complete(out, params):
         return manifest
@@ -751,7 +759,7 @@ def write_phantom_set(
     rows, details = [], []
     for i in tqdm(range(n_cases), desc="phantoms", unit="case", disable=not progress):
         cid, cseed = f"phantom_{i:05d}", case_seed(seed, i)
-        case = generate_case(cseed, quality=qualities[i], shape=shape, spacing=spacing)
+        case = generate_case(cseed, quality=qualities[i], shape=shape, spacing=spacing, lesion_scale=lesion_scale)
         row = {"case_id": cid}
         for ch in CHANNELS:
             rel = f"images/{cid}_{ch}.nii.gz"
@@ -787,6 +795,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 64, 64], metavar=("D", "H", "W"))
     parser.add_argument("--spacing", type=float, nargs=3, default=[2.0, 1.0, 1.0], metavar=("SD", "SH", "SW"))
     parser.add_argument("--hq-fraction", type=float, default=0.5)
+    parser.add_argument("--lesion-scale", type=float, default=1.0, help="multiply lesion diameters")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.cases < 1:
@@ -798,6 +807,7 @@ def synth_main(argv: list[str] | None = None) -> int:
         shape=tuple(args.shape),
         spacing=tuple(args.spacing),
         hq_fraction=args.hq_fraction,
+        lesion_scale=args.lesion_scale,
         progress=not args.no_progress,
     )
     with manifest.open(newline="") as fh:

@@ -43,7 +43,8 @@ def phantom_manifest(phantoms, progress: bool = True) -> Path:
     from pfq.data.phantoms import write_phantom_set
 
     params = {"cases": int(phantoms.cases), "seed": int(phantoms.seed), "shape": list(phantoms.shape),
-              "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction)}
+              "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction),
+              "lesion_scale": float(phantoms.get("lesion_scale", 1.0))}
     if phantoms.get("dir"):
         out = Path(phantoms.dir)
     else:
@@ -51,7 +52,7 @@ def phantom_manifest(phantoms, progress: bool = True) -> Path:
         out = cache_root() / "phantoms" / digest
     return write_phantom_set(out, params["cases"], seed=params["seed"], shape=tuple(params["shape"]),
                              spacing=tuple(params["spacing"]), hq_fraction=params["hq_fraction"],
-                             progress=progress)
+                             lesion_scale=params["lesion_scale"], progress=progress)
 
 
 def split_by_column(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
