@@ -26,6 +26,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder: results.csv, figures, checkpoints.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Let JAX discover the cluster (TPU VM pods, SLURM).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard the workdir's checkpoints and results and start over.")
 
 log = logging.getLogger("pfq.train")
@@ -64,6 +68,7 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
         validate_config(config)
     except (ValueError, KeyError) as e:
         return fail(f"invalid config: {e}", 2)
+    from pfq.train.distributed import is_writer
     from pfq.train.trainer import SweepDivergedError, Trainer
 
     workdir = Path(workdir)
@@ -71,6 +76,8 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
     try:
         trainer = Trainer(config, workdir, progress=progress, overwrite=overwrite)
         rows = trainer.run()
+        if not is_writer():
+            return 0
         from pfq.report import summary_table, write_report  # scipy and matplotlib: only once results exist
 
         write_report(workdir)
@@ -93,6 +100,9 @@ def main(argv: list[str]) -> int:
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
         logging.getLogger(noisy).addFilter(_NoLibraryTracebacks())
+    from pfq.train import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     return run_sweep(_CONFIG.value, Path(_WORKDIR.value), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from pfq import evaluate
 from pfq.convert.errors import ConvertError
 from pfq.data.pipeline import AugmentConfig, eval_dataset, to_iterator, train_dataset
-from pfq.data.stratify import StratificationError, hq_count, stratified_indices
+from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
 from pfq.model import ModelSpec, init_variables
@@ -31,6 +31,7 @@ from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
+from pfq.train.distributed import global_array, is_writer, to_host
 from pfq.train.optim import make_optimizer
 from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
 from pfq.train.workdir import atomic_write_text
@@ -144,11 +145,13 @@ class Trainer:
         single_params = jax.tree.map(lambda x: x[0], variables["params"])
         tx = make_optimizer(optim, single_params, self.spec.depths, steps)
         state = jax.jit(jax.vmap(lambda v: init_state(v, tx)), out_shardings=lane_sh)(variables)
-        keys = jax.device_put(jnp.stack([jax.random.fold_in(jax.random.key(lane.seed), 1) for lane in group]), lane_sh)
+        lane_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 1))
+        keys = jax.jit(lane_keys, out_shardings=lane_sh)(np.array([lane.seed for lane in group], np.uint32))
 
         dataset = train_dataset(data.source, data.labels, lane_sets, [lane.seed for lane in group],
                                 batch_size=batch_size, num_steps=steps,
-                                augment_config=AugmentConfig(enabled=cfg.data.augment), balance=cfg.data.balance)
+                                augment_config=AugmentConfig.from_config(cfg.data), balance=cfg.data.balance,
+                                is_hq=data.is_hq, exact_quality=cfg.data.exact_batch_quality)
         iterator = to_iterator(dataset, workers=cfg.data.workers)
 
         ckpt = GroupCheckpointer(self.workdir / "checkpoints" / f"group{gi}", keep=cfg.checkpoint.keep)
@@ -162,8 +165,8 @@ class Trainer:
                 log.warning("group %d: a pending checkpoint could not be finished either (%s)", gi, e)
             raise
         ckpt.close()
-        return GroupOutcome(group, lane_sets, state, np.asarray(state["diverged_step"]), loss,
-                            np.asarray(state["diverged_reason"]))
+        return GroupOutcome(group, lane_sets, state, to_host(state["diverged_step"]), loss,
+                            to_host(state["diverged_reason"]))
 
     def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh):
         """Resume from the newest readable checkpoint, then train to `optim.steps`, saving as configured."""
@@ -177,7 +180,7 @@ class Trainer:
             log.info("group %d: resumed from step %d", gi, start)
 
         loss = np.full(len(group), np.nan)
-        all_diverged = lambda: bool((np.asarray(state["diverged_step"]) >= 0).all())  # a host sync
+        all_diverged = lambda: bool((to_host(state["diverged_step"]) >= 0).all())  # a host sync
         if start < steps and start > 0 and all_diverged():
             log.warning("group %d: every lane had diverged by step %d; not training further", gi, start)
         elif start < steps:
@@ -192,13 +195,13 @@ class Trainer:
             bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
                        disable=not self.progress, dynamic_ncols=True)
             for step in bar:
-                batch = jax.device_put(next(iterator), batch_sh)
+                batch = global_array(next(iterator), batch_sh)
                 state, metrics = step_fn(state, batch, keys)
                 done = step + 1
                 maybe_fail("train_step", done)
                 stop = False
                 if done % cfg.log_every == 0 or done == steps:  # the only host syncs in the loop
-                    loss = np.asarray(metrics["loss"])
+                    loss = to_host(metrics["loss"])
                     finite = loss[np.isfinite(loss)]
                     bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
                     stop = done < steps and all_diverged()
@@ -223,7 +226,7 @@ class Trainer:
         for batch in tqdm(to_iterator(eval_dataset(data.source, data.test_pool, batch_size)),
                           total=-(-len(data.test_pool) // batch_size), desc="predict test pool",
                           disable=not self.progress, leave=False):
-            out = np.asarray(predict(variables, batch["image"]))
+            out = to_host(predict(variables, batch["image"]))
             maybe_fail("predict_batch")
             for b in np.flatnonzero(batch["valid"]):
                 probs[:, position[int(batch["index"][b])]] = out[:, b]
@@ -257,7 +260,7 @@ class Trainer:
             reason = DIVERGED_REASONS[int(reasons[li])] if reasons is not None else ""
             for ratio in sweep.test_hq_ratios:
                 row = {"task": self.task.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
-                       "finetune_hq_count": hq_count(lane.train_size, lane.finetune_hq_ratio),
+                       "finetune_hq_count": int(data.is_hq[outcome.lane_sets[li]].sum()),  # realised, not requested
                        "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": float(ratio),
                        "n_test": size, "n_draws": draws, "n_resamples": resamples}
                 row.update(scored[float(ratio)][li])
@@ -288,7 +291,8 @@ class Trainer:
         cfg = self.config
         if workdir_lib.inspect(self.workdir, cfg.to_json(), self.overwrite):
             log.info("%s already holds this run's finished results; pass --overwrite to run it again", self.workdir)
-            workdir_lib.remove_stale_temporaries(self.workdir)  # of a report interrupted last time
+            if is_writer():
+                workdir_lib.remove_stale_temporaries(self.workdir)  # of a report interrupted last time
             with open(self.workdir / "results.csv", newline="") as f:
                 return list(csv.DictReader(f))
         data = load_study_data(cfg, self.task, progress=self.progress)
@@ -297,7 +301,7 @@ class Trainer:
         self.preflight(lanes, data)
         # Only now, with the inputs known to be usable, is the workdir created, checked or (with
         # --overwrite) cleared; a failure above leaves earlier outputs untouched.
-        workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite)
+        workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer())
         log.info("%d lanes in %d group(s); train pool %d, test pool %d", len(lanes),
                  len(lanes_lib.group_lanes(lanes)), len(data.train_pool), len(data.test_pool))
         rows, prediction_rows, diverged = [], [], []
@@ -313,6 +317,8 @@ class Trainer:
             raise SweepDivergedError(
                 f"every lane diverged: {'; '.join(diverged)}. Their state is saved in {self.workdir / 'checkpoints'}; "
                 "no results were written. Lower config.optim.lr or check the data, then rerun with --overwrite")
+        if not is_writer():
+            return rows
         write_csv(self.workdir / "predictions.csv", prediction_rows)
         write_csv(self.workdir / "results.csv", rows)
         atomic_write_text(self.workdir / "run.json", json.dumps(

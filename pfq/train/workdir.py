@@ -17,7 +17,7 @@ from pfq.faults import maybe_fail
 
 # Fields that change how a run executes, never its numbers.
 OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("data", "workers"), ("checkpoint", "every_steps"),
-                      ("checkpoint", "keep")}
+                      ("checkpoint", "keep"), ("data", "cache_dir"), ("data", "prepare_workers")}
 OUTPUTS = ("results.csv", "predictions.csv", "run.json", "report.md", "config.json")
 
 
@@ -98,12 +98,14 @@ def _finished(workdir: Path) -> bool:
         return False
 
 
-def prepare(workdir: Path, config_json: str, overwrite: bool) -> bool:
-    """Create or check the workdir; True when it already holds this run's finished results."""
+def prepare(workdir: Path, config_json: str, overwrite: bool, write: bool = True) -> bool:
+    """Create or check the workdir; True when it already holds this run's finished results.
+    Only the writer process (`write`) changes files; the others just read."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(workdir)
-    if overwrite:
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(workdir)
+    if overwrite and write:
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         for name in OUTPUTS:
             (workdir / name).unlink(missing_ok=True)
@@ -111,5 +113,6 @@ def prepare(workdir: Path, config_json: str, overwrite: bool) -> bool:
     recorded = workdir / "config.json"
     if recorded.exists():
         _check_recorded(workdir, new)
-    atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
+    if write:
+        atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
     return _finished(workdir)
