@@ -6,9 +6,10 @@ The COUNT-th time this process reaches `maybe_fail(NAME)` (for points inside the
 when it reaches training step COUNT), ACTION happens: `kill` (default) sends
 SIGKILL to the process itself, as a preemption would; `enospc` / `eio` raise the matching OSError, as
 a full disk or a failing device would. A line naming the point goes to stderr first, so a test can
-tell the fault fired. Named points (see the callers): `train_step`, `checkpoint_save`,
-`checkpoint_async`, `checkpoint_wait`, `predict_batch`, `evaluate`, `report`, and `write:<file name>`
-between writing an output's temporary file and renaming it into place.
+tell the fault fired. Named points (see the callers): `cache_write` (a preprocessed volume written,
+not yet renamed into the cache), `train_step`, `checkpoint_save`, `checkpoint_async`,
+`checkpoint_wait`, `predict_batch`, `evaluate`, `report`, and `write:<file name>` between writing an
+output's temporary file and renaming it into place.
 """
 
 from __future__ import annotations

@@ -107,9 +107,11 @@ def small_sweep_config(manifest: Path):
     return c
 
 
-def cli_env(jax_cache: Path | None = None, fault: str | None = None) -> dict[str, str]:
+def cli_env(jax_cache: Path | None = None, fault: str | None = None, pfq_cache: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PFQ_FAULT")}
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    if pfq_cache is not None:  # preprocessed volumes (config.data.cache_dir stays empty)
+        env["PFQ_CACHE"] = str(pfq_cache)
     if jax_cache is not None:  # compiled programs shared by all runs of a test session
         env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -124,9 +126,9 @@ def train_command(workdir: Path, manifest: Path, *extra: str, sweep: Sequence[st
 
 
 def run_train(workdir: Path, manifest: Path, *extra: str, fault: str | None = None, jax_cache: Path | None = None,
-              timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(workdir, manifest, *extra), env=cli_env(jax_cache, fault), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+              pfq_cache: Path | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(workdir, manifest, *extra), env=cli_env(jax_cache, fault, pfq_cache),
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

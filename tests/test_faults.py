@@ -17,36 +17,16 @@ import resource
 import shutil
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from studykit import KILLED, cli_env, run_train, small_sweep_config, train_command, write_study
+from studykit import KILLED, cli_env, run_train, small_sweep_config, train_command
 
 from pfq import faults
 
 OUTPUTS = ("results.csv", "predictions.csv")
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    return write_study(tmp_path_factory.mktemp("study"))
-
-
-@pytest.fixture(scope="module")
-def reference(study, jax_cache, tmp_path_factory) -> Path:
-    """An uninterrupted run of the small sweep."""
-    workdir = tmp_path_factory.mktemp("reference")
-    proc = run_train(workdir, study, jax_cache=jax_cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
 
 
 def committed_steps(workdir: Path, group: int = 0) -> list[int]:
@@ -80,7 +60,8 @@ def small_file_limit():
 # Links: (fault, expected exit status, damage applied before the run). Each point is reachable
 # whatever the previous link left behind (a kill during an asynchronous save may or may not leave
 # that checkpoint committed): step-numbered points only move forward along a chain.
-TRAINING_CHAIN = [  # from an empty workdir
+TRAINING_CHAIN = [  # from an empty workdir and an empty preprocessing cache
+    ("cache_write:10", KILLED, None),  # preprocessing: the 10th cache entry written, not yet renamed
     ("train_step:3", KILLED, None),  # mid-training, the step-2 checkpoint possibly half written
     ("checkpoint_async:4", KILLED, None),  # while the step-4 checkpoint is being written
     ("train_step:5", KILLED, None),
@@ -97,7 +78,7 @@ OUTPUT_CHAIN = [  # from the reference's checkpoints, its outputs removed
 ]
 
 
-def run_chain(workdir: Path, study: Path, jax_cache: Path, chain: list) -> int:
+def run_chain(workdir: Path, study: Path, chain: list, **caches) -> int:
     """Run each link, check how it ended, then a clean run; returns the number of kills."""
     kills = 0
     for fault, expected, damage in chain:
@@ -105,7 +86,7 @@ def run_chain(workdir: Path, study: Path, jax_cache: Path, chain: list) -> int:
         if fault == "small_file_limit":
             before = {s: sorted(p.name for p in (workdir / "checkpoints/group0" / str(s)).rglob("*"))
                       for s in committed_steps(workdir)}
-            proc = run_train(workdir, study, jax_cache=jax_cache, preexec_fn=small_file_limit)
+            proc = run_train(workdir, study, preexec_fn=small_file_limit, **caches)
             assert proc.returncode == expected, proc.stderr[-3000:]
             error = proc.stderr[proc.stderr.index("error:"):]
             assert "could not write a checkpoint" in error and "File too large" in error, error
@@ -113,43 +94,52 @@ def run_chain(workdir: Path, study: Path, jax_cache: Path, chain: list) -> int:
             for s, names in before.items():  # the checkpoints that were there are untouched
                 assert sorted(p.name for p in (workdir / "checkpoints/group0" / str(s)).rglob("*")) == names
             continue
-        proc = run_train(workdir, study, jax_cache=jax_cache, fault=fault)
+        proc = run_train(workdir, study, fault=fault, **caches)
         name, count, action = faults.parse(fault)
-        point = f"{name}:{count}"
-        assert f"pfq.faults: {action} at {point}" in proc.stderr, (fault, proc.returncode, proc.stderr[-3000:])
+        assert f"pfq.faults: {action} at {name}:{count}" in proc.stderr, (fault, proc.returncode, proc.stderr[-3000:])
         assert proc.returncode == expected, (fault, proc.stderr[-3000:])
         kills += expected == KILLED
         if note:  # the damaged checkpoint was reported, set aside, and an older one used
             assert "is unreadable" in proc.stderr and note in proc.stderr, proc.stderr[-3000:]
             assert any((workdir / "checkpoints" / "group0.unreadable").iterdir())
-    final = run_train(workdir, study, jax_cache=jax_cache)
+    final = run_train(workdir, study, **caches)
     assert final.returncode == 0, final.stderr[-3000:]
     return kills
 
 
-def test_kill_anywhere_and_resume_gives_identical_results(study, jax_cache, request, tmp_path):
+def assert_same_outputs(workdir: Path, reference: Path) -> None:
+    for name in OUTPUTS:
+        assert (workdir / name).read_bytes() == (reference / name).read_bytes(), (workdir.name, name)
+    assert (workdir / "report.md").read_text() == (reference / "report.md").read_text()
+    assert not [p.name for p in workdir.iterdir() if ".tmp" in p.name]  # no temporaries left behind
+    assert not [p.name for p in (workdir / "checkpoints" / "group0").iterdir() if "tmp" in p.name]
+
+
+def test_kill_anywhere_and_resume_gives_identical_results(small_study, jax_cache, volume_cache, request, tmp_path):
     with ThreadPoolExecutor(1) as pool:  # the training chain runs beside the reference run, then beside the other
-        training = pool.submit(run_chain, tmp_path / "training", study, jax_cache, TRAINING_CHAIN)
-        reference = request.getfixturevalue("reference")
+        training = pool.submit(run_chain, tmp_path / "training", small_study, TRAINING_CHAIN, jax_cache=jax_cache,
+                               pfq_cache=tmp_path / "own_cache")
+        reference = request.getfixturevalue("small_reference")
         outputs = tmp_path / "outputs"
         shutil.copytree(reference / "checkpoints", outputs / "checkpoints")
         shutil.copy(reference / "config.json", outputs)
-        kills = run_chain(outputs, study, jax_cache, OUTPUT_CHAIN) + training.result()
+        kills = run_chain(outputs, small_study, OUTPUT_CHAIN, jax_cache=jax_cache, pfq_cache=volume_cache)
+        kills += training.result()
     assert kills >= 10
-    for workdir in (tmp_path / "training", outputs):
-        for name in OUTPUTS:
-            assert (workdir / name).read_bytes() == (reference / name).read_bytes(), (workdir.name, name)
-        assert (workdir / "report.md").read_text() == (reference / "report.md").read_text()
-        assert not [p.name for p in workdir.iterdir() if ".tmp" in p.name]  # no temporaries left behind
-        assert not [p.name for p in (workdir / "checkpoints" / "group0").iterdir() if "tmp" in p.name]
+    assert_same_outputs(tmp_path / "training", reference)
+    assert_same_outputs(outputs, reference)
+    # the training chain's own preprocessing cache, filled across a kill, holds only complete entries
+    # (a killed write leaves an orphaned `.tmp` file beside them, never a partial entry)
+    entries = [p for p in (tmp_path / "own_cache").rglob("*.npy")]
+    assert len(entries) == 48 and all(np.load(p).shape == (16, 32, 32, 3) for p in entries)
 
 
-def test_a_finished_sweep_is_not_rerun_or_overwritten(reference, tmp_path, monkeypatch):
+def test_a_finished_sweep_is_not_rerun_or_overwritten(small_reference, tmp_path, monkeypatch):
     """In process: a finished workdir returns its results without loading data, training or writing."""
     from pfq.train import trainer as trainer_module
 
     workdir = tmp_path / "done"
-    shutil.copytree(reference, workdir)
+    shutil.copytree(small_reference, workdir)
     stamps = {p.name: p.stat().st_mtime_ns for p in workdir.iterdir() if p.is_file()}
     config = small_sweep_config(Path(json.loads((workdir / "config.json").read_text())["data"]["manifest"]))
 
@@ -169,58 +159,69 @@ def test_a_finished_sweep_is_not_rerun_or_overwritten(reference, tmp_path, monke
 # Longer variants, by hand: PFQ_SLOW=1 pytest tests/test_faults.py
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_random_kills(study, jax_cache, reference, tmp_path):
-    """SIGKILL after random delays until a run completes; the results equal the reference."""
+def test_random_kills(small_study, jax_cache, volume_cache, small_reference, tmp_path):
+    """SIGKILL after random delays (PFQ_FAULT_SEED) until a run completes; the results equal the reference."""
     rng = random.Random(int(os.environ.get("PFQ_FAULT_SEED", "0")))
     workdir, kills = tmp_path / "run", 0
-    for _ in range(40):
-        proc = subprocess.Popen(train_command(workdir, study), env=cli_env(jax_cache), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    for _ in range(60):
+        proc = subprocess.Popen(train_command(workdir, small_study), env=cli_env(jax_cache, None, volume_cache),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            proc.wait(timeout=rng.uniform(2.0, 20.0))
+            proc.wait(timeout=rng.uniform(1.0, 25.0))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
             continue
-        finally:
-            proc.stderr.close()
         assert proc.returncode == 0
         break
     else:
         pytest.fail("no run completed")
     assert kills > 0
     for name in OUTPUTS:
-        assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
+        assert (workdir / name).read_bytes() == (small_reference / name).read_bytes(), name
 
 
-LONG_CHAIN = [
-    "train_step:1", "train_step:2", "checkpoint_save:2", "checkpoint_async:2", "train_step:3", "checkpoint_save:4",
-    "checkpoint_async:4", "train_step:5", "checkpoint_save:6", "checkpoint_async:6", "checkpoint_wait:1",
-    "predict_batch:1", "predict_batch:3", "evaluate:1", "evaluate:3", "write:config.json:1",
-    "write:predictions.csv:1", "write:results.csv:1", "write:run.json:1", "report:1", "write:heatmap_auc.png:1",
-    "write:label_efficiency_auc.png:1", "write:mismatch_auc.png:1", "write:report.md:1",
-]
+TRAINING_POINTS = ["train_step:1", "train_step:2", "checkpoint_save:2", "checkpoint_async:2", "train_step:3",
+                   "checkpoint_save:4", "checkpoint_async:4", "train_step:5", "checkpoint_save:6",
+                   "checkpoint_async:6", "checkpoint_wait:1"]
+OUTPUT_POINTS = ["predict_batch:1", "predict_batch:3", "evaluate:1", "evaluate:3", "write:config.json:1",
+                 "write:predictions.csv:1", "write:results.csv:1", "write:run.json:1", "report:1",
+                 "write:heatmap_auc.png:1", "write:label_efficiency_auc.png:1", "write:mismatch_auc.png:1",
+                 "write:report.md:1"]
 
 
 @pytest.mark.slow
-def test_every_kill_point_in_turn(study, jax_cache, reference, tmp_path):
+def test_every_kill_point_in_turn_over_two_lane_groups(small_study, jax_cache, volume_cache, tmp_path):
+    """Scratch and pretrained lanes (two groups, trained one after the other): every training point
+    is hit in group 0, then again in group 1 once group 0 is finished, then every output point."""
+    import jax
+
+    from pfq.convert.store import save_model_dir
+    from pfq.model import ModelSpec, init_variables
+
+    spec = ModelSpec(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=2)
+    save_model_dir(tmp_path / "pretrained", spec, init_variables(spec, jax.random.key(7)), {})
+    extra = (f"--config.sweep.inits=('scratch','{tmp_path / 'pretrained'}')",)
+    caches = dict(jax_cache=jax_cache, pfq_cache=volume_cache)
+    assert run_train(tmp_path / "reference", small_study, *extra, **caches).returncode == 0
     workdir = tmp_path / "run"
-    for fault in LONG_CHAIN:
-        proc = run_train(workdir, study, jax_cache=jax_cache, fault=fault)
+    for fault in TRAINING_POINTS + TRAINING_POINTS + OUTPUT_POINTS:
+        proc = run_train(workdir, small_study, *extra, fault=fault, **caches)
         assert proc.returncode == KILLED, (fault, proc.stderr[-3000:])
-        time.sleep(0.1)
-    assert run_train(workdir, study, jax_cache=jax_cache).returncode == 0
+    assert run_train(workdir, small_study, *extra, **caches).returncode == 0
     for name in OUTPUTS:
-        assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
+        assert (workdir / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    assert len(read_rows(workdir / "results.csv")) == 12  # 4 lanes x 3 test ratios
 
 
 # ----------------------------------------------------------------------------------------------
 # In process: diverging lanes, a full disk under existing outputs.
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture
-def compiled_programs(jax_cache):
-    """Use the module's persistent compilation cache in this process too (the chains filled it)."""
+def compiled_programs(jax_cache, volume_cache, monkeypatch):
+    """Use the session's compilation cache in this process too (the subprocess runs filled it), and
+    its preprocessing cache."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
@@ -230,6 +231,7 @@ def compiled_programs(jax_cache):
     for name, value in zip(names, (str(jax_cache), 0.0, 0), strict=True):
         jax.config.update(name, value)
     cc.reset_cache()
+    monkeypatch.setenv("PFQ_CACHE", str(volume_cache))
     yield
     for name, value in old.items():
         jax.config.update(name, value)
@@ -260,13 +262,13 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_diverging_lane_is_marked_and_the_others_finish(study, reference, tmp_path, monkeypatch,
+def test_a_diverging_lane_is_marked_and_the_others_finish(small_study, small_reference, tmp_path, monkeypatch,
                                                           compiled_programs):
     from pfq.data.pipeline import stream_case
     from pfq.train.__main__ import run_sweep
     from pfq.train.lanes import make_lanes
 
-    config = small_sweep_config(study)
+    config = small_sweep_config(small_study)
     hq_lane = make_lanes((1.0,), ("scratch",), (8,), (0,))[0]
     found = {}
 
@@ -280,7 +282,7 @@ def test_a_diverging_lane_is_marked_and_the_others_finish(study, reference, tmp_
 
     poison(monkeypatch, one_hq_case)
     assert run_sweep(config, tmp_path / "w", progress=False) == 0
-    rows, ref = read_rows(tmp_path / "w" / "results.csv"), read_rows(reference / "results.csv")
+    rows, ref = read_rows(tmp_path / "w" / "results.csv"), read_rows(small_reference / "results.csv")
     assert found["step"] < int(config.optim.steps)
     for row, ref_row in zip(rows, ref, strict=True):
         if float(row["finetune_hq_ratio"]) == 1.0:
@@ -290,33 +292,34 @@ def test_a_diverging_lane_is_marked_and_the_others_finish(study, reference, tmp_
             assert row == ref_row
 
 
-def test_when_every_lane_diverges_the_sweep_stops_after_saving(study, tmp_path, monkeypatch, compiled_programs,
+def test_when_every_lane_diverges_the_sweep_stops_after_saving(small_study, tmp_path, monkeypatch, compiled_programs,
                                                                capsys, caplog):
     from pfq.train.__main__ import run_sweep
 
     poison(monkeypatch, lambda data: data.train_pool)
     workdir = tmp_path / "w"
-    assert run_sweep(small_sweep_config(study), workdir, progress=False) == 1
+    assert run_sweep(small_sweep_config(small_study), workdir, progress=False) == 1
     error = capsys.readouterr().err
     assert "every lane diverged: r0-scratch-n8-s0 at step 0 (non-finite loss); r1-scratch-n8-s0 at step 0" in error
     assert "Traceback" not in error and "checkpoints" in error
     assert committed_steps(workdir) == [2]  # stopped at the first check, state saved
     assert not (workdir / "results.csv").exists() and not (workdir / "run.json").exists()
     caplog.clear()
-    assert run_sweep(small_sweep_config(study), workdir, progress=False) == 1  # a rerun does not train again
+    assert run_sweep(small_sweep_config(small_study), workdir, progress=False) == 1  # a rerun does not train again
     assert "every lane had diverged by step 2; not training further" in caplog.text
 
 
-def test_a_full_disk_leaves_the_earlier_results_intact(study, reference, tmp_path, capsys, compiled_programs):
+def test_a_full_disk_leaves_the_earlier_results_intact(small_study, small_reference, tmp_path, capsys,
+                                                       compiled_programs):
     from pfq.train.__main__ import run_sweep
 
     workdir = tmp_path / "w"
-    shutil.copytree(reference, workdir)
+    shutil.copytree(small_reference, workdir)
     (workdir / "run.json").unlink()  # not finished: outputs are computed and written again
     before = (workdir / "results.csv").read_bytes()
     faults.configure("write:results.csv:1:enospc")
     try:
-        assert run_sweep(small_sweep_config(study), workdir, progress=False) == 1
+        assert run_sweep(small_sweep_config(small_study), workdir, progress=False) == 1
     finally:
         faults.configure(None)
     error = capsys.readouterr().err
