@@ -53,13 +53,23 @@ def fail(message: str, status: int) -> int:
 
 
 class _NoLibraryTracebacks(logging.Filter):
-    """Orbax logs a traceback for a failed background write before pfq reports it in one line."""
+    """Orbax (and asyncio, for Orbax's tasks) log tracebacks for a failed background write before pfq
+    reports it in one line; keep their messages, drop the tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+        if record.levelno >= logging.ERROR and ("orbax" in record.pathname or "orbax" in record.getMessage()):
             record.exc_info, record.exc_text = None, None
             record.msg, record.args = " ".join(record.getMessage().split())[:400], ()
         return True
+
+
+def _unraisable(hook_args) -> None:
+    """After a failed asynchronous checkpoint write, the I/O library still completes its futures into
+    Orbax's closed event loops, and Python would print a traceback for each; pfq reports the
+    failure itself. Everything else goes to the default hook."""
+    error = hook_args.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(hook_args)
 
 
 def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = False) -> int:
@@ -96,8 +106,9 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
 
 def main(argv: list[str]) -> int:
     del argv
+    sys.unraisablehook = _unraisable
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax", "orbax", "grain"):
+    for noisy in ("absl", "jax", "orbax", "grain", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
         logging.getLogger(noisy).addFilter(_NoLibraryTracebacks())
     from pfq.train import distributed
