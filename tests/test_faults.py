@@ -327,3 +327,60 @@ def test_a_full_disk_leaves_the_earlier_results_intact(small_study, small_refere
     assert (workdir / "results.csv").read_bytes() == before
     assert not [p.name for p in workdir.iterdir() if ".tmp" in p.name]
     assert committed_steps(workdir) == [4, 6]
+
+
+def test_damaged_checkpoints_fall_back_with_a_named_warning(tmp_path, caplog):
+    """GroupCheckpointer on a small state: each kind of damage is named, set aside, and an older
+    checkpoint restored; saving at the set-aside steps works again afterwards."""
+    import jax.numpy as jnp
+
+    from pfq.train.checkpoint import GroupCheckpointer
+
+    def state(step):
+        return {"w": jnp.full((64, 64), float(step)), "step": jnp.asarray(step, jnp.int32)}
+
+    folder = tmp_path / "group0"
+    ckpt = GroupCheckpointer(folder, keep=4)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, state(step), {"step": step, "data_iterator": {"next_index": step}})
+    ckpt.wait()
+    for f in (folder / "4" / "state").rglob("*"):  # truncate step 4's data files
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
+    shutil.rmtree(folder / "3" / "meta")  # step 3 lacks an item
+    (folder / "2" / "meta" / "metadata").write_text(json.dumps({"step": 7, "data_iterator": {}}))  # wrong step
+
+    step, restored, meta = ckpt.restore(state(0))
+    assert step == 1 and float(restored["w"][0, 0]) == 1.0 and meta["data_iterator"] == {"next_index": 1}
+    log = caplog.text
+    assert f"{folder / '4'} is unreadable" in log
+    assert f"{folder / '3'} is unreadable (item 'meta' is missing" in log
+    assert f"{folder / '2'} is unreadable (item 'meta' does not describe step 2" in log
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "group0.unreadable").iterdir()) == ["2", "3", "4"]
+    for step in (2, 3, 4):  # the set-aside steps can be written again
+        ckpt.save(step, state(step), {"step": step, "data_iterator": {"next_index": step}})
+    ckpt.wait()
+    assert ckpt.restore(state(0))[0] == 4
+    ckpt.close()
+
+
+def test_checkpoint_write_errors_name_the_folder(tmp_path, monkeypatch):
+    """(A real OS error inside Orbax's background write is in the kill chain: `small_file_limit`.)"""
+    import errno
+
+    import jax.numpy as jnp
+
+    from pfq.train.checkpoint import CheckpointWriteError, GroupCheckpointer
+
+    ckpt = GroupCheckpointer(tmp_path / "group0")
+    ckpt.save(1, {"w": jnp.ones(4)}, {"step": 1, "data_iterator": {}})
+    ckpt.wait()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.manager, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="could not write a checkpoint in .*group0 .*No space left"):
+        ckpt.save(2, {"w": jnp.ones(4)}, {"step": 2, "data_iterator": {}})
+    ckpt.close()
+    assert GroupCheckpointer(tmp_path / "group0").restore({"w": jnp.zeros(4)})[0] == 1
