@@ -181,6 +181,8 @@ CORPUS: dict[str, Bad] = {
     "test ratio below 0": Bad(overrides(sweep__test_hq_ratios=(-0.25, 0.5)),
                               ("config.sweep.test_hq_ratios", "-0.25")),
     "unknown task": Bad(overrides(task="gleason9"), ("invalid config", "gleason9")),
+    "unknown model size": Bad(overrides(model__size="gigantic", model__depths=(), model__dims=()),
+                              ("invalid config", "unknown model size 'gigantic'")),
     # initial checkpoints
     "checkpoint of another model size": Bad(init_from(dims=(16, 32, 48, 64)),
                                             ("config.sweep.inits", "pretrained", "dims=(16, 32, 48, 64)",

@@ -74,17 +74,17 @@ def _unraisable(hook_args) -> None:
 
 def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = False) -> int:
     """Everything after flag parsing; returns the exit status (see the module docstring)."""
-    try:
-        validate_config(config)
-    except (ValueError, KeyError) as e:
-        return fail(f"invalid config: {e}", 2)
     from pfq.train.distributed import is_writer
     from pfq.train.trainer import SweepDivergedError, Trainer
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
     try:
-        trainer = Trainer(config, workdir, progress=progress, overwrite=overwrite)
+        validate_config(config)
+        trainer = Trainer(config, workdir, progress=progress, overwrite=overwrite)  # task and model from the config
+    except (ValueError, KeyError) as e:
+        return fail(f"invalid config: {e}", 2)
+    try:
         rows = trainer.run()
         if not is_writer():
             return 0
