@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
 from pfq.data.preprocess import CaseError, PreprocessConfig, load_case
+from pfq.faults import maybe_fail
 
 HASH_CHUNK = 1 << 22
 
@@ -46,6 +47,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        maybe_fail("cache_write")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
