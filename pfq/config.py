@@ -84,6 +84,7 @@ def base_config() -> ConfigDict:
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2
 
+    c.export_models = False  # keep each finished lane's model in workdir/models/<lane> (converter format)
     c.eval_batch_size = 16
     c.log_every = 10
     return c

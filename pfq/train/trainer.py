@@ -287,6 +287,20 @@ class Trainer:
         for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
             self._inits[init] = load_init(init, self.spec)
 
+    def export_models(self, outcome: GroupOutcome) -> None:
+        """Each finished lane's final model in the converter's format (`models/<lane>`), so it can be
+        used by `pfq.predict` or exported to PyTorch with `tools/convert_weights.py --to-torch`."""
+        from pfq.convert.store import save_model_dir
+
+        for li, lane in enumerate(outcome.lanes):
+            if outcome.diverged_step[li] >= 0:
+                continue
+            variables = jax.tree.map(lambda x, li=li: to_host(x)[li],
+                                     {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]})
+            save_model_dir(self.workdir / "models" / lane.name, self.spec, variables,
+                           {"source_format": "pfq-finetuned", "task": self.task.name, **lane.as_row()},
+                           overwrite=True)
+
     def run(self) -> list[dict]:
         cfg = self.config
         if workdir_lib.inspect(self.workdir, cfg.to_json(), self.overwrite):
@@ -311,6 +325,8 @@ class Trainer:
                          f"({DIVERGED_REASONS[int(outcome.diverged_reason[li])]})"
                          for li, lane in enumerate(group) if outcome.diverged_step[li] >= 0]
             probs = self.predict_pool(outcome, data)
+            if cfg.get("export_models") and is_writer():
+                self.export_models(outcome)
             rows += self.lane_rows(outcome, probs, data)
             prediction_rows += prediction_table(outcome, probs, data)
         if len(diverged) == len(lanes):

@@ -16,8 +16,9 @@ from pathlib import Path
 from pfq.faults import maybe_fail
 
 # Fields that change how a run executes, never its numbers.
-OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("data", "workers"), ("checkpoint", "every_steps"),
-                      ("checkpoint", "keep"), ("data", "cache_dir"), ("data", "prepare_workers")}
+OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("export_models",), ("data", "workers"),
+                      ("checkpoint", "every_steps"), ("checkpoint", "keep"), ("data", "cache_dir"),
+                      ("data", "prepare_workers")}
 OUTPUTS = ("results.csv", "predictions.csv", "run.json", "report.md", "config.json")
 
 
