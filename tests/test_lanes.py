@@ -83,3 +83,25 @@ def test_mesh_uses_lane_axis_first():
     assert make_mesh(8, 4, devices).devices.shape == (8, 1)
     assert make_mesh(2, 4, devices).devices.shape == (2, 4)
     assert make_mesh(3, 2, devices).devices.shape == (1, 2)
+
+
+def test_linear_probe_freezes_the_encoder_and_layer_decay_scales_by_depth():
+    from flax import traverse_util
+
+    from pfq.train.optim import lr_scales
+
+    variables = init_variables(SPEC, jax.random.key(0))
+    probe = ConfigDict(dict(OPTIM, mode="linear_probe", layer_decay=1.0))
+    tx = make_optimizer(probe, variables["params"], SPEC.depths, 10)
+    step, state = jax.jit(make_train_step(SPEC, tx)), init_state(variables, tx)
+    for batch in _batches(1, 2):  # two steps: the warm-up's first learning rate is 0
+        state, _ = step(state, jax.tree.map(lambda x: x[0], batch), jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(variables["params"]["encoder"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(state["params"]["head"][3]["kernel"], variables["params"]["head"][3]["kernel"])
+
+    scales = traverse_util.flatten_dict(lr_scales(variables["params"], SPEC.depths, 0.5))
+    assert scales[("head", 3, "kernel")] == 1.0
+    assert scales[("encoder", "downsample_layers", 0, 0, "kernel")] == 0.5 ** 13  # the stem: deepest decay
+    assert scales[("encoder", "stages", 0, 0, "dwconv", "kernel")] == 0.5 ** 12
