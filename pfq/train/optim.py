@@ -71,6 +71,8 @@ def _scale_updates_by(scales: Any) -> optax.GradientTransformation:
         return optax.EmptyState()
 
     def update(updates, state, params=None):
-        return jax.tree.map(lambda u, s: u * s, updates, scales), state
+        # Parameters held fixed by multi_transform arrive as MaskedNode placeholders: pass them through.
+        is_masked = lambda x: isinstance(x, optax.MaskedNode)
+        return jax.tree.map(lambda u, s: u if is_masked(u) else u * s, updates, scales, is_leaf=is_masked), state
 
     return optax.GradientTransformation(init, update)
