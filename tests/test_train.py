@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,23 @@ def check_exported_model(workdir: Path) -> None:
         assert meta["task"] == "pirads_ge4" and spec.num_classes == 2
         logits.append(np.asarray(apply(spec, variables, x)[0]))
     assert np.isfinite(logits[0]).all() and not np.allclose(logits[0], logits[1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback_match_one(reference, cache, tmp_path):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    args = ["--coordinator", coordinator, "--num_processes", "2"]
+    worker = run_train(tmp_path, cache, *args, "--process_id", "1", background=True)
+    run_train(tmp_path, cache, *args, "--process_id", "0")
+    out, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0, out[-3000:]
+    ref, got = probabilities(reference), probabilities(tmp_path)
+    assert max(abs(ref[k] - got[k]) for k in ref) < PROB_TOLERANCE
+    ref_rows, got_rows = read_csv(reference / "results.csv"), read_csv(tmp_path / "results.csv")
+    assert [r["seed"] for r in got_rows] == [r["seed"] for r in ref_rows]
+    assert np.allclose([float(r["auc"]) for r in got_rows], [float(r["auc"]) for r in ref_rows], atol=1e-3)
