@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pfq.model.depthwise import depthwise_conv3d
 
@@ -33,6 +34,20 @@ LN_EPS = 1e-6
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # Flax weight on the old value == torch momentum 0.1
 
+# What each remat mode keeps for the backward (names set in Block.__call__ and depthwise.py).
+REMAT_POLICIES = {
+    "light": jax.checkpoint_policies.save_only_these_names("dwconv", "dwconv_spectrum", "pwconv1"),
+    "full": None,  # nothing saved inside the block
+}
+
+
+def remat_mode(flag: bool | str) -> str:
+    mode = {False: "none", True: "full"}.get(flag, flag) if isinstance(flag, bool) else flag
+    if mode != "none" and mode not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat mode {flag!r}; use none, light, full or a bool")
+    return mode
+
+
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 _zeros = nnx.initializers.zeros_init()
 
@@ -48,7 +63,9 @@ class ModelSpec:
     drop_path_rate: float = 0.0
     depthwise_impl: str = "auto"
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat_stages: tuple[bool, ...] = (False, False, False, False)
+    # Per stage: "none" (False), "light" (save dwconv + pwconv1 outputs, recompute the elementwise
+    # LayerNorm/GELU/GRN in the backward) or "full" (True: recompute each block from its input).
+    remat_stages: tuple[bool | str, ...] = (False, False, False, False)
 
     @classmethod
     def from_size(cls, size: str, **kwargs) -> ModelSpec:
@@ -115,9 +132,9 @@ class Block(nnx.Module):
         self.drop_path_rate = drop_path_rate
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        y = self.dwconv(x)
+        y = checkpoint_name(self.dwconv(x), "dwconv")
         y = self.norm(y)
-        y = self.pwconv1(y)
+        y = checkpoint_name(self.pwconv1(y), "pwconv1")
         y = jax.nn.gelu(y, approximate=False)
         y = self.grn(y)
         y = self.pwconv2(y)
@@ -168,7 +185,7 @@ class ConvNeXtV2(nnx.Module):
             cursor += depths[i]
         self.stages = nnx.List(stages)
         self.norm = _layer_norm(dims[-1], rngs, jnp.float32)
-        self.remat_stages = tuple(spec.remat_stages)
+        self.remat_stages = tuple(remat_mode(f) for f in spec.remat_stages)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -183,8 +200,9 @@ class ConvNeXtV2(nnx.Module):
                 x = layer(x)
             for block in self.stages[i]:
                 k = None if keys is None else keys[cursor]
-                if self.remat_stages[i] if i < len(self.remat_stages) else False:
-                    x = nnx.remat(lambda blk, y, kk: blk(y, kk))(block, x, k)
+                mode = self.remat_stages[i] if i < len(self.remat_stages) else "none"
+                if mode != "none":
+                    x = nnx.remat(lambda blk, y, kk: blk(y, kk), policy=REMAT_POLICIES[mode])(block, x, k)
                 else:
                     x = block(x, k)
                 cursor += 1

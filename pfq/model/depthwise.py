@@ -6,14 +6,23 @@ an FFT formulation. Every formulation computes the same cross-correlation and is
 `direct` for outputs and gradients.
 
 Shapes: x (N, D, H, W, C) channels-last; kernel (kd, kh, kw, 1, C) (Flax depthwise layout); bias (C,).
+
+Formulations (benchmarks/bench_depthwise.py measures them against PyTorch):
+  direct      XLA grouped convolution; the reference.
+  fft         real FFTs with a hand-written VJP (below); the CPU default.
+  fft_autodiff  the first FFT prototype, differentiated by JAX; kept for comparison only.
+  shifted     scan over depth of shifted, channel-scaled sums; no FFT needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 DepthwiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -35,13 +44,167 @@ def depthwise_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
         precision=jax.lax.Precision.HIGHEST)
 
 
-def depthwise_fft(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Cross-correlation via real FFTs over (D, H, W) of the zero-padded input.
+# --------------------------------------------------------------------------------------------
+# FFT formulation with a hand-written VJP.
+#
+# Along each spatial axis of size n with a kernel of k = 2p+1 taps, take a transform length
+# L >= n + p with only factors 2, 3, 5 (FFTs of lengths like 62 = 2*31 are 2-3x slower). Zero-extend
+# x to L and place the kernel circularly (tap a at offset a - p mod L). The circular
+# cross-correlation then equals the 'SAME' linear one on [0, n): the reads that fall off either
+# edge, x[-p..-1] and x[n..n+p-1], wrap into the zero tail [n, L). So no explicit left padding
+# and no output shift are needed, and L is smaller than the usual n + 2p.
+#
+# The same argument makes the adjoints exact: dx is the circular convolution of the
+# zero-extended dy with the kernel, and dkernel[a] is the circular cross-correlation of dy with
+# x at lag a - p. In frequency terms, with X, DY the spectra and K the kernel's:
+#   y = irfft(X * conj(K)),  dx = irfft(DY * K),  dkernel = irfft(sum_batch X * conj(DY))[lags].
+# The kernel's spectrum and the 7^3 lags of dkernel are evaluated with small DFT matrices
+# (the kernel has only 7 nonzero taps per axis) rather than full-size FFTs: cheaper, and the
+# backward needs no complex activations beyond X.
+#
+# XLA's FFT transforms the innermost axes, so the spectra live channels-first
+# (N, C, Ld, Lh, Lw//2+1); the transposes in and out are the price of channels-last activations.
+# --------------------------------------------------------------------------------------------
 
-    With the input padded by p = (k-1)/2 on each side to length L = n + 2p and the kernel flipped,
-    the circular convolution of length L equals the linear one on indices [k-1, L), which are
-    exactly the n 'SAME' outputs; the wrapped-around part is discarded.
+def _smooth_length(n: int) -> int:
+    """Smallest m >= n whose only prime factors are 2, 3, 5."""
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def fft_lengths(spatial: tuple[int, ...], kernel_size: tuple[int, ...]) -> tuple[int, ...]:
+    """Transform lengths used by the FFT formulation for a (D, H, W) extent."""
+    return tuple(_smooth_length(n + (k - 1) // 2) for n, k in zip(spatial, kernel_size, strict=True))
+
+
+@lru_cache(maxsize=256)
+def _phase(length: int, taps: int, bins: int) -> np.ndarray:
+    """E[f, a] = exp(+2 pi i f (a - p) / L): spectrum bin f of a unit tap at circular offset a - p."""
+    p = (taps - 1) // 2
+    f = np.arange(bins)[:, None]
+    a = np.arange(taps)[None, :] - p
+    return np.exp(2j * np.pi * f * a / length).astype(np.complex64)
+
+
+def _bmm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Batched matmul over a shared leading axis: (B, m, k) @ (B, k, n) -> (B, m, n)."""
+    return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))),
+                               precision=jax.lax.Precision.HIGHEST)
+
+
+def _kernel_partial_spectrum(k: jax.Array, lengths: tuple[int, int, int]) -> jax.Array:
+    """Kernel spectrum transformed along W and D only: (kd, kh, kw, C) real -> (C, Ld, kh, Lw//2+1).
+
+    `_times_kernel_spectrum` finishes the H axis inside the product with the input's spectrum, so
+    the full kernel spectrum (as large as one sample's spectrum) is never stored.
     """
+    (kd, kh, kw), c = k.shape[:3], k.shape[3]
+    ld, _, lw = lengths
+    wb = lw // 2 + 1
+    gd = jnp.asarray(_phase(ld, kd, ld))            # (Ld, kd)
+    gw = jnp.asarray(_phase(lw, kw, wb))            # (Wb, kw)
+    t = jnp.transpose(k, (3, 0, 1, 2)).astype(jnp.complex64).reshape(c, kd * kh, kw)
+    t = _bmm(t, jnp.broadcast_to(gw.T, (c, kw, wb)))                          # (C, kd*kh, Wb)
+    t = _bmm(jnp.broadcast_to(gd, (c, ld, kd)), t.reshape(c, kd, kh * wb))    # (C, Ld, kh*Wb)
+    return t.reshape(c, ld, kh, wb)
+
+
+def _times_kernel_spectrum(xs: jax.Array, kp: jax.Array, lh: int, conj: bool) -> jax.Array:
+    """xs (N, C, Ld, Lh, Wb) times the kernel spectrum (or its conjugate), finishing the H-axis DFT
+    of `kp` as kh broadcast multiply-adds that XLA fuses with the product (cheaper than a
+    batched complex matmul, and nothing spectrum-sized is materialised for the kernel)."""
+    kh = kp.shape[2]
+    gh = _phase(lh, kh, lh)                          # (Lh, kh)
+    if conj:
+        kp, gh = jnp.conj(kp), np.conj(gh)
+    ksp = sum(kp[:, :, b:b + 1, :] * jnp.asarray(gh[:, b])[None, None, :, None] for b in range(kh))
+    return xs * ksp[None]
+
+
+def _kernel_lags(s: jax.Array, lengths: tuple[int, int, int], ks: tuple[int, int, int]) -> jax.Array:
+    """Inverse real 3-D DFT of s (C, Ld, Lh, Lw//2+1), evaluated only at lags -p..p per axis.
+
+    Returns (kd, kh, kw, C) real: the kernel gradient.
+    """
+    c = s.shape[0]
+    ld, lh, lw = lengths
+    kd, kh, kw = ks
+    wb = lw // 2 + 1
+    gd = jnp.asarray(_phase(ld, kd, ld).T / ld)     # (kd, Ld)
+    gh = jnp.asarray(_phase(lh, kh, lh).T / lh)     # (kh, Lh)
+    # Half-spectrum along W: bins other than DC and Nyquist stand for two conjugate bins.
+    wts = np.full(wb, 2.0)
+    wts[0] = 1.0
+    if lw % 2 == 0:
+        wts[-1] = 1.0
+    gw = jnp.asarray((_phase(lw, kw, wb) * wts[:, None] / lw).astype(np.complex64))   # (Wb, kw)
+    t = _bmm(jnp.broadcast_to(gh, (c * ld, kh, lh)), s.reshape(c * ld, lh, wb))  # (C*Ld, kh, Wb)
+    t = _bmm(jnp.broadcast_to(gd, (c, kd, ld)), t.reshape(c, ld, kh * wb))      # (C, kd, kh*Wb)
+    t = jnp.real(_bmm(t.reshape(c, kd * kh, wb), jnp.broadcast_to(gw, (c, wb, kw))))  # (C, kd*kh, kw)
+    return jnp.transpose(t.reshape(c, kd, kh, kw), (1, 2, 3, 0))
+
+
+def _spectrum(x: jax.Array, lengths: tuple[int, int, int]) -> jax.Array:
+    """(N, D, H, W, C) -> rfft over (D, H, W) of the zero-extended volume, (N, C, Ld, Lh, Lw//2+1)."""
+    n = x.shape[1:4]
+    xt = jnp.transpose(x.astype(jnp.float32), (0, 4, 1, 2, 3))
+    xt = jnp.pad(xt, [(0, 0), (0, 0)] + [(0, lengths[i] - n[i]) for i in range(3)])
+    return jnp.fft.rfftn(xt, axes=(2, 3, 4))
+
+
+def _spatial(s: jax.Array, lengths: tuple[int, int, int], n: tuple[int, ...], dtype) -> jax.Array:
+    """Inverse of `_spectrum`: first n[i] samples per axis, back to channels-last."""
+    y = jnp.fft.irfftn(s, s=lengths, axes=(2, 3, 4))[:, :, :n[0], :n[1], :n[2]]
+    return jnp.transpose(y, (0, 2, 3, 4, 1)).astype(dtype)
+
+
+@jax.custom_vjp
+def depthwise_fft(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Cross-correlation via real FFTs with a hand-written VJP (see the block comment above).
+
+    Computes in float32 whatever the input dtype (bf16 FFTs lose too much precision) and returns
+    x.dtype. The backward keeps only x's spectrum and recomputes the kernel's (cheap).
+    """
+    return _fft_fwd(x, kernel)[0]
+
+
+def _fft_fwd(x: jax.Array, kernel: jax.Array):
+    ks, n = kernel.shape[:3], x.shape[1:4]
+    lengths = fft_lengths(n, ks)
+    xs = _spectrum(x, lengths)
+    kp = _kernel_partial_spectrum(kernel[:, :, :, 0, :].astype(jnp.float32), lengths)
+    y = _spatial(_times_kernel_spectrum(xs, kp, lengths[1], conj=False), lengths, n, x.dtype)
+    # The spectrum is kept as (re, im) float pairs: same bytes, and jax.checkpoint (0.10) cannot
+    # save complex residuals. Named so that a remat policy can choose to keep it (convnext.py).
+    saved = checkpoint_name(jnp.stack([jnp.real(xs), jnp.imag(xs)], axis=-1), "dwconv_spectrum")
+    # Zero-size arrays carry the dtypes to the backward without holding any memory.
+    return y, (saved, kernel, jnp.zeros((0,), x.dtype))
+
+
+def _fft_bwd(res, dy: jax.Array):
+    saved, kernel, xdt = res
+    xs = jax.lax.complex(saved[..., 0], saved[..., 1])
+    ks, n = kernel.shape[:3], dy.shape[1:4]
+    lengths = fft_lengths(n, ks)
+    kp = _kernel_partial_spectrum(kernel[:, :, :, 0, :].astype(jnp.float32), lengths)
+    dys = _spectrum(dy, lengths)
+    dx = _spatial(_times_kernel_spectrum(dys, kp, lengths[1], conj=True), lengths, n, xdt.dtype)
+    dk = _kernel_lags(jnp.sum(xs * jnp.conj(dys), axis=0), lengths, ks)
+    return dx, dk[:, :, :, None, :].astype(kernel.dtype)
+
+
+depthwise_fft.defvjp(_fft_fwd, _fft_bwd)
+
+
+def depthwise_fft_autodiff(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The first FFT prototype (pad by k-1, full-size kernel FFT, JAX autodiff); for comparison."""
     ks = kernel.shape[:3]
     pads = [(0, 0)] + [((k - 1) // 2, (k - 1) // 2) for k in ks] + [(0, 0)]
     xp = jnp.pad(x.astype(jnp.float32), pads)
@@ -56,34 +219,37 @@ def depthwise_fft(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Sum of kd*kh*kw shifted, channel-scaled copies: cheap to compile for small kernels and
-    memory-light; a fallback on backends where FFTs are slow."""
+    """Sum of kd*kh*kw shifted, channel-scaled copies: no FFT and memory-light, but XLA's CPU
+    code for it (and its autodiff) is slow; a fallback for backends without good FFTs.
+    A scan over the kd*kh (depth, row) offsets with the kw column shifts unrolled keeps the
+    compiled program small."""
     kd, kh, kw = kernel.shape[:3]
     pads = [(0, 0)] + [((k - 1) // 2, (k - 1) // 2) for k in (kd, kh, kw)] + [(0, 0)]
     xp = jnp.pad(x, pads)
     d, h, w = x.shape[1:4]
-    k = kernel[:, :, :, 0, :].astype(x.dtype)
+    k = kernel[:, :, :, 0, :].astype(x.dtype).reshape(kd * kh, kw, -1)
 
-    def over_depth(acc, a):
-        plane = jax.lax.dynamic_slice_in_dim(xp, a, d, axis=1)
-        ka = jax.lax.dynamic_index_in_dim(k, a, axis=0, keepdims=False)
-        for b in range(kh):
-            for c in range(kw):
-                acc = acc + plane[:, :, b:b + h, c:c + w, :] * ka[b, c]
+    def over_offsets(acc, ab):
+        rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
+                                     (x.shape[0], d, h, xp.shape[3], x.shape[4]))
+        kab = jax.lax.dynamic_index_in_dim(k, ab, axis=0, keepdims=False)
+        for c in range(kw):
+            acc = acc + rows[:, :, :, c:c + w, :] * kab[c]
         return acc, None
 
-    acc, _ = jax.lax.scan(over_depth, jnp.zeros_like(x), jnp.arange(kd))
+    acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh))
     return acc
 
 
 IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
     "direct": depthwise_direct,
     "fft": depthwise_fft,
+    "fft_autodiff": depthwise_fft_autodiff,
     "shifted": depthwise_shifted,
 }
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, backend: str | None = None) -> str:
     """'auto' picks by backend: FFT on CPU (measured fastest there), XLA's grouped conv on GPU/TPU,
     where cuDNN and the TPU compiler have native depthwise kernels."""
     if impl != "auto":
@@ -91,12 +257,13 @@ def resolve_impl(impl: str) -> str:
             raise ValueError(f"unknown depthwise implementation {impl!r}; choose from "
                              f"{sorted(IMPLEMENTATIONS)} or 'auto'")
         return impl
-    return "fft" if jax.default_backend() == "cpu" else "direct"
+    backend = backend or jax.default_backend()
+    return "fft" if backend == "cpu" else "direct"
 
 
 def depthwise_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                      impl: str = "auto") -> jax.Array:
-    """Depthwise 'SAME' cross-correlation with stride 1, as torch `Conv3d(C, C, k, padding=k//2, groups=C)`."""
+    """Depthwise 'SAME' cross-correlation, stride 1: torch `Conv3d(C, C, k, padding=k//2, groups=C)`."""
     _check(x, kernel)
     y = IMPLEMENTATIONS[resolve_impl(impl)](x, kernel)
     if bias is not None:
