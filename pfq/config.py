@@ -101,7 +101,7 @@ def paper_config(task: str) -> ConfigDict:
     c.model.size = "tiny"
     c.model.depths, c.model.dims = (), ()
     c.model.drop_path = 0.1
-    c.model.remat_stages = (True, True, False, False)  # real-size activations of stages 0-1 dominate memory
+    c.model.remat_stages = ("light", "light", "none", "none")  # stages 0-1 activations dominate memory
     ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
     c.sweep.finetune_hq_ratios = ratios
     c.sweep.test_hq_ratios = ratios
