@@ -2,8 +2,11 @@
 
 A step is forward, cross-entropy loss, backward and an AdamW update (lr 1e-4, weight decay 0.05,
 drop-path 0.1), fp32. Each side runs in its own worker subprocess, so peak memory (ru_maxrss)
-is per side; the parent interleaves their timed steps (pfq, torch, pfq, torch, ...) so both see
-the same background load on a shared machine, and reports medians and speedup = torch / pfq.
+is per side; the parent interleaves their timed steps (pfq, torch, torch_contiguous, pfq, ...)
+so all see the same background load on a shared machine, and reports medians and
+speedup = torch / pfq, against PyTorch in channels_last_3d (its faster layout here) and in
+contiguous NCDHW. pfq runs with remat "light" (--remat), which keeps its peak memory below
+PyTorch's at the real size.
 
     python benchmarks/bench_step.py --preset small      # batch 2, 3x32x96x96
     python benchmarks/bench_step.py --preset real       # batch 1, 3x64x224x224 (the demo size)
@@ -29,6 +32,10 @@ PRESETS = {
     "real": {"batch": 1, "size": (64, 224, 224)},
 }
 LR, WEIGHT_DECAY, DROP_PATH = 1e-4, 0.05, 0.1
+# Side name -> (worker, PyTorch memory format). channels_last_3d is PyTorch's faster layout here
+# (its depthwise conv backward is ~3x faster than in contiguous NCDHW); contiguous is the layout of
+# the earlier orientation figures.
+SIDES = {"pfq": ("pfq", ""), "torch": ("torch", "channels_last"), "torch_contiguous": ("torch", "contiguous")}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -205,14 +212,15 @@ def torch_worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------ parent
 
 def _spawn(side: str, args: argparse.Namespace) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--batch", str(args.batch),
+    worker, fmt = SIDES[side]
+    cmd = [sys.executable, __file__, "--worker", worker, "--model", args.model, "--batch", str(args.batch),
            "--size", ",".join(map(str, args.size)), "--impl", args.impl, "--dtype", args.dtype,
-           "--remat", args.remat, "--threads", str(args.threads), "--torch-format", args.torch_format,
+           "--remat", args.remat, "--threads", str(args.threads), "--torch-format", fmt or "contiguous",
            "--torch-omp-wait", args.torch_omp_wait]
     if args.profile:
         cmd.append("--profile")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    if side == "torch" and args.torch_omp_wait == "passive":
+    if worker == "torch" and args.torch_omp_wait == "passive":
         # OpenMP threads that sleep instead of spinning at barriers: on this shared, oversubscribed
         # machine spinning made PyTorch's step up to 10x slower and erratic; passive gives it its
         # best and steadiest times (XLA's thread pool is not affected this way).
@@ -252,10 +260,12 @@ def main() -> None:
                    help="pfq remat per stage: none|light|full, per stage 'light,light,none,none', or '1000'")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPU cores for both sides (affinity; torch.set_num_threads)")
-    p.add_argument("--torch-format", choices=["channels_last", "contiguous"], default="contiguous")
+    p.add_argument("--torch-format", choices=["channels_last", "contiguous"], default="channels_last",
+                   help=argparse.SUPPRESS)  # set per side (SIDES); the worker reads it
     p.add_argument("--torch-omp-wait", choices=["passive", "default"], default="passive",
                    help="OMP_WAIT_POLICY for the PyTorch worker")
-    p.add_argument("--sides", default="pfq,torch")
+    p.add_argument("--sides", default="pfq,torch,torch_contiguous",
+                   help=f"comma-separated, from {sorted(SIDES)}; torch is channels_last_3d")
     p.add_argument("--profile", action="store_true", help="profile pfq's step (XLA cost analysis + trace)")
     p.add_argument("--worker", choices=["pfq", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -308,29 +318,32 @@ def main() -> None:
                 result[side][k] = r[k]
         if "profile" in r:
             result[side]["profile"] = r["profile"]
-    if "pfq" in result and "torch" in result:
-        result["speedup"] = result["torch"]["median_s"] / result["pfq"]["median_s"]
-        # Robustness views for a shared machine: the median of the per-round ratios (each round's two
-        # steps ran back to back under similar load) and the ratio of the fastest steps (the least
-        # disturbed ones).
-        rounds = zip(times["pfq"], times["torch"], strict=True)
-        result["speedup_paired_median"] = _median([t / p for p, t in rounds])
-        result["speedup_min"] = result["torch"]["min_s"] / result["pfq"]["min_s"]
-        result["cpu_time_ratio"] = result["torch"]["median_cpu_s"] / result["pfq"]["median_cpu_s"]
-        result["peak_rss_ratio"] = result["pfq"]["peak_rss_mb"] / result["torch"]["peak_rss_mb"]
+    for ref in [s for s in sides if s != "pfq"] if "pfq" in sides else []:
+        rounds = zip(times["pfq"], times[ref], strict=True)
+        result[f"vs_{ref}"] = {
+            "speedup": result[ref]["median_s"] / result["pfq"]["median_s"],
+            # Robustness views for a shared machine: the median of the per-round ratios (each round's
+            # steps ran back to back under similar load), the ratio of the fastest (least disturbed)
+            # steps, and the ratio of CPU seconds per step.
+            "speedup_paired_median": _median([t / p for p, t in rounds]),
+            "speedup_min": result[ref]["min_s"] / result["pfq"]["min_s"],
+            "cpu_time_ratio": result[ref]["median_cpu_s"] / result["pfq"]["median_cpu_s"],
+            "peak_rss_ratio": result["pfq"]["peak_rss_mb"] / result[ref]["peak_rss_mb"]}
+    if "vs_torch" in result:
+        result["speedup"] = result["vs_torch"]["speedup"]
     for side in sides:
         r = result[side]
         extra = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
-        print(f"{side:6s} median {r['median_s']:.3f} s (min {r['min_s']:.3f} s, "
+        print(f"{side:16s} median {r['median_s']:.3f} s (min {r['min_s']:.3f} s, "
               f"CPU {r['median_cpu_s']:.2f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
               f"(steps {r['steps_rss_peak_mb']:.0f} MB){extra}")
     print(f"1-min load average before/after the timed steps: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
-    if "speedup" in result:
-        print(f"speedup (torch / pfq) {result['speedup']:.2f}x from medians; median of paired rounds "
-              f"{result['speedup_paired_median']:.2f}x; fastest steps {result['speedup_min']:.2f}x; "
-              f"CPU time {result['cpu_time_ratio']:.2f}x. "
-              f"Peak RSS pfq/torch {result['peak_rss_ratio']:.2f}")
+    for ref in [s for s in sides if f"vs_{s}" in result]:
+        v = result[f"vs_{ref}"]
+        print(f"speedup {ref} / pfq: {v['speedup']:.2f}x from medians; median of paired rounds "
+              f"{v['speedup_paired_median']:.2f}x; fastest steps {v['speedup_min']:.2f}x; "
+              f"CPU time {v['cpu_time_ratio']:.2f}x. Peak RSS pfq / {ref} {v['peak_rss_ratio']:.2f}")
     if "profile" in result.get("pfq", {}):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from xla_profile import print_profile

@@ -28,7 +28,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="real")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--remat", nargs="+", default=["none", "light", "full"])
+    p.add_argument("--remat", nargs="+", default=["none", "light", "full"],
+                   help="modes for all stages, or per stage as light,light,none,none")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--impl", default="auto", help="depthwise formulation")
     args = p.parse_args()
@@ -46,7 +47,8 @@ def main() -> None:
     rows = []
     for mode in args.remat:
         spec = ModelSpec.from_size(args.model, num_classes=2, drop_path_rate=0.1, dtype=args.dtype,
-                                   depthwise_impl=args.impl, remat_stages=(mode,) * 4)
+                                   depthwise_impl=args.impl,
+                                   remat_stages=tuple(mode.split(",")) if "," in mode else (mode,) * 4)
         v = abstract_variables(spec)
         opt = jax.eval_shape(tx.init, v["params"])
         x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
