@@ -9,8 +9,6 @@ from pfq.config import base_config
 def get_config():
     c = base_config()
     c.phantoms.cases = 48
-    c.phantoms.shape = (16, 32, 32)
-    c.data.input_size = (16, 32, 32)
     c.data.test_fraction = 0.5
     c.model.depths = (1, 1, 1, 1)
     c.model.dims = (8, 16, 24, 32)

@@ -13,6 +13,7 @@ iterator and writer.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +68,19 @@ def run_batches(forward: Forward, batches: Iterator[np.ndarray], batch_size: int
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
+def save_array_atomically(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary sibling, then rename: a kill or a full disk never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pfq.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    np.save(args.output, y)
+    save_array_atomically(Path(args.output), y)
     print(f"wrote {args.output}: {y.shape}")
     return 0
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from pfq import stats
+from pfq.faults import maybe_fail
 from pfq.stats import REFERENCE_INIT, Summary, as_float, group, summarize
+from pfq.train.workdir import atomic_write_text
 
 # Columns that are not metrics (the rest that are numeric are, CI bounds aside).
 ID_COLUMNS = ("task", "init", "finetune_hq_ratio", "finetune_hq_count", "train_size", "seed", "test_hq_ratio",
@@ -241,9 +243,13 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
+        maybe_fail(f"write:{path.name}")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def _annotate(ax, matrix: np.ndarray, texts: dict, cmap, norm) -> None:
@@ -420,6 +426,7 @@ def write_report(workdir: Path, metric: str = "auc") -> str:
 
     matplotlib.use("Agg")
     workdir = Path(workdir)
+    maybe_fail("report")
     all_rows = read_results(workdir / "results.csv")
     if not all_rows:
         raise ValueError(f"{workdir / 'results.csv'} has no rows")
@@ -440,10 +447,7 @@ def write_report(workdir: Path, metric: str = "auc") -> str:
         plot_mismatch(rows, workdir / names[2], metric)
         sections.append(report_markdown(rows, metric, figures, title=task))
         summaries.append(_text_summary(rows, metric, task))
-    text = "\n".join(sections)
-    tmp = workdir / f".report.md.tmp{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, workdir / "report.md")
+    atomic_write_text(workdir / "report.md", "\n".join(sections))
     return "\n\n".join(summaries) + f"\n\nreport: {workdir / 'report.md'}"
 
 

@@ -237,7 +237,9 @@ def test_lane_rows_columns_and_status():
     trainer.config = ConfigDict({"sweep": {"test_hq_ratios": (0.0, 1.0), "test_size": 0, "test_draws": 2,
                                            "test_seed": 0, "bootstrap_resamples": 50}})
     lanes = [Lane(0, 0.5, "scratch", 16, 0), Lane(1, 0.5, "scratch", 16, 1)]
-    outcome = SimpleNamespace(lanes=lanes, diverged_step=np.array([-1, 7]))
+    hq, lq = np.flatnonzero(is_hq)[:8], np.flatnonzero(~is_hq)[:8]
+    lane_set = np.sort(np.concatenate([hq, lq]))  # 8 HQ of 16: the realised count the row reports
+    outcome = SimpleNamespace(lanes=lanes, diverged_step=np.array([-1, 7]), lane_sets=[lane_set, lane_set])
     data = SimpleNamespace(labels=np.concatenate([labels, [0] * 10]), is_hq=np.concatenate([is_hq, [True] * 10]),
                            test_pool=np.arange(80))
     probs = rng.dirichlet(np.ones(2), (2, 80)).astype(np.float32)

@@ -72,9 +72,8 @@ def test_bf16_computes_in_bf16_where_intended():
     x, _ = _batch()
     jaxpr = jax.make_jaxpr(lambda v, x: apply(spec, v, x, train=True)[0])(v, x).jaxpr
     counts = _primitive_dtypes(jaxpr)
-    # stem/downsample convs and the block pointwise convs run in bf16 ...
-    assert counts[("conv_general_dilated", ("bfloat16", "bfloat16"))] == 4
-    assert counts[("dot_general", ("bfloat16", "bfloat16"))] == 2 * sum(SMALL["depths"])
+    # the stem/downsample patch convs (matmuls, see PatchConv) and the block pointwise convs run in bf16 ...
+    assert counts[("dot_general", ("bfloat16", "bfloat16"))] == 4 + 2 * sum(SMALL["depths"])
     # ... the head's two Linear layers in f32, and every reduction (LayerNorm, GRN and pooling
     # statistics) in f32.
     assert counts[("dot_general", ("float32", "float32"))] == 2

@@ -27,6 +27,10 @@ from pfq.convert.errors import ConvertError, UnsafeCheckpointError
 
 MAX_PICKLE_BYTES = 512 << 20  # data.pkl of a weights file is a few hundred KiB
 MAX_DEFLATE_RATIO = 1000  # refuse zip bombs among compressed members
+# Tensors are strided views of storages, so a few bytes of pickle can declare a view (stride 0, or
+# many views of one storage) far larger than the file. All the tensors read from one file may
+# together take at most this multiple of its size, plus a floor for tiny files.
+MAX_READ_FACTOR, MIN_READ_BUDGET = 4, 64 << 20
 _LOCAL_HEADER = 30  # fixed part of a zip local file header
 _KEY_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
@@ -115,6 +119,16 @@ class _Archive:
         if order is not None and order.file_size > 16:
             raise UnsafeCheckpointError(f"{path}: byteorder record of {order.file_size} bytes")
         self.big_endian = order is not None and bytes(self._read(order, order.file_size)).strip() == b"big"
+        self.read_limit = MAX_READ_FACTOR * self.size + MIN_READ_BUDGET
+        self.read_total = 0
+
+    def charge(self, nbytes: int, what: str) -> None:
+        """Count bytes about to be materialised from this file; refuse past `read_limit`."""
+        if self.read_total + nbytes > self.read_limit:
+            raise UnsafeCheckpointError(f"{self.path}: {what} would bring the tensors read from this {self.size}-byte "
+                                        f"file to {self.read_total + nbytes} bytes, over the {self.read_limit}-byte "
+                                        "limit; a weights file's tensors are no larger than the file")
+        self.read_total += nbytes
 
     def read_pickle(self) -> bytes:
         info = self.members[f"{self.prefix}/data.pkl"]
@@ -194,6 +208,8 @@ class TensorRef:
         """A fresh C-contiguous array with the tensor's values."""
         if math.prod(self.shape) == 0:
             return np.zeros(self.shape, self.dtype)
+        self.storage.archive.charge(math.prod(self.shape) * self.dtype.itemsize,
+                                    f"a tensor of shape {self.shape} from storage {self.storage.key!r}")
         flat = self.storage.array()
         if flat.dtype != self.dtype:  # _rebuild_tensor_v3 reinterprets an untyped (byte) storage
             flat = flat.view(self.dtype)
@@ -218,6 +234,9 @@ def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dty
     size = tuple(_as_int(s, "size") for s in size)
     stride = tuple(_as_int(s, "stride") for s in stride)
     numel = storage.numel * storage.dtype.itemsize // dtype.itemsize
+    if math.prod(size) * dtype.itemsize > storage.archive.read_limit:
+        raise UnsafeCheckpointError(f"tensor of size {size} ({math.prod(size)} elements) is a view of storage "
+                                    f"{storage.key!r} ({numel} elements) larger than the whole file allows")
     if math.prod(size) > 0:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= numel:

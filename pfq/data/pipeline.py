@@ -4,7 +4,11 @@ Training: element `s` of the dataset is step `s` of every lane at once, `{"image
 "label": (L, B)}`. Lane `l` reads its own finetuning set in its own seeded order (a fresh permutation
 per epoch, or inverse-frequency sampling) with its own augmentation draws, all derived from
 (lane seed, stream position), so a lane's data does not depend on which other lanes share the step,
-and the iterator state is just the next step index.
+worker processes return what the main process would, and the iterator state is just the next step.
+
+Options: exact per-batch HQ/LQ composition (`exact_quality`), inverse-frequency class balancing
+(`balance`), and per-host sharding (`process_index`/`process_count`: each host loads only its slice
+of every lane's batch, along the batch axis).
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from typing import Protocol
 
 import grain
 import numpy as np
+from scipy import ndimage
+
+# Tags that keep the seeded random streams of different purposes apart.
+_ORDER, _BALANCE, _AUGMENT, _SLOTS = 0xDA7A, 0xBA1, 0xA06, 0x5107
+_QUALITY_TAG = {True: 0x4A, False: 0x1A}
 
 
 class VolumeSource(Protocol):
@@ -36,6 +45,9 @@ class InMemoryVolumes:
         return self.volumes[index]
 
 
+# ----------------------------------------------------------------------------------------------
+# Augmentation: a random map drawn from the lane's (seed, position) stream.
+# ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AugmentConfig:
     enabled: bool = True
@@ -43,73 +55,171 @@ class AugmentConfig:
     intensity_scale: float = 0.1  # per-channel gain 1 + U(-a, a)
     intensity_shift: float = 0.1  # per-channel offset U(-a, a) (inputs are z-normalised)
     noise_std: float = 0.03
+    rotate_deg: float = 0.0  # in-plane (H, W) rotation U(-a, a) degrees; 0: off
+    zoom: float = 0.0  # in-plane zoom 1 + U(-a, a); 0: off
+
+    @classmethod
+    def from_config(cls, data) -> AugmentConfig:
+        """From a run config's `data` section."""
+        return cls(enabled=bool(data.augment), rotate_deg=float(data.get("augment_rotate_deg", 0.0)),
+                   zoom=float(data.get("augment_zoom", 0.0)))
+
+
+def rotate_zoom(volume: np.ndarray, degrees: float, scale: float) -> np.ndarray:
+    """Rotate (D, H, W, C) about its in-plane centre by `degrees` and zoom by `scale`; trilinear,
+    zero outside. Every channel moves identically."""
+    theta = np.deg2rad(degrees)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]) / scale
+    matrix = np.eye(4)
+    matrix[1:3, 1:3] = rot  # output (h, w) -> input (h, w); D and C untouched
+    centre = (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
+    offset = centre - matrix @ centre
+    return ndimage.affine_transform(volume, matrix, offset=offset, order=1, mode="constant", cval=0.0,
+                                    prefilter=False, output=np.float32)
 
 
 def augment(volume: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
     if not config.enabled:
         return volume
-    out = volume
-    if config.flip_w and rng.random() < 0.5:
-        out = out[:, :, ::-1]
-    channels = out.shape[-1]
-    gain = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale, channels)
-    shift = rng.uniform(-config.intensity_shift, config.intensity_shift, channels)
-    out = out * gain.astype(np.float32) + shift.astype(np.float32)
-    if config.noise_std > 0:
-        out = out + rng.normal(0.0, config.noise_std, out.shape).astype(np.float32)
+    channels = volume.shape[-1]
+    flip = config.flip_w and rng.random() < 0.5
+    gain = (1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale, channels)).astype(np.float32)
+    shift = rng.uniform(-config.intensity_shift, config.intensity_shift, channels).astype(np.float32)
+    geometric = config.rotate_deg > 0 or config.zoom > 0
+    if geometric:  # drawn only when on, so the default stream is unchanged by the option
+        degrees = rng.uniform(-config.rotate_deg, config.rotate_deg)
+        scale = 1.0 + rng.uniform(-config.zoom, config.zoom)
+    out = volume[:, :, ::-1] if flip else volume
+    if geometric:
+        out = rotate_zoom(np.ascontiguousarray(out, dtype=np.float32), degrees, scale)
+    out = out * gain + shift
+    if config.noise_std > 0:  # the dominant cost at real size (~0.1 s per 3x64x224x224 volume)
+        out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(config.noise_std)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def stream_case(lane_set: np.ndarray, labels: np.ndarray, seed: int, position: int, balance: bool) -> int:
-    """Pool index of a lane's `position`-th training example."""
-    n = len(lane_set)
-    if balance:
-        set_labels = labels[lane_set]
-        freq = np.bincount(set_labels)[set_labels].astype(np.float64)
-        weights = (1.0 / freq) / (1.0 / freq).sum()
-        return int(lane_set[np.random.default_rng([seed, position, 0xBA1]).choice(n, p=weights)])
+# ----------------------------------------------------------------------------------------------
+# Lane streams: which case fills each slot of each step, from (lane seed, position) alone.
+# ----------------------------------------------------------------------------------------------
+def _inverse_frequency(labels: np.ndarray) -> np.ndarray:
+    freq = np.bincount(labels)[labels].astype(np.float64)
+    return 1.0 / freq
+
+
+def _draw(members: np.ndarray, weights: np.ndarray | None, key: Sequence[int], position: int) -> int:
+    """The `position`-th draw of a stream over `members`: epoch permutations, or weighted sampling."""
+    n = len(members)
+    if weights is not None:
+        return int(members[np.random.default_rng([*key, position, _BALANCE]).choice(n, p=weights / weights.sum())])
     epoch, offset = divmod(position, n)
-    order = np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
-    return int(lane_set[order[offset]])
+    return int(members[np.random.default_rng([*key, epoch, _ORDER]).permutation(n)[offset]])
+
+
+def stream_case(lane_set: np.ndarray, labels: np.ndarray, seed: int, position: int, balance: bool) -> int:
+    """Pool index of a lane's `position`-th training example (no quality constraint)."""
+    weights = _inverse_frequency(np.asarray(labels)[lane_set]) if balance else None
+    return _draw(np.asarray(lane_set), weights, [seed], position)
+
+
+def cumulative_hq(steps: int, batch_size: int, n_hq: int, n: int) -> int:
+    """HQ slots in the first `steps` batches: round-half-up(steps * B * n_hq / n), in integers."""
+    return (2 * steps * batch_size * n_hq + n) // (2 * n)
+
+
+class LaneStream:
+    """One lane's cases per step. With `exact_quality`, batch `s` holds HQ cases in the lane set's
+    share to the nearest case, cumulatively exact (every batch has floor or ceil of B*share, and the
+    first s batches together hold round(s*B*share)); HQ and LQ cases come from separate seeded
+    streams and are shuffled into the batch's slots."""
+
+    def __init__(self, lane_set: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, *,
+                 balance: bool = False, is_hq: np.ndarray | None = None, exact_quality: bool = False):
+        self.lane_set = np.asarray(lane_set, dtype=np.int64)
+        if len(self.lane_set) == 0:
+            raise ValueError(f"lane with seed {seed} has an empty finetuning set")
+        self.seed, self.batch_size, self.exact = int(seed), int(batch_size), bool(exact_quality)
+        labels = np.asarray(labels)
+        weights = _inverse_frequency(labels[self.lane_set]) if balance else None
+        self.weights = weights
+        if self.exact:
+            if is_hq is None:
+                raise ValueError("exact_quality needs the per-case is_hq flags")
+            hq = np.asarray(is_hq, dtype=bool)[self.lane_set]
+            self.members = {q: self.lane_set[hq == q] for q in (True, False)}
+            self.member_weights = {q: None if weights is None else weights[hq == q] for q in (True, False)}
+
+    def batch(self, step: int) -> np.ndarray:
+        """Pool indices of the lane's `batch_size` examples at `step`, in slot order."""
+        start = int(step) * self.batch_size
+        if not self.exact:
+            return np.array([_draw(self.lane_set, self.weights, [self.seed], start + b)
+                             for b in range(self.batch_size)], dtype=np.int64)
+        n_hq, n = len(self.members[True]), len(self.lane_set)
+        before = cumulative_hq(step, self.batch_size, n_hq, n)
+        k = cumulative_hq(step + 1, self.batch_size, n_hq, n) - before
+        starts = {True: before, False: start - before}
+        counts = {True: k, False: self.batch_size - k}
+        cases = [_draw(self.members[q], self.member_weights[q], [self.seed, _QUALITY_TAG[q]], starts[q] + j)
+                 for q in (True, False) for j in range(counts[q])]
+        slots = np.random.default_rng([self.seed, int(step), _SLOTS]).permutation(self.batch_size)
+        return np.asarray(cases, dtype=np.int64)[slots]
 
 
 class LaneStep(grain.transforms.Map):
-    """step index -> lane-stacked batch."""
+    """step index -> lane-stacked batch (this host's slice of every lane's batch)."""
 
-    def __init__(self, source: VolumeSource, labels: np.ndarray, lane_sets: Sequence[np.ndarray],
-                 lane_seeds: Sequence[int], batch_size: int, augment_config: AugmentConfig,
-                 balance: bool = False):
-        self.source, self.labels = source, np.asarray(labels)
-        self.lane_sets = [np.asarray(s) for s in lane_sets]
-        self.lane_seeds = list(lane_seeds)
-        self.batch_size, self.augment_config, self.balance = batch_size, augment_config, balance
+    def __init__(self, source: VolumeSource, labels: np.ndarray, streams: Sequence[LaneStream],
+                 augment_config: AugmentConfig, process_index: int = 0, process_count: int = 1):
+        self.source, self.labels, self.streams = source, np.asarray(labels), list(streams)
+        self.augment_config = augment_config
+        batch_size = self.streams[0].batch_size
+        if batch_size % process_count or not 0 <= process_index < process_count:
+            raise ValueError(f"batch size {batch_size} must split evenly over {process_count} processes "
+                             f"(process_index {process_index})")
+        local = batch_size // process_count
+        self.slots = range(process_index * local, (process_index + 1) * local)
 
     def map(self, step: int) -> dict[str, np.ndarray]:
         images, labels = [], []
-        for lane_set, seed in zip(self.lane_sets, self.lane_seeds, strict=True):
-            for b in range(self.batch_size):
-                position = int(step) * self.batch_size + b
-                case = stream_case(lane_set, self.labels, seed, position, self.balance)
-                rng = np.random.default_rng([seed, position, 0xA06])
+        for stream in self.streams:
+            cases = stream.batch(int(step))
+            for b in self.slots:
+                case = int(cases[b])
+                rng = np.random.default_rng([stream.seed, int(step) * stream.batch_size + b, _AUGMENT])
                 images.append(augment(self.source[case], rng, self.augment_config))
                 labels.append(self.labels[case])
-        lanes = len(self.lane_sets)
-        image = np.stack(images).reshape((lanes, self.batch_size) + images[0].shape)
-        return {"image": image, "label": np.asarray(labels, np.int32).reshape(lanes, self.batch_size)}
+        shape = (len(self.streams), len(self.slots))
+        image = np.stack(images).reshape(shape + images[0].shape)
+        return {"image": image, "label": np.asarray(labels, np.int32).reshape(shape)}
 
 
 def train_dataset(source: VolumeSource, labels: np.ndarray, lane_sets: Sequence[np.ndarray],
                   lane_seeds: Sequence[int], *, batch_size: int, num_steps: int,
-                  augment_config: AugmentConfig, balance: bool = False) -> grain.MapDataset:
+                  augment_config: AugmentConfig, balance: bool = False, is_hq: np.ndarray | None = None,
+                  exact_quality: bool = False, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Lane-stacked training batches; each process gets (L, batch_size // process_count, ...)."""
+    streams = [LaneStream(s, labels, seed, batch_size, balance=balance, is_hq=is_hq, exact_quality=exact_quality)
+               for s, seed in zip(lane_sets, lane_seeds, strict=True)]
     return grain.MapDataset.range(num_steps).map(
-        LaneStep(source, labels, lane_sets, lane_seeds, batch_size, augment_config, balance))
+        LaneStep(source, labels, streams, augment_config, process_index, process_count))
 
 
-def to_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 2, workers: int = 0):
-    """A checkpointable iterator; `workers > 0` moves loading into worker processes."""
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app nobody has parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def to_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 2, workers: int = 0,
+                worker_buffer: int = 1):
+    """A checkpointable iterator (`get_state`/`set_state`); `workers > 0` moves loading into worker
+    processes, which return exactly what the main process would."""
     it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer))
     return iter(it)
 
 

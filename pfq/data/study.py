@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from pfq.data.manifest import Manifest, ManifestError, Problem, read_manifest, task_labels
-from pfq.data.pipeline import InMemoryVolumes, VolumeSource
-from pfq.data.preprocess import PreprocessConfig, load_case
+from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
+from pfq.data.manifest import Manifest, ManifestError
+from pfq.data.pipeline import VolumeSource
+from pfq.data.preprocess import PreprocessConfig
 from pfq.data.stratify import split_pool
+from pfq.data.validate import split_problems, validate_manifest
 from pfq.tasks import Task
 
 
@@ -42,7 +43,8 @@ def phantom_manifest(phantoms, progress: bool = True) -> Path:
     from pfq.data.phantoms import write_phantom_set
 
     params = {"cases": int(phantoms.cases), "seed": int(phantoms.seed), "shape": list(phantoms.shape),
-              "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction)}
+              "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction),
+              "lesion_scale": float(phantoms.get("lesion_scale", 1.0))}
     if phantoms.get("dir"):
         out = Path(phantoms.dir)
     else:
@@ -50,7 +52,7 @@ def phantom_manifest(phantoms, progress: bool = True) -> Path:
         out = cache_root() / "phantoms" / digest
     return write_phantom_set(out, params["cases"], seed=params["seed"], shape=tuple(params["shape"]),
                              spacing=tuple(params["spacing"]), hq_fraction=params["hq_fraction"],
-                             progress=progress)
+                             lesion_scale=params["lesion_scale"], progress=progress)
 
 
 def split_by_column(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
@@ -58,8 +60,7 @@ def split_by_column(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
     splits = [c.split for c in manifest.cases]
     if not any(splits):
         return None
-    problems = [Problem(f"split must be 'train' or 'test', got {c.split!r}", line=c.line, case_id=c.case_id,
-                        column="split") for c in manifest.cases if c.split not in ("train", "test")]
+    problems = split_problems(manifest)
     if problems:
         raise ManifestError(manifest.path, problems)
     splits_arr = np.array(splits)
@@ -67,14 +68,27 @@ def split_by_column(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
-    """`config` is the run config's `data` and `phantoms` sections' parent."""
+    """The study's data from a run config (its `data` and `phantoms` sections).
+
+    Checks the whole manifest first (structure, labels, split, and every image, via the cache) and
+    raises `ManifestError` listing every problem rather than training on a bad manifest. Volumes are
+    preprocessed once into the cache (`data.cache_dir`) and served memory-mapped from there.
+    """
     data = config.data
     path = Path(data.manifest) if data.manifest else phantom_manifest(config.phantoms, progress)
-    manifest = read_manifest(path, quality_threshold=data.quality_threshold, label_column=task.column)
-    labels = task_labels(manifest, task)
-    is_hq = manifest.is_hq()
+    report = validate_manifest(path, task=task, quality_scale=data.get("quality_scale", "piqual_v1"),
+                               quality_threshold=data.get("quality_threshold"), check_images=False)
+    if report.manifest is None:
+        raise ManifestError(path, report.problems)
+    manifest, problems = report.manifest, list(report.problems)
+    cache = VolumeCache(data.get("cache_dir") or default_cache_root(), PreprocessConfig.from_config(data))
+    cases = [c for c in manifest.cases if len(c.images) == 3]
+    paths, image_problems = cache.prepare(cases, workers=int(data.get("prepare_workers", 0)), progress=progress,
+                                          desc="preprocessing (cached)")
+    problems += image_problems
+    if problems:
+        problems.sort(key=lambda p: p.line if p.line is not None else 0)
+        raise ManifestError(path, problems)
+    labels, is_hq = report.labels, manifest.is_hq()
     pools = split_by_column(manifest) or split_pool(is_hq, labels, data.test_fraction, data.split_seed)
-    preprocess = PreprocessConfig(input_size=tuple(data.input_size))
-    volumes = np.stack([load_case(c, preprocess) for c in tqdm(
-        manifest.cases, desc="loading volumes", disable=not progress, leave=False)])
-    return StudyData(manifest, labels, is_hq, InMemoryVolumes(volumes), *pools)
+    return StudyData(manifest, labels, is_hq, CachedVolumes(paths), *pools)

@@ -141,9 +141,26 @@ class Block(nnx.Module):
         return x + drop_path(y, self.drop_path_rate, key)
 
 
-def _conv(din: int, dout: int, k: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(din, dout, kernel_size=(k, k, k), strides=(k, k, k), padding="VALID",
-                    kernel_init=_trunc_normal, bias_init=_zeros, dtype=dtype, rngs=rngs)
+class PatchConv(nnx.Module):
+    """Conv3d whose kernel equals its stride (the stem k4/s4, downsamples k2/s2 and the final 1x1x1),
+    computed as non-overlapping patches times a matrix. Same numbers as a 'VALID' convolution and the
+    same Flax kernel layout (k, k, k, in, out); a matmul is fast on every backend, and it avoids an XLA
+    CPU partitioner bug that returned wrong values for a lane-vmapped, lane-sharded 1x1x1 conv
+    (jax 0.10.2)."""
+
+    def __init__(self, din: int, dout: int, k: int, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_trunc_normal(rngs.params(), (k, k, k, din, dout)))
+        self.bias = nnx.Param(jnp.zeros((dout,)))
+        self.k, self.dtype = k, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.k
+        n, d, h, w, c = x.shape
+        d, h, w = d // k, h // k, w // k  # 'VALID' drops any remainder, as PyTorch does
+        x = x[:, :d * k, :h * k, :w * k].astype(self.dtype)
+        patches = x.reshape(n, d, k, h, k, w, k, c)
+        y = jnp.einsum("ndahbwce,abcef->ndhwf", patches, self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
 
 
 class ConvNeXtV2(nnx.Module):
@@ -154,11 +171,11 @@ class ConvNeXtV2(nnx.Module):
         dims, depths = spec.dims, spec.depths
         # Stem k4/s4 then LayerNorm; later transitions LayerNorm then conv k2/s2, except the last,
         # which upstream makes a 1x1x1 stride-1 conv (total downsampling 16, not 32).
-        layers = [nnx.List([_conv(spec.in_chans, dims[0], 4, dtype, rngs), _layer_norm(dims[0], rngs, dtype)])]
+        layers = [nnx.List([PatchConv(spec.in_chans, dims[0], 4, dtype, rngs), _layer_norm(dims[0], rngs, dtype)])]
         for i in range(1, 4):
             k = 1 if i == 3 else 2
             norm = _layer_norm(dims[i - 1], rngs, dtype)
-            layers.append(nnx.List([norm, _conv(dims[i - 1], dims[i], k, dtype, rngs)]))
+            layers.append(nnx.List([norm, PatchConv(dims[i - 1], dims[i], k, dtype, rngs)]))
         self.downsample_layers = nnx.List(layers)
         rates = np.linspace(0.0, spec.drop_path_rate, sum(depths)).tolist()
         stages, cursor = [], 0

@@ -2,6 +2,11 @@
 
 Runs a sweep end to end: data, vmapped lane training, one-pass evaluation, results.csv, report.
 Rerunning in a workdir that holds checkpoints resumes where the last run stopped.
+
+Exit status: 0 done; 2 a bad input (config, manifest, volume, set sizes, workdir, checkpoint to
+start from), reported in one paragraph naming the field, row, case, column or file, with nothing in
+the workdir changed; 1 a failed write (disk full, permissions) or every lane diverged, with the
+checkpoints and earlier outputs intact so that a rerun resumes.
 """
 
 from __future__ import annotations
@@ -21,28 +26,95 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder: results.csv, figures, checkpoints.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Let JAX discover the cluster (TPU VM pods, SLURM).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard the workdir's checkpoints and results and start over.")
 
+log = logging.getLogger("pfq.train")
 
-def main(argv: list[str]) -> int:
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax", "orbax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = _CONFIG.value
-    validate_config(config)
-    from pfq.report import summary_table, write_report
-    from pfq.train.trainer import Trainer
 
-    workdir = Path(_WORKDIR.value)
+def input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean 'fix the input', reported without a traceback."""
+    from pfq.convert.errors import ConvertError
+    from pfq.data.manifest import ManifestError
+    from pfq.data.preprocess import VolumeError
+    from pfq.data.stratify import StratificationError
+    from pfq.tasks import LabelError
+    from pfq.train.workdir import WorkdirError
+
+    return ManifestError, VolumeError, StratificationError, WorkdirError, ConvertError, LabelError
+
+
+def fail(message: str, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+class _NoLibraryTracebacks(logging.Filter):
+    """Orbax (and asyncio, for Orbax's tasks) log tracebacks for a failed background write before pfq
+    reports it in one line; keep their messages, drop the tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and ("orbax" in record.pathname or "orbax" in record.getMessage()):
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = " ".join(record.getMessage().split())[:400], ()
+        return True
+
+
+def _unraisable(hook_args) -> None:
+    """After a failed asynchronous checkpoint write, the I/O library still completes its futures into
+    Orbax's closed event loops, and Python would print a traceback for each; pfq reports the
+    failure itself. Everything else goes to the default hook."""
+    error = hook_args.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(hook_args)
+
+
+def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = False) -> int:
+    """Everything after flag parsing; returns the exit status (see the module docstring)."""
+    from pfq.train.distributed import is_writer
+    from pfq.train.trainer import SweepDivergedError, Trainer
+
+    workdir = Path(workdir)
     t0 = time.perf_counter()
-    trainer = Trainer(config, workdir, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
-    rows = trainer.run()
-    write_report(workdir)
+    try:
+        validate_config(config)
+        trainer = Trainer(config, workdir, progress=progress, overwrite=overwrite)  # task and model from the config
+    except (ValueError, KeyError) as e:
+        return fail(f"invalid config: {e}", 2)
+    try:
+        rows = trainer.run()
+        if not is_writer():
+            return 0
+        from pfq.report import summary_table, write_report  # scipy and matplotlib: only once results exist
+
+        write_report(workdir)
+    except input_errors() as e:
+        return fail(str(e), 2)
+    except SweepDivergedError as e:
+        return fail(str(e), 1)
+    except OSError as e:  # a full disk, a read-only folder: what was written before is intact
+        return fail(f"{e}\nCheckpoints and outputs written before this error are intact; fix the cause and "
+                    f"rerun the same command to resume.", 1)
     print(summary_table(rows))
     print(f"\n{len(rows)} result rows in {workdir / 'results.csv'}; report {workdir / 'report.md'} and figures; "
           f"{trainer.compile_count} compiled step program(s); {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    sys.unraisablehook = _unraisable
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("absl", "jax", "orbax", "grain", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).addFilter(_NoLibraryTracebacks())
+    from pfq.train import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    return run_sweep(_CONFIG.value, Path(_WORKDIR.value), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ import jax
 import optax
 from flax import traverse_util
 
+# Parameters whose only effect is a constant shift of the head's training-mode BatchNorm input:
+# their exact gradient is zero, and Adam would turn float rounding noise in it into lr-sized steps
+# that differ with the device count (summation order). They are held fixed instead.
+BATCHNORM_SHIFTED = {("encoder", "norm", "bias"), ("head", 0, "bias")}
+
 
 def layer_id(path: tuple, depths: tuple[int, ...]) -> int:
     """Upstream ConvNeXt layer id: 0 for the stem, stage 0/1/3 blocks share ids with their
@@ -45,18 +50,20 @@ def make_optimizer(config, params: Any, depths: tuple[int, ...], num_steps: int)
     parts = []
     if config.get("grad_clip", 0.0):
         parts.append(optax.clip_by_global_norm(config.grad_clip))
-    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=config.weight_decay))
+    # As upstream, no weight decay on biases and norm parameters (1-D leaves).
+    decay_mask = jax.tree.map(lambda p: p.ndim > 1, params)
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=config.weight_decay, mask=decay_mask))
     decay = config.get("layer_decay", 1.0)
     if decay != 1.0:
         # Scaling the whole AdamW update equals scaling that group's learning rate (weight decay
         # included), which is what upstream's per-group lr does.
         parts.append(_scale_updates_by(lr_scales(params, depths, decay)))
     tx = optax.chain(*parts)
-    if config.get("mode", "full") == "linear_probe":
-        labels = traverse_util.unflatten_dict(
-            {k: ("frozen" if k[0] == "encoder" else "train") for k in traverse_util.flatten_dict(params)})
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    return tx
+    probe = config.get("mode", "full") == "linear_probe"
+    labels = traverse_util.unflatten_dict(
+        {k: ("frozen" if (probe and k[0] == "encoder") or k in BATCHNORM_SHIFTED else "train")
+         for k in traverse_util.flatten_dict(params)})
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _scale_updates_by(scales: Any) -> optax.GradientTransformation:
@@ -64,6 +71,8 @@ def _scale_updates_by(scales: Any) -> optax.GradientTransformation:
         return optax.EmptyState()
 
     def update(updates, state, params=None):
-        return jax.tree.map(lambda u, s: u * s, updates, scales), state
+        # Parameters held fixed by multi_transform arrive as MaskedNode placeholders: pass them through.
+        is_masked = lambda x: isinstance(x, optax.MaskedNode)
+        return jax.tree.map(lambda u, s: u if is_masked(u) else u * s, updates, scales, is_leaf=is_masked), state
 
     return optax.GradientTransformation(init, update)

@@ -18,6 +18,9 @@ from pfq.model import ModelSpec, apply
 
 State = dict[str, Any]
 
+# Why a lane was frozen, as recorded in its state's `diverged_reason`.
+DIVERGED_REASONS = ("", "non-finite loss", "non-finite gradient")
+
 
 def init_state(variables: dict, tx: optax.GradientTransformation) -> State:
     return {
@@ -26,6 +29,7 @@ def init_state(variables: dict, tx: optax.GradientTransformation) -> State:
         "opt_state": tx.init(variables["params"]),
         "step": jnp.zeros((), jnp.int32),
         "diverged_step": jnp.full((), -1, jnp.int32),  # -1 while the lane is healthy
+        "diverged_reason": jnp.zeros((), jnp.int32),  # an index into DIVERGED_REASONS
     }
 
 
@@ -50,12 +54,15 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, loss: str
         (value, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        healthy = (state["diverged_step"] < 0) & jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))
+        finite_loss, finite_grads = jnp.isfinite(value), jnp.isfinite(optax.global_norm(grads))
+        healthy = (state["diverged_step"] < 0) & finite_loss & finite_grads
         candidate = {"params": params, "batch_stats": stats, "opt_state": opt_state}
         kept = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), candidate,
                             {k: state[k] for k in candidate})
-        diverged_step = jnp.where((state["diverged_step"] < 0) & ~healthy, state["step"], state["diverged_step"])
-        new_state = dict(kept, step=state["step"] + 1, diverged_step=diverged_step)
+        now = (state["diverged_step"] < 0) & ~healthy
+        diverged_step = jnp.where(now, state["step"], state["diverged_step"])
+        reason = jnp.where(now, jnp.where(finite_loss, 2, 1), state["diverged_reason"]).astype(jnp.int32)
+        new_state = dict(kept, step=state["step"] + 1, diverged_step=diverged_step, diverged_reason=reason)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return new_state, {"loss": value, "accuracy": accuracy}
 

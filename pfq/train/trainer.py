@@ -21,19 +21,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pfq import evaluate
+from pfq.convert.errors import ConvertError
 from pfq.data.pipeline import AugmentConfig, eval_dataset, to_iterator, train_dataset
-from pfq.data.stratify import hq_count, stratified_indices
+from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
+from pfq.faults import maybe_fail
 from pfq.model import ModelSpec, init_variables
 from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
+from pfq.train.distributed import global_array, is_writer, to_host
 from pfq.train.optim import make_optimizer
-from pfq.train.step import init_state, make_predict_step, make_train_step
+from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
 from pfq.train.workdir import atomic_write_text
 
 log = logging.getLogger("pfq.train")
+
+
+class SweepDivergedError(RuntimeError):
+    """Every lane of the sweep diverged; their state is saved, no results are written."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,23 +72,39 @@ def model_spec(config, num_classes: int) -> ModelSpec:
 # ----------------------------------------------------------------------------------------------
 def lane_training_set(lane: lanes_lib.Lane, data: StudyData, num_classes: int) -> np.ndarray:
     pool = data.train_pool
-    chosen = stratified_indices(data.is_hq[pool], data.labels[pool], lane.train_size, lane.finetune_hq_ratio,
-                                lane.seed, num_classes=num_classes)
+    try:
+        chosen = stratified_indices(data.is_hq[pool], data.labels[pool], lane.train_size, lane.finetune_hq_ratio,
+                                    lane.seed, num_classes=num_classes)
+    except StratificationError as e:
+        raise StratificationError(f"config.sweep.train_sizes / finetune_hq_ratios: lane {lane.name} asks for "
+                                  f"{lane.train_size} finetuning cases at HQ ratio {lane.finetune_hq_ratio:g} "
+                                  f"from a finetuning pool of {len(pool)}: {e}") from None
     return pool[chosen]
 
 
-def lane_variables(lane: lanes_lib.Lane, spec: ModelSpec) -> dict:
+def load_init(init: str, spec: ModelSpec) -> dict:
+    """A converted checkpoint directory's variables, checked against the config's model."""
+    from pfq.convert.store import load_model_dir
+
+    try:
+        ckpt_spec, ckpt_vars, _ = load_model_dir(init)
+    except ConvertError as e:
+        raise ConvertError(f"config.sweep.inits: {e}", e.problems) from None
+    fields = ("depths", "dims", "in_chans")
+    wrong = [f"{f}={getattr(ckpt_spec, f)} (config.model asks for {getattr(spec, f)})" for f in fields
+             if tuple(np.atleast_1d(getattr(ckpt_spec, f))) != tuple(np.atleast_1d(getattr(spec, f)))]
+    if wrong:
+        raise ConvertError(f"config.sweep.inits: checkpoint {init} does not fit the configured model: "
+                           + "; ".join(wrong))
+    return ckpt_vars
+
+
+def lane_variables(lane: lanes_lib.Lane, spec: ModelSpec, loaded: dict | None = None) -> dict:
     """Fresh head (and encoder, for scratch) from the lane's seed; pretrained lanes take the encoder
-    from a converted checkpoint directory."""
+    from a converted checkpoint directory (`loaded`: its variables, when already read)."""
     variables = init_variables(spec, jax.random.key(lane.seed))
     if lane.init != "scratch":
-        from pfq.convert.store import load_model_dir
-
-        ckpt_spec, ckpt_vars, _ = load_model_dir(lane.init)
-        if (ckpt_spec.depths, ckpt_spec.dims, ckpt_spec.in_chans) != (spec.depths, spec.dims, spec.in_chans):
-            raise ValueError(f"checkpoint {lane.init} is a depths={ckpt_spec.depths} dims={ckpt_spec.dims} "
-                             f"in_chans={ckpt_spec.in_chans} model; the config asks for depths={spec.depths} "
-                             f"dims={spec.dims} in_chans={spec.in_chans}")
+        ckpt_vars = loaded if loaded is not None else load_init(lane.init, spec)
         variables["params"]["encoder"] = ckpt_vars["params"]["encoder"]
     return variables
 
@@ -100,6 +123,7 @@ class GroupOutcome:
     state: dict
     diverged_step: np.ndarray
     last_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    diverged_reason: np.ndarray | None = None  # indices into step.DIVERGED_REASONS
 
 
 class Trainer:
@@ -108,6 +132,7 @@ class Trainer:
         self.task: Task = get_task(config.task)
         self.spec = model_spec(config, self.task.num_classes)
         self.compile_count = 0
+        self._inits: dict[str, dict] = {}  # converted checkpoint dir -> variables, read once in preflight
 
     def train_group(self, gi: int, group: list[lanes_lib.Lane], data: StudyData) -> GroupOutcome:
         cfg, optim = self.config, self.config.optim
@@ -116,18 +141,37 @@ class Trainer:
         mesh = lanes_lib.make_mesh(len(group), batch_size)
         lane_sh, batch_sh = lanes_lib.lane_sharding(mesh), lanes_lib.batch_sharding(mesh)
 
-        variables = stack([lane_variables(lane, self.spec) for lane in group])
+        variables = stack([lane_variables(lane, self.spec, self._inits.get(lane.init)) for lane in group])
         single_params = jax.tree.map(lambda x: x[0], variables["params"])
         tx = make_optimizer(optim, single_params, self.spec.depths, steps)
         state = jax.jit(jax.vmap(lambda v: init_state(v, tx)), out_shardings=lane_sh)(variables)
-        keys = jax.device_put(jnp.stack([jax.random.fold_in(jax.random.key(lane.seed), 1) for lane in group]), lane_sh)
+        lane_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 1))
+        keys = jax.jit(lane_keys, out_shardings=lane_sh)(np.array([lane.seed for lane in group], np.uint32))
 
         dataset = train_dataset(data.source, data.labels, lane_sets, [lane.seed for lane in group],
                                 batch_size=batch_size, num_steps=steps,
-                                augment_config=AugmentConfig(enabled=cfg.data.augment), balance=cfg.data.balance)
+                                augment_config=AugmentConfig.from_config(cfg.data), balance=cfg.data.balance,
+                                is_hq=data.is_hq, exact_quality=cfg.data.exact_batch_quality)
         iterator = to_iterator(dataset, workers=cfg.data.workers)
 
         ckpt = GroupCheckpointer(self.workdir / "checkpoints" / f"group{gi}", keep=cfg.checkpoint.keep)
+        try:
+            state, loss = self._train_loop(gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh)
+            ckpt.wait()
+        except BaseException:
+            try:  # let saves already under way finish: they hold finished work
+                ckpt.close()
+            except Exception as e:
+                log.warning("group %d: a pending checkpoint could not be finished either (%s)", gi, e)
+            raise
+        ckpt.close()
+        return GroupOutcome(group, lane_sets, state, to_host(state["diverged_step"]), loss,
+                            to_host(state["diverged_reason"]))
+
+    def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh):
+        """Resume from the newest readable checkpoint, then train to `optim.steps`, saving as configured."""
+        cfg, optim = self.config, self.config.optim
+        steps, batch_size = int(optim.steps), int(optim.batch_size)
         start = 0
         restored = ckpt.restore(state)
         if restored is not None:
@@ -136,7 +180,10 @@ class Trainer:
             log.info("group %d: resumed from step %d", gi, start)
 
         loss = np.full(len(group), np.nan)
-        if start < steps:
+        all_diverged = lambda: bool((to_host(state["diverged_step"]) >= 0).all())  # a host sync
+        if start < steps and start > 0 and all_diverged():
+            log.warning("group %d: every lane had diverged by step %d; not training further", gi, start)
+        elif start < steps:
             shape = (len(group), batch_size) + tuple(cfg.data.input_size) + (3,)
             batch_spec = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
                           "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh)}
@@ -148,18 +195,23 @@ class Trainer:
             bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
                        disable=not self.progress, dynamic_ncols=True)
             for step in bar:
-                batch = jax.device_put(next(iterator), batch_sh)
+                batch = global_array(next(iterator), batch_sh)
                 state, metrics = step_fn(state, batch, keys)
                 done = step + 1
-                if done % cfg.log_every == 0 or done == steps:  # the only host sync in the loop
-                    loss = np.asarray(metrics["loss"])
-                    bar.set_postfix(loss=f"{np.nanmean(loss):.3f}")
-                if done % cfg.checkpoint.every_steps == 0 or done == steps:
+                maybe_fail("train_step", done)
+                stop = False
+                if done % cfg.log_every == 0 or done == steps:  # the only host syncs in the loop
+                    loss = to_host(metrics["loss"])
+                    finite = loss[np.isfinite(loss)]
+                    bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
+                    stop = done < steps and all_diverged()
+                if done % cfg.checkpoint.every_steps == 0 or done == steps or stop:
                     ckpt.save(done, state, {"data_iterator": iterator.get_state(), "step": done})
+                if stop:  # frozen lanes would not change any more: save and skip the remaining steps
+                    log.warning("group %d: every lane has diverged by step %d; not training further", gi, done)
+                    break
             bar.close()
-        ckpt.wait()
-        ckpt.close()
-        return GroupOutcome(group, lane_sets, state, np.asarray(state["diverged_step"]), loss)
+        return state, loss
 
     # ------------------------------------------------------------------------------------------
     # One-pass prediction: every lane predicts every test-pool case once.
@@ -174,7 +226,8 @@ class Trainer:
         for batch in tqdm(to_iterator(eval_dataset(data.source, data.test_pool, batch_size)),
                           total=-(-len(data.test_pool) // batch_size), desc="predict test pool",
                           disable=not self.progress, leave=False):
-            out = np.asarray(predict(variables, batch["image"]))
+            out = to_host(predict(variables, batch["image"]))
+            maybe_fail("predict_batch")
             for b in np.flatnonzero(batch["valid"]):
                 probs[:, position[int(batch["index"][b])]] = out[:, b]
         return probs
@@ -196,40 +249,92 @@ class Trainer:
         healthy = outcome.diverged_step < 0
         scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
         for ratio in sweep.test_hq_ratios:
+            maybe_fail("evaluate")
             scored[float(ratio)] = evaluate.score_subsets(
                 pool_labels, pool_hq, probs, [subsets[(float(ratio), d)] for d in range(draws)], self.task.name,
                 resamples=resamples, seed=[int(sweep.test_seed), 0xB007, round(float(ratio) * 1e6)], valid=healthy)
         rows = []
+        reasons = getattr(outcome, "diverged_reason", None)
         for li, lane in enumerate(outcome.lanes):
             diverged = int(outcome.diverged_step[li])
+            reason = DIVERGED_REASONS[int(reasons[li])] if reasons is not None else ""
             for ratio in sweep.test_hq_ratios:
                 row = {"task": self.task.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
-                       "finetune_hq_count": hq_count(lane.train_size, lane.finetune_hq_ratio),
+                       "finetune_hq_count": int(data.is_hq[outcome.lane_sets[li]].sum()),  # realised, not requested
                        "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": float(ratio),
                        "n_test": size, "n_draws": draws, "n_resamples": resamples}
                 row.update(scored[float(ratio)][li])
-                row["status"] = "ok" if diverged < 0 else f"diverged at step {diverged}: non-finite loss"
+                row["status"] = "ok" if diverged < 0 else f"diverged at step {diverged}: {reason or 'non-finite loss'}"
                 rows.append(row)
         return rows
 
     # ------------------------------------------------------------------------------------------
+    def preflight(self, lanes: list[lanes_lib.Lane], data: StudyData) -> None:
+        """Every check that can fail on the inputs, before anything in the workdir is written or
+        discarded: each lane's finetuning set, the test subsets, the initial checkpoints."""
+        for lane in lanes:
+            lane_training_set(lane, data, self.task.num_classes)
+        sweep = self.config.sweep
+        pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
+        try:
+            size = int(sweep.test_size) or evaluate.max_test_size(pool_hq, pool_labels, sweep.test_hq_ratios,
+                                                                  self.task.num_classes)
+            evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, int(sweep.test_draws),
+                                  int(sweep.test_seed), self.task.num_classes)
+        except StratificationError as e:
+            raise StratificationError(f"config.sweep.test_size / test_hq_ratios: test pool of {len(data.test_pool)} "
+                                      f"cases: {e}") from None
+        for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
+            self._inits[init] = load_init(init, self.spec)
+
+    def export_models(self, outcome: GroupOutcome) -> None:
+        """Each finished lane's final model in the converter's format (`models/<lane>`), so it can be
+        used by `pfq.predict` or exported to PyTorch with `tools/convert_weights.py --to-torch`."""
+        from pfq.convert.store import save_model_dir
+
+        for li, lane in enumerate(outcome.lanes):
+            if outcome.diverged_step[li] >= 0:
+                continue
+            variables = jax.tree.map(lambda x, li=li: to_host(x)[li],
+                                     {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]})
+            save_model_dir(self.workdir / "models" / lane.name, self.spec, variables,
+                           {"source_format": "pfq-finetuned", "task": self.task.name, **lane.as_row()},
+                           overwrite=True)
+
     def run(self) -> list[dict]:
         cfg = self.config
-        if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite):
+        if workdir_lib.inspect(self.workdir, cfg.to_json(), self.overwrite):
             log.info("%s already holds this run's finished results; pass --overwrite to run it again", self.workdir)
+            if is_writer():
+                workdir_lib.remove_stale_temporaries(self.workdir)  # of a report interrupted last time
             with open(self.workdir / "results.csv", newline="") as f:
                 return list(csv.DictReader(f))
         data = load_study_data(cfg, self.task, progress=self.progress)
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
+        self.preflight(lanes, data)
+        # Only now, with the inputs known to be usable, is the workdir created, checked or (with
+        # --overwrite) cleared; a failure above leaves earlier outputs untouched.
+        workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer())
         log.info("%d lanes in %d group(s); train pool %d, test pool %d", len(lanes),
                  len(lanes_lib.group_lanes(lanes)), len(data.train_pool), len(data.test_pool))
-        rows, prediction_rows = [], []
+        rows, prediction_rows, diverged = [], [], []
         for gi, group in enumerate(lanes_lib.group_lanes(lanes)):
             outcome = self.train_group(gi, group, data)
+            diverged += [f"{lane.name} at step {int(outcome.diverged_step[li])} "
+                         f"({DIVERGED_REASONS[int(outcome.diverged_reason[li])]})"
+                         for li, lane in enumerate(group) if outcome.diverged_step[li] >= 0]
             probs = self.predict_pool(outcome, data)
+            if cfg.get("export_models") and is_writer():
+                self.export_models(outcome)
             rows += self.lane_rows(outcome, probs, data)
             prediction_rows += prediction_table(outcome, probs, data)
+        if len(diverged) == len(lanes):
+            raise SweepDivergedError(
+                f"every lane diverged: {'; '.join(diverged)}. Their state is saved in {self.workdir / 'checkpoints'}; "
+                "no results were written. Lower config.optim.lr or check the data, then rerun with --overwrite")
+        if not is_writer():
+            return rows
         write_csv(self.workdir / "predictions.csv", prediction_rows)
         write_csv(self.workdir / "results.csv", rows)
         atomic_write_text(self.workdir / "run.json", json.dumps(

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+from pfq.faults import maybe_fail
+
 # Fields that change how a run executes, never its numbers.
-OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("data", "workers"), ("checkpoint", "every_steps"),
-                      ("checkpoint", "keep")}
+OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("export_models",), ("data", "workers"),
+                      ("checkpoint", "every_steps"), ("checkpoint", "keep"), ("data", "cache_dir"),
+                      ("data", "prepare_workers")}
 OUTPUTS = ("results.csv", "predictions.csv", "run.json", "report.md", "config.json")
 
 
@@ -23,14 +27,27 @@ class WorkdirError(RuntimeError):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write then rename, so readers see the old file or the new one, never half of one."""
+    """Write, flush to disk, then rename, so readers see the old file or the new one, never half of
+    one; on any error (a full disk) the old file is untouched and the temporary file removed."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        maybe_fail(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(workdir: Path) -> None:
+    """Temporary files of writes that a kill interrupted (`.NAME.tmpPID`)."""
+    for tmp in Path(workdir).glob(".*.tmp[0-9]*"):
+        if re.fullmatch(r"\..+\.tmp\d+", tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def _strip(config: dict, prefix: tuple = ()) -> dict:
@@ -49,22 +66,54 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare(workdir: Path, config_json: str, overwrite: bool) -> bool:
-    """Create or check the workdir; True when it already holds this run's finished results."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
+def inspect(workdir: Path, config_json: str, overwrite: bool) -> bool:
+    """`prepare`'s checks without writing anything: raises `WorkdirError` for a foreign config, True
+    when the workdir already holds this run's finished results (never with `overwrite`)."""
+    workdir = Path(workdir)
+    if overwrite or not (workdir / "config.json").exists():
+        return False
+    _check_recorded(workdir, json.loads(config_json))
+    return _finished(workdir)
+
+
+def _check_recorded(workdir: Path, new: dict) -> None:
+    recorded = workdir / "config.json"
+    try:
+        old = json.loads(recorded.read_text())
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{recorded} is unreadable ({e}); use another --workdir, or --overwrite to discard "
+                           "the run") from None
+    changed = differences(_strip(old), _strip(new))
+    if changed:
+        raise WorkdirError(f"{workdir} holds a run with a different config ({'; '.join(changed[:8])}); "
+                           f"use another --workdir, or --overwrite to discard it")
+
+
+def _finished(workdir: Path) -> bool:
+    status = workdir / "run.json"
+    if not (status.exists() and (workdir / "results.csv").exists()):
+        return False
+    try:
+        return bool(json.loads(status.read_text()).get("complete"))
+    except ValueError:
+        return False
+
+
+def prepare(workdir: Path, config_json: str, overwrite: bool, write: bool = True) -> bool:
+    """Create or check the workdir; True when it already holds this run's finished results.
+    Only the writer process (`write`) changes files; the others just read."""
+    workdir = Path(workdir)
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(workdir)
+    if overwrite and write:
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         for name in OUTPUTS:
             (workdir / name).unlink(missing_ok=True)
     new = json.loads(config_json)
     recorded = workdir / "config.json"
     if recorded.exists():
-        changed = differences(_strip(json.loads(recorded.read_text())), _strip(new))
-        if changed:
-            raise WorkdirError(f"{workdir} holds a run with a different config ({'; '.join(changed[:8])}); "
-                               f"use another --workdir, or --overwrite to discard it")
-    atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
-    status = workdir / "run.json"
-    if status.exists() and (workdir / "results.csv").exists():
-        return bool(json.loads(status.read_text()).get("complete"))
-    return False
+        _check_recorded(workdir, new)
+    if write:
+        atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
+    return _finished(workdir)

@@ -1,0 +1,172 @@
+"""A preprocessing cache: each case is decoded and preprocessed once, then read as a memory-mapped
+`.npy` by every later run, so a sweep never re-decodes NIfTI.
+
+Layout under the cache root:
+  volumes/<kk>/<key>.npy    (D, H, W, 3) float32, key = sha256(preprocessing config + the three
+                            files' content hashes): a changed file or config is a new entry
+  hashes/<kk>/<stat>.txt    content sha256 of a file, keyed by (path, size, mtime, ctime, inode):
+                            the fast path that spares re-hashing unchanged files
+
+Every write goes to a temporary file in the same folder and is renamed into place, so a killed run
+or concurrent runs leave complete entries or none. An entry is written only after the case passed
+every check in `pfq.data.preprocess`, so a cached case is a validated case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
+from pfq.data.preprocess import CaseError, PreprocessConfig, load_case
+from pfq.faults import maybe_fail
+
+HASH_CHUNK = 1 << 22
+
+
+def default_cache_root() -> Path:
+    """`$PFQ_CACHE/volumes`, else `~/.cache/pfq/volumes`."""
+    return Path(os.environ.get("PFQ_CACHE", Path.home() / ".cache" / "pfq")) / "volumes"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """`write(file)` into a temporary sibling, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        maybe_fail("cache_write")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class VolumeCache:
+    """Preprocessed cases under `root`, for one `PreprocessConfig`."""
+
+    def __init__(self, root: Path | str, config: PreprocessConfig):
+        self.root, self.config = Path(root), config
+        self._config_json = json.dumps(config.key(), sort_keys=True)
+
+    def content_hash(self, path: Path) -> str:
+        """sha256 of a file's bytes, remembered per (path, size, mtime, ctime, inode)."""
+        st = os.stat(path)
+        stat_key = hashlib.sha256(
+            f"{Path(path).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}".encode()
+        ).hexdigest()
+        record = self.root / "hashes" / stat_key[:2] / f"{stat_key}.txt"
+        try:
+            text = record.read_text().strip()
+            if len(text) == 64:
+                return text
+        except OSError:
+            pass
+        digest = file_sha256(path)
+        _atomic_write(record, lambda f: f.write(digest.encode()))
+        return digest
+
+    def key(self, case: CaseRecord) -> str:
+        files = {role: self.content_hash(case.images[role]) for role in IMAGE_COLUMNS}
+        text = json.dumps({"config": self._config_json, "files": files}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def entry(self, key: str) -> Path:
+        return self.root / "volumes" / key[:2] / f"{key}.npy"
+
+    def _usable(self, path: Path) -> bool:
+        """An entry that opens as the expected array (anything else is rebuilt)."""
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        return array.dtype == np.float32 and array.shape == tuple(self.config.input_size) + (len(IMAGE_COLUMNS),)
+
+    def lookup(self, case: CaseRecord) -> Path | None:
+        """The case's entry if it is cached, else None (also None when a file is missing)."""
+        try:
+            path = self.entry(self.key(case))
+        except (OSError, KeyError):
+            return None
+        return path if path.exists() and self._usable(path) else None
+
+    def ensure(self, case: CaseRecord) -> Path:
+        """The case's entry, preprocessing and writing it if needed. Raises `CaseError`."""
+        try:
+            key = self.key(case)
+        except (OSError, KeyError):
+            key = None  # a file is missing or unreadable: load_case names it
+        if key is not None:
+            path = self.entry(key)
+            if path.exists() and self._usable(path):
+                return path
+        array = load_case(case, self.config)
+        if key is None:  # the files became readable while loading: hash them now
+            key = self.key(case)
+            path = self.entry(key)
+        _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+        return path
+
+    def prepare(self, cases: Sequence[CaseRecord], *, workers: int = 0, progress: bool = True,
+                desc: str = "preprocessing") -> tuple[list[Path | None], list[Problem]]:
+        """Ensure every case is cached: (entry per case, None where it failed; every problem)."""
+        paths: list[Path | None] = [None] * len(cases)
+        problems: list[Problem] = []
+        bar = tqdm(total=len(cases), desc=desc, unit="case", disable=not progress, leave=False, dynamic_ncols=True)
+        if workers > 0 and len(cases) > 1:
+            # spawn: safe in a process that already runs JAX threads (fork is not).
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                results = pool.map(_ensure_one, [(self.root, self.config, c) for c in cases], chunksize=1)
+                for i, (path, case_problems) in enumerate(results):
+                    paths[i] = path
+                    problems += case_problems
+                    bar.update()
+        else:
+            for i, case in enumerate(cases):
+                paths[i], case_problems = _ensure_one((self.root, self.config, case))
+                problems += case_problems
+                bar.update()
+        bar.close()
+        return paths, problems
+
+
+def _ensure_one(args: tuple[Path, PreprocessConfig, CaseRecord]) -> tuple[Path | None, list[Problem]]:
+    root, config, case = args
+    try:
+        return VolumeCache(root, config).ensure(case), []
+    except CaseError as e:
+        return None, e.problems
+
+
+class CachedVolumes:
+    """A `VolumeSource` over cache entries: each access memory-maps one `.npy`, so datasets larger
+    than RAM work and worker processes receive only paths when the source is pickled."""
+
+    def __init__(self, paths: Sequence[Path | str]):
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.load(self.paths[index], mmap_mode="r")

@@ -1,0 +1,88 @@
+"""The preprocessing cache: built once, read memory-mapped, keyed by file content and config,
+written atomically, filled by worker processes identically."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from niftigen import ras_affine, smooth_volume, write_nifti, write_study
+
+import pfq.data.preprocess as preprocess
+from pfq.data.__main__ import main
+from pfq.data.cache import CachedVolumes, VolumeCache
+from pfq.data.manifest import read_manifest
+from pfq.data.preprocess import PreprocessConfig, load_case
+
+CONFIG = PreprocessConfig(input_size=(8, 12, 12))
+
+
+@pytest.fixture()
+def study(tmp_path):
+    return read_manifest(write_study(tmp_path / "study", n=4, shape=(12, 10, 6)))
+
+
+def forbid_decoding(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded NIfTI although the case is cached")
+
+    monkeypatch.setattr(preprocess, "load_case", fail)
+    monkeypatch.setattr("pfq.data.cache.load_case", fail)
+
+
+def test_entries_equal_direct_preprocessing_and_are_reused(tmp_path, study, monkeypatch):
+    cache = VolumeCache(tmp_path / "cache", CONFIG)
+    paths, problems = cache.prepare(study.cases, progress=False)
+    assert problems == []
+    for case, path in zip(study.cases, paths, strict=True):
+        np.testing.assert_array_equal(np.load(path), load_case(case, CONFIG))
+    source = CachedVolumes(paths)
+    assert isinstance(source[0], np.memmap) and source[0].shape == (8, 12, 12, 3)
+    forbid_decoding(monkeypatch)
+    again, _ = VolumeCache(tmp_path / "cache", CONFIG).prepare(study.cases, progress=False)
+    assert again == paths
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_touch_keeps_the_entry_and_a_content_change_replaces_it(tmp_path, study, monkeypatch):
+    cache = VolumeCache(tmp_path / "cache", CONFIG)
+    case = study.cases[0]
+    first = cache.ensure(case)
+    os.utime(case.images["adc"], ns=(1, 1))  # new mtime, same bytes: re-hashed, same key
+    with monkeypatch.context() as m:
+        forbid_decoding(m)
+        assert cache.ensure(case) == first
+    write_nifti(case.images["adc"], smooth_volume((12, 10, 6), 99), ras_affine())
+    changed = cache.ensure(case)
+    assert changed != first and first.exists()
+    assert not np.array_equal(np.load(changed)[..., 2], np.load(first)[..., 2])
+
+
+def test_config_change_is_a_new_entry(tmp_path, study):
+    a = VolumeCache(tmp_path / "cache", CONFIG).ensure(study.cases[0])
+    b = VolumeCache(tmp_path / "cache", PreprocessConfig(input_size=(8, 12, 12), spacing=(3.0, 0.5, 0.5))).ensure(
+        study.cases[0])
+    c = VolumeCache(tmp_path / "cache", PreprocessConfig(input_size=(8, 12, 10))).ensure(study.cases[0])
+    assert len({a, b, c}) == 3
+
+
+def test_corrupt_entry_is_rebuilt(tmp_path, study):
+    cache = VolumeCache(tmp_path / "cache", CONFIG)
+    path = cache.ensure(study.cases[0])
+    expected = np.load(path)
+    path.write_bytes(path.read_bytes()[:100])
+    assert cache.lookup(study.cases[0]) is None
+    np.testing.assert_array_equal(np.load(cache.ensure(study.cases[0])), expected)
+
+
+def test_prepare_cli_with_workers_matches_in_process(tmp_path, study, capsys):
+    manifest = study.path
+    assert main(["prepare", str(manifest), "--cache", str(tmp_path / "w"), "--workers", "2",
+                 "--input-size", "8", "12", "12", "--no-progress"]) == 0
+    serial, _ = VolumeCache(tmp_path / "s", CONFIG).prepare(study.cases, progress=False)
+    parallel, _ = VolumeCache(tmp_path / "w", CONFIG).prepare(study.cases, progress=False)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.name == b.name  # same key
+        np.testing.assert_array_equal(np.load(a), np.load(b))
+    assert "4/4 cases cached" in capsys.readouterr().err

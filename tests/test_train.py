@@ -1,0 +1,130 @@
+"""End to end: `python -m pfq.train` on the smoke config, on 1, 2 and 4 (fake CPU) devices and as two
+processes joined by jax.distributed on loopback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# One forward pass agrees to ~1e-6 across device layouts (measured); over the smoke run's AdamW steps,
+# whose first updates are ~lr * sign(gradient), summation-order noise grows to ~1e-3 in probabilities.
+# A real layout bug (like the XLA one PatchConv avoids) moved probabilities by 0.04.
+PROB_TOLERANCE = 5e-3
+SMOKE = ["--config", str(ROOT / "configs" / "smoke.py"), "--noprogress"]
+
+
+def run_train(workdir: Path, cache: Path, *args: str, devices: int = 1, check: bool = True,
+              background: bool = False):
+    env = dict(os.environ, PFQ_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, "-m", "pfq.train", *SMOKE, "--workdir", str(workdir), *args]
+    if background:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def probabilities(workdir: Path) -> dict:
+    return {(r["lane"], r["case_id"]): float(r["prob_1"]) for r in read_csv(workdir / "predictions.csv")}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache) -> Path:
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = run_train(workdir, cache)
+    assert "finetune\\test" in proc.stdout  # the printed summary table
+    return workdir
+
+
+def test_smoke_run_writes_every_row_and_the_report(reference):
+    rows = read_csv(reference / "results.csv")
+    cells = {(float(r["finetune_hq_ratio"]), float(r["test_hq_ratio"]), int(r["seed"])) for r in rows}
+    assert cells == {(f, t, s) for f in (0.0, 0.5, 1.0) for t in (0.0, 0.5, 1.0) for s in (0, 1)}
+    assert len(rows) == 18
+    for row in rows:
+        assert row["status"] == "ok"
+        assert 0.0 <= float(row["auc"]) <= 1.0
+        assert float(row["auc_ci_low"]) <= float(row["auc"]) <= float(row["auc_ci_high"])
+        assert int(row["finetune_hq_count"]) == round(float(row["finetune_hq_ratio"]) * int(row["train_size"]))
+    for name in ("predictions.csv", "report.md", "heatmap_auc.png", "config.json"):
+        assert (reference / name).is_file(), name
+    run = json.loads((reference / "run.json").read_text())
+    # One compiled step program per distinct lane shape: the smoke sweep has one lane group.
+    assert run["complete"] and run["compile_count"] == run["lane_groups"] == 1
+
+
+def test_rerun_of_a_finished_sweep_does_not_retrain(reference, cache):
+    before = (reference / "results.csv").read_bytes()
+    proc = run_train(reference, cache)
+    assert "0 compiled step program(s)" in proc.stdout
+    assert (reference / "results.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_fake_devices_agree_with_one(reference, cache, tmp_path, devices):
+    run_train(tmp_path, cache, "--config.export_models=True", devices=devices)
+    ref, got = probabilities(reference), probabilities(tmp_path)
+    assert ref.keys() == got.keys()
+    assert max(abs(ref[k] - got[k]) for k in ref) < PROB_TOLERANCE
+    for a, b in zip(read_csv(reference / "results.csv"), read_csv(tmp_path / "results.csv"), strict=True):
+        assert abs(float(a["auc"]) - float(b["auc"])) < 1e-3
+    check_exported_model(tmp_path)
+
+
+def check_exported_model(workdir: Path) -> None:
+    """Every finished lane is exported in the converter's format, loads, and is its own model."""
+    import jax
+
+    from pfq.convert.store import load_model_dir
+    from pfq.model import apply
+
+    lanes = sorted({r["lane"] for r in read_csv(workdir / "predictions.csv")})
+    assert sorted(p.name for p in (workdir / "models").iterdir()) == lanes
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32, 32, 3))
+    logits = []
+    for lane in lanes[:2]:
+        spec, variables, meta = load_model_dir(workdir / "models" / lane)
+        assert meta["task"] == "pirads_ge4" and spec.num_classes == 2
+        logits.append(np.asarray(apply(spec, variables, x)[0]))
+    assert np.isfinite(logits[0]).all() and not np.allclose(logits[0], logits[1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback_match_one(reference, cache, tmp_path):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    args = ["--coordinator", coordinator, "--num_processes", "2"]
+    worker = run_train(tmp_path, cache, *args, "--process_id", "1", background=True)
+    run_train(tmp_path, cache, *args, "--process_id", "0")
+    out, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0, out[-3000:]
+    ref, got = probabilities(reference), probabilities(tmp_path)
+    assert max(abs(ref[k] - got[k]) for k in ref) < PROB_TOLERANCE
+    ref_rows, got_rows = read_csv(reference / "results.csv"), read_csv(tmp_path / "results.csv")
+    assert [r["seed"] for r in got_rows] == [r["seed"] for r in ref_rows]
+    assert np.allclose([float(r["auc"]) for r in got_rows], [float(r["auc"]) for r in ref_rows], atol=1e-3)
