@@ -11,7 +11,10 @@ Formulations (benchmarks/bench_depthwise.py measures them against PyTorch):
   direct      XLA grouped convolution; the reference.
   fft         real FFTs with a hand-written VJP (below); the CPU default.
   fft_autodiff  the first FFT prototype, differentiated by JAX; kept for comparison only.
-  shifted     scan over depth of shifted, channel-scaled sums; no FFT needed.
+  shifted     scan over the (depth, row) kernel offsets of shifted, channel-scaled sums; no FFT.
+
+On this project's 2-core CPU, fft was the fastest at every stage shape of ProFound-Conv tiny
+(2.4-5x PyTorch's faster layout; direct 0.02-0.05x, shifted 0.14-0.37x), hence the CPU default.
 """
 
 from __future__ import annotations
