@@ -69,7 +69,7 @@ def base_config() -> ConfigDict:
     c.sweep.bootstrap_resamples = 1000  # for the percentile 95% CIs in results.csv; 0: none
 
     c.optim = ConfigDict()
-    c.optim.steps = 1000
+    c.optim.steps = 700
     c.optim.batch_size = 8
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.05
@@ -108,7 +108,7 @@ def paper_config(task: str) -> ConfigDict:
     c.sweep.inits = ("scratch",)  # add converted checkpoint directories on the command line
     c.sweep.train_sizes = (50, 100, 200)
     c.sweep.seeds = (0, 1, 2, 3, 4)
-    c.optim.steps = 10000
+    c.optim.steps = 3000
     c.optim.batch_size = 4
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 300
