@@ -90,6 +90,11 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _minor_faults() -> int:
+    """Page faults served without I/O: each first touch of freshly mapped memory costs one."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
@@ -101,9 +106,9 @@ def _serve(do_step, info: dict, sampler: RssSampler) -> None:
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
-            c0, t0 = _cpu_seconds(), time.perf_counter()
+            c0, f0, t0 = _cpu_seconds(), _minor_faults(), time.perf_counter()
             do_step()
-            _emit({"time": time.perf_counter() - t0, "cpu": _cpu_seconds() - c0})
+            _emit({"time": time.perf_counter() - t0, "cpu": _cpu_seconds() - c0, "faults": _minor_faults() - f0})
         elif cmd == "done":
             _emit({"rss_steps_peak": sampler.reset(), "max_rss": max_rss_bytes()})
             return
@@ -293,11 +298,13 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, list[float]] = {s: [] for s in sides}
+    faults: dict[str, list[int]] = {s: [] for s in sides}
     for i in range(args.steps):
         for side in sides:
             r = _ask(procs[side], "step")
             times[side].append(r["time"])
             cpu[side].append(r["cpu"])
+            faults[side].append(r["faults"])
         print(f"  step {i}: " + ", ".join(f"{s} {times[s][-1]:.3f}s" for s in sides), file=sys.stderr)
     for side in sides:
         info[side].update(_ask(procs[side], "done"))
@@ -310,6 +317,7 @@ def main() -> None:
         r = info[side]
         result[side] = {"median_s": _median(times[side]), "min_s": min(times[side]),
                         "median_cpu_s": _median(cpu[side]),
+                        "median_page_faults": _median(faults[side]),
                         "times_s": [round(t, 4) for t in times[side]],
                         "first_step_s": r["first_step_s"], "peak_rss_mb": r["max_rss"] / 2**20,
                         "steps_rss_peak_mb": r["rss_steps_peak"] / 2**20}
@@ -335,7 +343,8 @@ def main() -> None:
         r = result[side]
         extra = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
         print(f"{side:16s} median {r['median_s']:.3f} s (min {r['min_s']:.3f} s, "
-              f"CPU {r['median_cpu_s']:.2f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"CPU {r['median_cpu_s']:.2f} s, {r['median_page_faults'] / 1e3:.0f}k page faults), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB "
               f"(steps {r['steps_rss_peak_mb']:.0f} MB){extra}")
     print(f"1-min load average before/after the timed steps: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
