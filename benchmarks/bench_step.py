@@ -183,8 +183,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from torch_convnext import build
+    from tests.torch_reference import build  # the repo root is on PYTHONPATH (see _spawn)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

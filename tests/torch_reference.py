@@ -1,7 +1,13 @@
-"""Test-only PyTorch ProFound-Conv, written from docs/profound-checkpoints.md (not from pfq).
+"""The one PyTorch ProFound-Conv (3-D ConvNeXt-V2 encoder + classifier head), for tests and benchmarks.
 
-`ConvNeXtV2` is the dense 3-D encoder (features = final LayerNorm of the global mean), `Classifier`
-adds the Linear-BN1d-ReLU-Linear head; their state-dict names are upstream's. `fcmae_state_dict`
+Written from docs/profound-checkpoints.md (sections 0.3 and A: upstream `models/convnextv2.py` and
+`models/classifier.py`), not from pfq, so that comparing the two networks checks pfq against the spec.
+Test and benchmark code only: PyTorch is never a pfq runtime dependency.
+
+`ConvNeXtV2` is the dense 3-D encoder (features = final LayerNorm of the global mean; optional
+drop-path), `Classifier` adds the Linear-BN1d-ReLU-Linear head; their state-dict names are upstream's.
+`build` makes a classifier from depths/dims (benchmarks/bench_step.py), `load_pfq_variables` copies a
+pfq model's variables in, `randomize` fills a model with non-trivial values, and `fcmae_state_dict`
 writes an encoder in the FCMAE sparse format (spec B.2), i.e. the inverse of upstream's remap, with a
 small decoder so the dropped keys are present.
 """
@@ -9,10 +15,14 @@ small decoder so the dropped keys are present.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+HEAD_HIDDEN = 256
 
 
 class LayerNorm(nn.Module):
@@ -45,8 +55,16 @@ class GRN(nn.Module):
         return self.gamma * (x * nx) + self.beta + x
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of the residual branch with probability `rate`."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, gelu: str = "none"):
+    def __init__(self, dim: int, gelu: str = "none", drop_path_rate: float = 0.0):
         super().__init__()
         self.dwconv = nn.Conv3d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = LayerNorm(dim)
@@ -54,15 +72,17 @@ class Block(nn.Module):
         self.act = nn.GELU(approximate=gelu)
         self.grn = GRN(4 * dim)
         self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x).permute(0, 2, 3, 4, 1)
         y = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(y)))))
-        return x + y.permute(0, 4, 1, 2, 3)
+        return x + drop_path(y.permute(0, 4, 1, 2, 3), self.drop_path_rate, self.training)
 
 
 class ConvNeXtV2(nn.Module):
-    def __init__(self, in_chans: int, depths, dims, gelu: str = "none"):
+    def __init__(self, in_chans: int, depths: Sequence[int], dims: Sequence[int], gelu: str = "none",
+                 drop_path_rate: float = 0.0):
         super().__init__()
         self.downsample_layers = nn.ModuleList([nn.Sequential(
             nn.Conv3d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm(dims[0], "channels_first"))])
@@ -70,8 +90,10 @@ class ConvNeXtV2(nn.Module):
             k = 1 if i == 3 else 2  # the last transition is 1x1x1 with stride 1
             conv = nn.Conv3d(dims[i - 1], dims[i], kernel_size=k, stride=k)
             self.downsample_layers.append(nn.Sequential(LayerNorm(dims[i - 1], "channels_first"), conv))
-        self.stages = nn.ModuleList([nn.Sequential(*[Block(dims[i], gelu) for _ in range(depths[i])])
-                                     for i in range(4)])
+        rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()  # upstream: linear in depth
+        starts = np.cumsum([0, *depths]).tolist()
+        self.stages = nn.ModuleList([nn.Sequential(*[Block(dims[i], gelu, rates[starts[i] + j])
+                                                     for j in range(depths[i])]) for i in range(4)])
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,16 +102,77 @@ class ConvNeXtV2(nn.Module):
         return self.norm(x.mean(dim=(2, 3, 4)))
 
 
+class BatchNorm1dAnyBatch(nn.BatchNorm1d):
+    """BatchNorm1d that, like pfq's (Flax) one, also trains on a batch of 1, where torch raises.
+
+    Same state-dict keys, and torch's own forward for eval or batches > 1; only batch-1 training
+    differs (biased variance, as there is no unbiased one); the real-size benchmark uses batch 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] > 1:
+            return super().forward(x)
+        self.num_batches_tracked += 1
+        mean, var = x.mean(0), x.var(0, correction=0)
+        with torch.no_grad():
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
 class Classifier(nn.Module):
     def __init__(self, encoder: ConvNeXtV2, num_classes: int):
         super().__init__()
         self.encoder = encoder
         dim = encoder.norm.normalized_shape[0]
-        self.head = nn.Sequential(nn.Linear(dim, 256), nn.BatchNorm1d(256), nn.ReLU(),
-                                  nn.Linear(256, num_classes))
+        self.head = nn.Sequential(nn.Linear(dim, HEAD_HIDDEN), BatchNorm1dAnyBatch(HEAD_HIDDEN), nn.ReLU(),
+                                  nn.Linear(HEAD_HIDDEN, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
+
+
+def build(depths: Sequence[int], dims: Sequence[int], in_chans: int = 3, num_classes: int = 2,
+          drop_path_rate: float = 0.0) -> Classifier:
+    return Classifier(ConvNeXtV2(in_chans, depths, dims, drop_path_rate=drop_path_rate), num_classes)
+
+
+def load_pfq_variables(model: Classifier, variables: dict) -> None:
+    """Copy pfq variables ({"params", "batch_stats"}, state-dict-shaped paths) into `model`."""
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(prefix: str, tree) -> None:
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = np.asarray(tree)
+
+    walk("", variables["params"])
+    walk("", variables["batch_stats"])
+    state = model.state_dict()
+    new = {}
+    for key, ref in state.items():
+        if key.endswith("num_batches_tracked"):
+            new[key] = ref
+            continue
+        stem, leaf = key.rsplit(".", 1)
+        if leaf == "weight":
+            cands = [f"{stem}.kernel", f"{stem}.scale"]
+        elif leaf == "running_mean":
+            cands = [f"{stem}.mean"]
+        elif leaf == "running_var":
+            cands = [f"{stem}.var"]
+        else:
+            cands = [key]
+        src = next((flat[c] for c in cands if c in flat), None)
+        if src is None:
+            raise KeyError(f"no pfq variable for torch key {key} (tried {cands})")
+        if src.ndim == 5:  # conv kernel (kd, kh, kw, in, out) -> (out, in, kd, kh, kw)
+            src = src.transpose(4, 3, 0, 1, 2)
+        elif src.ndim == 2:  # dense (in, out) -> (out, in)
+            src = src.T
+        new[key] = torch.from_numpy(np.ascontiguousarray(src)).reshape(ref.shape).to(ref.dtype)
+    model.load_state_dict(new)
 
 
 @torch.no_grad()
