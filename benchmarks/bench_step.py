@@ -272,6 +272,9 @@ def main() -> None:
                    help=argparse.SUPPRESS)  # set per side (SIDES); the worker reads it
     p.add_argument("--torch-omp-wait", choices=["passive", "default"], default="passive",
                    help="OMP_WAIT_POLICY for the PyTorch worker")
+    p.add_argument("--order", choices=["interleaved", "blocked"], default="interleaved",
+                   help="interleaved: pfq, torch, ... per round (same background load for all sides); "
+                        "blocked: all of one side's steps, then the next side's (no side disturbs another)")
     p.add_argument("--hugepages", action="store_true",
                    help="all sides with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages)")
     p.add_argument("--sides", default="pfq,torch,torch_contiguous",
@@ -297,27 +300,39 @@ def main() -> None:
         info[side] = _read(procs[side])
         print(f"  {side} ready: {json.dumps({k: v for k, v in info[side].items() if k != 'profile'})}",
               file=sys.stderr)
-    for _ in range(args.warmup):
-        for side in sides:
-            _ask(procs[side], "step")
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, list[float]] = {s: [] for s in sides}
     faults: dict[str, list[int]] = {s: [] for s in sides}
-    for i in range(args.steps):
+
+    def timed(side: str) -> None:
+        r = _ask(procs[side], "step")
+        times[side].append(r["time"])
+        cpu[side].append(r["cpu"])
+        faults[side].append(r["faults"])
+
+    if args.order == "interleaved":
+        for _ in range(args.warmup):
+            for side in sides:
+                _ask(procs[side], "step")
+        for i in range(args.steps):
+            for side in sides:
+                timed(side)
+            print(f"  step {i}: " + ", ".join(f"{s} {times[s][-1]:.3f}s" for s in sides), file=sys.stderr)
+    else:  # blocked: each side's warm-up and timed steps back to back, one side after another
         for side in sides:
-            r = _ask(procs[side], "step")
-            times[side].append(r["time"])
-            cpu[side].append(r["cpu"])
-            faults[side].append(r["faults"])
-        print(f"  step {i}: " + ", ".join(f"{s} {times[s][-1]:.3f}s" for s in sides), file=sys.stderr)
+            for _ in range(args.warmup):
+                _ask(procs[side], "step")
+            for _ in range(args.steps):
+                timed(side)
+            print(f"  {side}: " + ", ".join(f"{t:.3f}s" for t in times[side]), file=sys.stderr)
     for side in sides:
         info[side].update(_ask(procs[side], "done"))
         procs[side].wait()
 
     result: dict = {"bench": "step", "model": args.model, "batch": args.batch, "size": list(args.size),
                     "threads": args.threads, "steps": args.steps, "dtype": args.dtype, "remat": args.remat,
-                    "hugepages": args.hugepages,
+                    "hugepages": args.hugepages, "order": args.order,
                     "loadavg_1min": [load_before, os.getloadavg()[0]]}
     for side in sides:
         r = info[side]
