@@ -6,11 +6,14 @@ is per side; the parent interleaves their timed steps (pfq, torch, torch_contigu
 so all see the same background load on a shared machine, and reports medians and
 speedup = torch / pfq, against PyTorch in channels_last_3d (its faster layout here) and in
 contiguous NCDHW. pfq runs with remat "light" (--remat), which keeps its peak memory below
-PyTorch's at the real size.
+PyTorch's at the real size. Each side also reports its page faults per step: on a VM, first
+touches of freshly allocated memory cost both sides a large, load-dependent share of a step.
 
     python benchmarks/bench_step.py --preset small      # batch 2, 3x32x96x96
     python benchmarks/bench_step.py --preset real       # batch 1, 3x64x224x224 (the demo size)
     python benchmarks/bench_step.py --preset small --profile   # + where pfq's time goes
+    python benchmarks/bench_step.py --preset real --order blocked   # one side after another
+    python benchmarks/bench_step.py --preset real --hugepages       # all sides on huge pages
 
 The last stdout line is one JSON object with all figures.
 """
