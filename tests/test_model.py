@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pfq.model import SIZES, ModelSpec, abstract_variables, apply, count_params, features, init_variables
-from pfq.model.convnext import GRN, drop_path
+from pfq.model.convnext import GRN, drop_path, gelu
 
 
 # Encoder parameter counts: 10 values per block-channel pattern, checked against upstream for tiny
@@ -71,6 +71,15 @@ def test_grn_matches_definition():
     n = g / (g.mean(-1, keepdims=True) + 1e-6)
     expected = np.array([0.5, -1.0, 2.0, 0.0]) * (x * n) + np.array([0.1, 0.2, 0.3, 0.4]) + x
     np.testing.assert_allclose(np.asarray(grn(jnp.asarray(x))), expected, atol=1e-5)
+
+
+def test_gelu_is_the_exact_erf_form_with_its_gradient():
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x),
+                               jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6)
+    # Not the tanh approximation (0.5 x (1 + tanh(...))): they differ by up to ~5e-4 near |x| = 2.
+    assert float(jnp.max(jnp.abs(gelu(x) - jax.nn.gelu(x, approximate=True)))) > 1e-4
 
 
 def test_drop_path_is_identity_without_key_and_scales_kept_samples():
