@@ -357,7 +357,8 @@ def main() -> None:
             # Robustness views for a shared machine: the median of the per-round ratios (each round's
             # steps ran back to back under similar load), the ratio of the fastest (least disturbed)
             # steps, and the ratio of CPU seconds per step.
-            "speedup_paired_median": _median([t / p for p, t in rounds]),
+            # (blocked order has no rounds: None)
+            "speedup_paired_median": _median([t / p for p, t in rounds]) if args.order == "interleaved" else None,
             "speedup_min": result[ref]["min_s"] / result["pfq"]["min_s"],
             "cpu_time_ratio": result[ref]["median_cpu_s"] / result["pfq"]["median_cpu_s"],
             "peak_rss_ratio": result["pfq"]["peak_rss_mb"] / result[ref]["peak_rss_mb"]}
@@ -374,8 +375,9 @@ def main() -> None:
           f"on {os.cpu_count()} CPUs")
     for ref in [s for s in sides if f"vs_{s}" in result]:
         v = result[f"vs_{ref}"]
-        print(f"speedup {ref} / pfq: {v['speedup']:.2f}x from medians; median of paired rounds "
-              f"{v['speedup_paired_median']:.2f}x; fastest steps {v['speedup_min']:.2f}x; "
+        paired = v["speedup_paired_median"]
+        paired = f"; median of paired rounds {paired:.2f}x" if paired is not None else ""
+        print(f"speedup {ref} / pfq: {v['speedup']:.2f}x from medians{paired}; fastest steps {v['speedup_min']:.2f}x; "
               f"CPU time {v['cpu_time_ratio']:.2f}x. Peak RSS pfq / {ref} {v['peak_rss_ratio']:.2f}")
     if "profile" in result.get("pfq", {}):
         sys.path.insert(0, str(ROOT / "benchmarks"))

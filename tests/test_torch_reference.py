@@ -1,7 +1,8 @@
-"""tests/torch_reference.py against pfq: the same variables give the same logits.
+"""tests/torch_reference.py against pfq: the same weights give the same logits, also in the batch-1
+training forward the benchmarks time.
 
-The reference is written from the spec, not from pfq, so agreement here checks both (and the
-`load_pfq_variables` mapping the benchmarks rely on)."""
+The reference is written from the spec, not from pfq; weights cross over with pfq's own converter
+(`import_state`), which tests/test_convert.py checks against the same reference."""
 
 from __future__ import annotations
 
@@ -10,40 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from pfq.model import ModelSpec, abstract_variables, apply
-from tests.torch_reference import build, load_pfq_variables
+from pfq.convert.layout import import_state
+from pfq.model import ModelSpec, apply
+from tests.torch_reference import build, randomize
 
 
-def _random_variables(spec: ModelSpec, seed: int) -> dict:
-    """Random values for every pfq variable, drawn from `abstract_variables` (pfq's own init is a
-    slow jit here, and leaves GRN gamma/beta and BN statistics at 0/1, which would hide a mix-up)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s: jax.ShapeDtypeStruct) -> np.ndarray:
-        name = str(path[-1].key)
-        noise = rng.standard_normal(s.shape)
-        if name == "var":
-            a = 0.5 + rng.random(s.shape)
-        elif name in ("gamma", "beta"):
-            a = 0.3 * noise
-        elif name == "scale":
-            a = 1.0 + 0.2 * noise
-        elif name in ("bias", "mean"):
-            a = 0.1 * noise
-        else:  # kernels, scaled by fan-in
-            a = noise / np.sqrt(np.prod(s.shape[:-1]))
-        return a.astype(s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract_variables(spec))
+def _pair(seed: int = 0):
+    """A randomised reference classifier and pfq variables with the same values."""
+    spec = ModelSpec.from_size("atto", num_classes=2)
+    model = randomize(build(spec.depths, spec.dims, spec.in_chans, spec.num_classes), seed)
+    state = {k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return spec, import_state(spec, state, with_head=True), model
 
 
 @pytest.fixture(scope="module")
 def pair():
-    spec = ModelSpec.from_size("atto", num_classes=2)
-    variables = _random_variables(spec, seed=0)
-    model = build(spec.depths, spec.dims, spec.in_chans, spec.num_classes)
-    load_pfq_variables(model, variables)
-    return spec, variables, model
+    return _pair()
 
 
 def _ncdhw(x: np.ndarray) -> torch.Tensor:
@@ -63,9 +46,7 @@ def test_eval_logits_match_pfq(pair):
 def test_batch1_training_step_matches_pfq(pair):
     """The benchmark's batch-1 training forward: BatchNorm1dAnyBatch trains where torch's raises,
     and gives pfq's logits and updated statistics."""
-    spec, variables, _ = pair
-    model = build(spec.depths, spec.dims, spec.in_chans, spec.num_classes)
-    load_pfq_variables(model, variables)
+    spec, variables, model = _pair()  # a fresh copy: this test updates its BN statistics
     x = np.random.default_rng(2).standard_normal((1, 16, 16, 16, 3)).astype(np.float32)
     logits, stats = jax.jit(lambda v, x: apply(spec, v, x, train=True, key=jax.random.key(0)))(variables, x)
     ref = model.train()(_ncdhw(x))

@@ -6,8 +6,8 @@ Test and benchmark code only: PyTorch is never a pfq runtime dependency.
 
 `ConvNeXtV2` is the dense 3-D encoder (features = final LayerNorm of the global mean; optional
 drop-path), `Classifier` adds the Linear-BN1d-ReLU-Linear head; their state-dict names are upstream's.
-`build` makes a classifier from depths/dims (benchmarks/bench_step.py), `load_pfq_variables` copies a
-pfq model's variables in, `randomize` fills a model with non-trivial values, and `fcmae_state_dict`
+`build` makes a classifier from depths/dims (benchmarks/bench_step.py), `randomize` fills a model
+with non-trivial values, and `fcmae_state_dict`
 writes an encoder in the FCMAE sparse format (spec B.2), i.e. the inverse of upstream's remap, with a
 small decoder so the dropped keys are present.
 """
@@ -134,45 +134,6 @@ class Classifier(nn.Module):
 def build(depths: Sequence[int], dims: Sequence[int], in_chans: int = 3, num_classes: int = 2,
           drop_path_rate: float = 0.0) -> Classifier:
     return Classifier(ConvNeXtV2(in_chans, depths, dims, drop_path_rate=drop_path_rate), num_classes)
-
-
-def load_pfq_variables(model: Classifier, variables: dict) -> None:
-    """Copy pfq variables ({"params", "batch_stats"}, state-dict-shaped paths) into `model`."""
-    flat: dict[str, np.ndarray] = {}
-
-    def walk(prefix: str, tree) -> None:
-        if isinstance(tree, dict):
-            for k, v in tree.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = np.asarray(tree)
-
-    walk("", variables["params"])
-    walk("", variables["batch_stats"])
-    state = model.state_dict()
-    new = {}
-    for key, ref in state.items():
-        if key.endswith("num_batches_tracked"):
-            new[key] = ref
-            continue
-        stem, leaf = key.rsplit(".", 1)
-        if leaf == "weight":
-            cands = [f"{stem}.kernel", f"{stem}.scale"]
-        elif leaf == "running_mean":
-            cands = [f"{stem}.mean"]
-        elif leaf == "running_var":
-            cands = [f"{stem}.var"]
-        else:
-            cands = [key]
-        src = next((flat[c] for c in cands if c in flat), None)
-        if src is None:
-            raise KeyError(f"no pfq variable for torch key {key} (tried {cands})")
-        if src.ndim == 5:  # conv kernel (kd, kh, kw, in, out) -> (out, in, kd, kh, kw)
-            src = src.transpose(4, 3, 0, 1, 2)
-        elif src.ndim == 2:  # dense (in, out) -> (out, in)
-            src = src.T
-        new[key] = torch.from_numpy(np.ascontiguousarray(src)).reshape(ref.shape).to(ref.dtype)
-    model.load_state_dict(new)
 
 
 @torch.no_grad()
