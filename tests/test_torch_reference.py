@@ -49,6 +49,7 @@ def test_batch1_training_step_matches_pfq(pair):
     spec, variables, model = _pair()  # a fresh copy: this test updates its BN statistics
     x = np.random.default_rng(2).standard_normal((1, 16, 16, 16, 3)).astype(np.float32)
     logits, stats = jax.jit(lambda v, x: apply(spec, v, x, train=True, key=jax.random.key(0)))(variables, x)
+    jax.block_until_ready((logits, stats))  # before torch updates its statistics in place
     ref = model.train()(_ncdhw(x))
     ref.sum().backward()  # the step's backward runs too
     np.testing.assert_allclose(np.asarray(logits), ref.detach().numpy(), rtol=1e-4, atol=1e-4)
@@ -69,3 +70,16 @@ def test_drop_path_only_in_training():
         model.train()
         outs = [model(x) for _ in range(6)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_import_state_never_aliases_the_callers_buffers():
+    """A torch model's in-place updates (BN statistics in training) must not reach pfq variables;
+    JAX on CPU would otherwise read the torch buffers zero-copy (this test's CI failure)."""
+    spec, variables, model = _pair()
+    before = [np.array(leaf) for leaf in jax.tree.leaves(variables)]
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(1.0)
+    after = [np.array(leaf) for leaf in jax.tree.leaves(variables)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))

@@ -107,6 +107,9 @@ def _mismatch_listing(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -
 def import_state(spec: ModelSpec, state: Mapping[str, np.ndarray], with_head: bool) -> dict:
     """Dense upstream state dict (classifier naming, no BN counter) -> pfq variables, float32.
 
+    Every leaf is a fresh copy: a zero-copy device_put (JAX on CPU) would otherwise alias the
+    caller's buffers, e.g. a torch model's BN statistics that its next training forward updates
+    in place while a dispatched pfq computation still reads them.
     Raises ConvertError listing every missing, unexpected and mis-shaped key.
     """
     leaves = leaf_table(spec, with_head)
@@ -119,7 +122,7 @@ def import_state(spec: ModelSpec, state: Mapping[str, np.ndarray], with_head: bo
         w = np.asarray(state[x.torch_name])
         if w.dtype not in FLOAT_DTYPES:
             raise ConvertError(f"{x.torch_name}: expected a floating tensor, got {w.dtype}")
-        _set(variables, x.path, x.to_pfq(w.astype(np.float32, copy=False)))
+        _set(variables, x.path, x.to_pfq(w.astype(np.float32, copy=True)))
     return variables
 
 
