@@ -125,3 +125,18 @@ def test_import_sets_memory_frugal_cpu_scheduler_unless_user_chose():
         env = dict(os.environ, XLA_FLAGS=given, PYTHONPATH=root)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+
+
+def test_cpu_scheduler_flag_is_left_out_where_xla_lacks_it(monkeypatch):
+    """XLA aborts on an unknown XLA_FLAGS entry, so a flag the installed jaxlib does not define
+    (a future XLA may drop this one) is never set."""
+    import os
+
+    import pfq
+
+    assert pfq._xla_defines_flag(pfq._CPU_SCHEDULER_FLAG)  # the installed jaxlib has it
+    assert not pfq._xla_defines_flag("--xla_cpu_flag_no_xla_has_ever_had")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    monkeypatch.setattr(pfq, "_xla_defines_flag", lambda flag: False)
+    pfq._prefer_memory_frugal_cpu_schedule()
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
