@@ -1,29 +1,45 @@
-"""Run a pfq model directory on volumes: logits, or pooled encoder features.
+"""Run a pfq model directory on volumes: class probabilities, logits, or pooled encoder features.
 
+    python -m pfq.predict --checkpoint DIR --manifest CASES.csv --output PRED.csv [--features]
     python -m pfq.predict --checkpoint DIR --array X.npy --output Y.npy [--features] [--batch-size B]
 
-`X` is float32 (N, C, D, H, W) in PyTorch axis order and is used as is (no preprocessing); it is
-moved to channels-last (N, D, H, W, C) batch by batch. The output is logits (N, num_classes) or,
-with `--features`, the final-normed pooled features (N, E); encoder-only directories need
-`--features`. Inputs are chosen in one mutually exclusive argparse group and reach the model as
-NCDHW batches (`iter_array_batches`); another input kind joins that group with its own batch
-iterator and writer.
+`--manifest` takes the training manifest format (docs/data.md; label and quality columns optional)
+and preprocesses each case exactly as training does, through the same cache. The preprocessing is
+read from the model directory (models exported by `pfq.train` record it), else ProFound's
+64x224x224 at the T2w voxel grid; `--input-size` / `--spacing` override it. Every bad row is
+reported, naming line, case and file, before anything is written. The output is a CSV with one row
+per case in manifest order (case_id, line, quality and the task's label where the manifest has
+them, then `prob_<k>` and `predicted`, or `feature_<e>` with `--features`), or a .npy of logits
+or features when PRED ends in .npy.
+
+`--array`: `X` is float32 (N, C, D, H, W) in PyTorch axis order, used as is (no preprocessing);
+the output is logits (N, num_classes) or features (N, E).
+
+Encoder-only directories need `--features`. Both inputs reach the model as channels-last
+(B, D, H, W, C) batches from their own iterator (`iter_array_batches`, `iter_volume_batches`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import csv
+import io
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from pfq.convert.errors import ConvertError
 from pfq.convert.store import has_head, load_model_dir
+from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
+from pfq.data.manifest import Manifest, ManifestError, read_manifest
+from pfq.data.preprocess import PreprocessConfig
 from pfq.model import ModelSpec, apply, features
+from pfq.tasks import TASKS, LabelError
+from pfq.train.workdir import atomic_write_bytes, atomic_write_text
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -51,34 +67,103 @@ def load_array(path: str | Path, in_chans: int) -> np.ndarray:
 
 
 def iter_array_batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """NCDHW array -> channels-last batches."""
     for start in range(0, x.shape[0], batch_size):
-        yield x[start:start + batch_size]
+        yield np.asarray(x[start:start + batch_size], dtype=np.float32).transpose(0, 2, 3, 4, 1)
 
 
-def run_batches(forward: Forward, batches: Iterator[np.ndarray], batch_size: int) -> np.ndarray:
-    """Apply `forward` to NCDHW batches; a short last batch is zero-padded so one compile serves all
+def iter_volume_batches(volumes: CachedVolumes, batch_size: int) -> Iterator[np.ndarray]:
+    """Preprocessed (D, H, W, C) cases -> channels-last batches, one memory-mapped case at a time."""
+    for start in range(0, len(volumes), batch_size):
+        yield np.stack([volumes[i] for i in range(start, min(start + batch_size, len(volumes)))])
+
+
+def run_batches(forward: Forward, batches: Iterator[np.ndarray], batch_size: int, *, total: int = 0,
+                progress: bool = False) -> np.ndarray:
+    """Apply `forward` to NDHWC batches; a short last batch is zero-padded so one compile serves all
     (samples never interact in eval mode: BatchNorm uses running statistics, GRN is per sample)."""
     outs = []
-    for b in batches:
-        n = b.shape[0]
-        x = np.ascontiguousarray(np.asarray(b, dtype=np.float32).transpose(0, 2, 3, 4, 1))
-        if n < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), np.float32)])
-        outs.append(forward(x)[:n])
+    with tqdm(total=total, desc="predicting", unit="case", disable=not progress, leave=False) as bar:
+        for b in batches:
+            n = b.shape[0]
+            x = np.ascontiguousarray(b, dtype=np.float32)
+            if n < batch_size:
+                x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), np.float32)])
+            outs.append(forward(x)[:n])
+            bar.update(n)
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
 def save_array_atomically(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary sibling, then rename: a kill or a full disk never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def preprocess_config(meta: dict, input_size: Sequence[int] | None, spacing: Sequence[float] | None
+                      ) -> PreprocessConfig:
+    """The command line's choice, else what the model directory recorded (`pfq.train` exports),
+    else ProFound's input (64x224x224 at the T2w grid)."""
+    recorded = meta.get("preprocess") or {}
+    size = input_size or recorded.get("input_size") or PreprocessConfig().input_size
+    spacing = spacing or recorded.get("spacing")
+    return PreprocessConfig(input_size=tuple(int(n) for n in size),
+                            spacing=tuple(float(s) for s in spacing) if spacing else None)
+
+
+def load_manifest_volumes(path: str | Path, config: PreprocessConfig, *, cache_dir: str | None = None,
+                          workers: int = 0, progress: bool = True) -> tuple[Manifest, CachedVolumes]:
+    """Every case preprocessed (through the training cache); `ManifestError` lists every bad row."""
+    manifest = read_manifest(path, require_quality=False)
+    cache = VolumeCache(cache_dir or default_cache_root(), config)
+    paths, problems = cache.prepare(manifest.cases, workers=workers, progress=progress,
+                                    desc="preprocessing (cached)")
+    if problems:
+        raise ManifestError(path, problems)
+    return manifest, CachedVolumes(paths)
+
+
+def _task_labels(manifest: Manifest, task_name: str | None) -> list[str] | None:
+    """The task's class per case ('' where the cell is empty or invalid), if the manifest has its column."""
+    task = TASKS.get(task_name or "")
+    if task is None or not any(task.column in c.raw for c in manifest.cases):
+        return None
+    labels = []
+    for case in manifest.cases:
+        try:
+            labels.append(str(task.to_class(case.raw[task.column])) if case.raw.get(task.column) else "")
+        except LabelError:
+            labels.append("")
+    return labels
+
+
+def prediction_table(manifest: Manifest, outputs: np.ndarray, *, want_features: bool,
+                     task_name: str | None) -> tuple[list[str], list[list]]:
+    """(header, rows): one row per case in manifest order."""
+    header, columns = ["case_id", "line"], [[c.case_id for c in manifest.cases], [c.line for c in manifest.cases]]
+    if any(c.quality for c in manifest.cases):
+        header.append("quality")
+        columns.append([c.quality or "" for c in manifest.cases])
+    labels = _task_labels(manifest, task_name)
+    if labels is not None:
+        header.append("label")
+        columns.append(labels)
+    if want_features:
+        header += [f"feature_{e}" for e in range(outputs.shape[1])]
+        columns += [list(col) for col in outputs.T.tolist()]
+    else:
+        probs = np.asarray(jax.nn.softmax(outputs.astype(np.float64), axis=1))
+        header += [f"prob_{k}" for k in range(outputs.shape[1])] + ["predicted"]
+        columns += [[f"{p:.6g}" for p in col] for col in probs.T] + [np.argmax(outputs, axis=1).tolist()]
+    return header, [list(row) for row in zip(*columns, strict=True)]
+
+
+def save_table_atomically(path: Path, header: list[str], rows: list[list]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +171,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="pfq model directory (from tools/convert_weights.py or pfq.train)")
     inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--manifest", help="CSV of cases (t2w, highb, adc paths; docs/data.md), preprocessed "
+                                           "as in training")
     inputs.add_argument("--array", help="float32 .npy of shape (N, C, D, H, W), used without preprocessing")
-    p.add_argument("--output", required=True, help=".npy to write: logits (N, classes) or features (N, E)")
+    p.add_argument("--output", required=True,
+                   help="file to write: with --manifest a .csv table (or .npy array); with --array a .npy of "
+                        "logits (N, classes) or features (N, E)")
     p.add_argument("--features", action="store_true", help="write pooled, normed encoder features instead")
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="--manifest: volume size after crop/pad (default: as recorded by training, else 64 224 224)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"),
+                   help="--manifest: resample to this spacing in mm (default: as recorded, else the T2w grid)")
+    p.add_argument("--cache-dir", help="--manifest: preprocessed-volume cache (default $PFQ_CACHE/volumes)")
+    p.add_argument("--workers", type=int, default=0, help="--manifest: processes that preprocess cases")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> int:
+    if spec.in_chans != 3:
+        raise ConvertError(f"{args.checkpoint}: a manifest gives 3 channels (t2w, highb, adc); "
+                           f"this model takes {spec.in_chans}")
+    config = preprocess_config(meta, args.input_size, args.spacing)
+    manifest, volumes = load_manifest_volumes(args.manifest, config, cache_dir=args.cache_dir,
+                                              workers=args.workers, progress=not args.no_progress)
+    batch_size = min(args.batch_size, len(volumes))
+    y = run_batches(forward, iter_volume_batches(volumes, batch_size), batch_size, total=len(volumes),
+                    progress=not args.no_progress)
+    out = Path(args.output)
+    if out.suffix == ".npy":
+        save_array_atomically(out, y)
+    else:
+        header, rows = prediction_table(manifest, y, want_features=args.features, task_name=meta.get("task"))
+        save_table_atomically(out, header, rows)
+    size = "x".join(map(str, config.input_size))
+    print(f"wrote {out}: {len(volumes)} cases, {y.shape[1]} {'features' if args.features else 'classes'} "
+          f"(input {size}, spacing {config.spacing or 'T2w grid'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --batch-size must be positive", file=sys.stderr)
         return 2
     try:
-        spec, variables, _ = load_model_dir(args.checkpoint)
+        spec, variables, meta = load_model_dir(args.checkpoint)
         forward = make_forward(spec, variables, want_features=args.features)
+        if args.manifest:
+            return _predict_manifest(args, spec, meta, forward)
         x = load_array(args.array, spec.in_chans)
         batch_size = min(args.batch_size, max(x.shape[0], 1))
         y = run_batches(forward, iter_array_batches(x, batch_size), batch_size)
-    except ConvertError as e:
+    except (ConvertError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     save_array_atomically(Path(args.output), y)

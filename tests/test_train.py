@@ -90,6 +90,29 @@ def test_fake_devices_agree_with_one(reference, cache, tmp_path, devices):
     for a, b in zip(read_csv(reference / "results.csv"), read_csv(tmp_path / "results.csv"), strict=True):
         assert abs(float(a["auc"]) - float(b["auc"])) < 1e-3
     check_exported_model(tmp_path)
+    if devices == 2:
+        check_predict_manifest_matches_the_sweep(tmp_path, cache)
+
+
+def check_predict_manifest_matches_the_sweep(workdir: Path, cache: Path) -> None:
+    """`pfq.predict --manifest` on an exported lane preprocesses as training did (the input size is
+    read from the model directory) and gives the sweep's own test-pool probabilities."""
+    from pfq import predict
+
+    lane = read_csv(workdir / "predictions.csv")[0]["lane"]
+    want = {case: p for (name, case), p in probabilities(workdir).items() if name == lane}
+    (manifest,) = (cache / "phantoms").glob("*/manifest.csv")
+    out = workdir / "predicted.csv"
+    assert predict.main(["--checkpoint", str(workdir / "models" / lane), "--manifest", str(manifest),
+                         "--output", str(out), "--cache-dir", str(cache / "volumes"), "--no-progress"]) == 0
+    rows = read_csv(out)
+    assert [r["case_id"] for r in rows] == [c["case_id"] for c in read_csv(manifest)]
+    assert {r["quality"] for r in rows} == {"hq", "lq"} and {r["label"] for r in rows} == {"0", "1"}
+    got = {r["case_id"]: float(r["prob_1"]) for r in rows}
+    assert want and max(abs(got[c] - p) for c, p in want.items()) < 1e-4
+    for r in rows:
+        assert abs(float(r["prob_0"]) + float(r["prob_1"]) - 1) < 1e-5
+        assert int(r["predicted"]) == int(float(r["prob_1"]) > float(r["prob_0"]))
 
 
 def check_exported_model(workdir: Path) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pfq import evaluate
 from pfq.convert.errors import ConvertError
 from pfq.data.pipeline import AugmentConfig, eval_dataset, to_iterator, train_dataset
+from pfq.data.preprocess import PreprocessConfig
 from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
@@ -298,7 +299,8 @@ class Trainer:
             variables = jax.tree.map(lambda x, li=li: to_host(x)[li],
                                      {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]})
             save_model_dir(self.workdir / "models" / lane.name, self.spec, variables,
-                           {"source_format": "pfq-finetuned", "task": self.task.name, **lane.as_row()},
+                           {"source_format": "pfq-finetuned", "task": self.task.name, **lane.as_row(),
+                            "preprocess": PreprocessConfig.from_config(self.config.data).key()},
                            overwrite=True)
 
     def run(self) -> list[dict]:

@@ -26,14 +26,14 @@ class WorkdirError(RuntimeError):
     pass
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write, flush to disk, then rename, so readers see the old file or the new one, never half of
     one; on any error (a full disk) the old file is untouched and the temporary file removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         maybe_fail(f"write:{path.name}")
@@ -41,6 +41,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def remove_stale_temporaries(workdir: Path) -> None:
