@@ -4,6 +4,7 @@ written atomically, filled by worker processes identically."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -86,3 +87,63 @@ def test_prepare_cli_with_workers_matches_in_process(tmp_path, study, capsys):
         assert a.name == b.name  # same key
         np.testing.assert_array_equal(np.load(a), np.load(b))
     assert "4/4 cases cached" in capsys.readouterr().err
+
+
+def _age(path, hours: float) -> None:
+    stamp = time.time() - hours * 3600
+    os.utime(path, (stamp, stamp))
+
+
+def test_a_cache_hit_marks_the_entry_used(tmp_path, study):
+    cache = VolumeCache(tmp_path / "cache", CONFIG)
+    path = cache.ensure(study.cases[0])
+    _age(path, 100)
+    assert cache.ensure(study.cases[0]) == path
+    assert time.time() - path.stat().st_mtime < 60
+
+
+def test_prune_removes_least_recently_used_and_keeps_recent(tmp_path, study, capsys):
+    root = tmp_path / "cache"
+    paths, _ = VolumeCache(root, CONFIG).prepare(study.cases, progress=False)
+    for path, hours in zip(paths, [24 * 40, 24 * 10, 30, 1], strict=True):  # c000 oldest .. c003 just used
+        _age(path, hours)
+    size = paths[0].stat().st_size
+    stale = paths[0].with_name(".dead.123.abcd1234.tmp")
+    stale.write_bytes(b"half")
+    _age(stale, 2)
+    cli = ["cache", "--cache", str(root), "--prune"]
+
+    assert main(cli + ["--older-than", "30", "--dry-run"]) == 0
+    assert "would remove 1 entries" in capsys.readouterr().out and all(p.exists() for p in paths)
+
+    assert main(cli + ["--older-than", "30"]) == 0  # only the 40-day-old entry
+    assert [p.exists() for p in paths] == [False, True, True, True] and not stale.exists()
+
+    # Down to one entry's size: c001 (10 days) and c002 (30 h) go; c003, used an hour ago, stays.
+    assert main(cli + ["--max-gb", str(size / 1e9)]) == 0
+    assert [p.exists() for p in paths] == [False, False, False, True]
+    capsys.readouterr()
+    assert main(cli + ["--max-gb", "0"]) == 0
+    assert paths[3].exists() and "still above" in capsys.readouterr().err
+    assert main(cli + ["--max-gb", "0", "--keep-recent-hours", "0"]) == 0
+    assert not paths[3].exists()
+    # A pruned case is simply rebuilt.
+    again, problems = VolumeCache(root, CONFIG).prepare(study.cases, progress=False)
+    assert problems == [] and again == paths
+
+
+def test_cache_report_and_argument_errors(tmp_path, study, capsys):
+    root = tmp_path / "cache"
+    VolumeCache(root, CONFIG).prepare(study.cases, progress=False)
+    assert main(["cache", "--cache", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "4 entries" in out and "8x12x12x3: 4 entries" in out
+    assert main(["cache", "--cache", str(root), "--prune"]) == 2
+    assert "--older-than" in capsys.readouterr().err
+
+
+def test_a_read_by_a_run_marks_the_entry_used(tmp_path, study):
+    paths, _ = VolumeCache(tmp_path / "cache", CONFIG).prepare(study.cases, progress=False)
+    _age(paths[1], 100)
+    CachedVolumes(paths)[1]
+    assert time.time() - paths[1].stat().st_mtime < 60

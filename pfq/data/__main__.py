@@ -1,8 +1,9 @@
-"""`python -m pfq.data {synth,prepare,validate} ...`: data tools.
+"""`python -m pfq.data {synth,prepare,validate,cache} ...`: data tools.
 
   synth     write a synthetic phantom set (NIfTI + manifest)
   prepare   preprocess every case of a manifest into the cache that training reads
   validate  check every row of a manifest; one line per problem, non-zero exit on any
+  cache     show the preprocessing cache's size; with --prune, remove least recently used entries
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -40,8 +42,9 @@ def _add_quality_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pfq.data",
                                      description="Data tools: write phantoms (synth), fill the preprocessing cache "
-                                                 "(prepare), check a manifest before training (validate).")
-    sub = parser.add_subparsers(dest="command", metavar="{synth,prepare,validate}")
+                                                 "(prepare), check a manifest before training (validate), show or "
+                                                 "prune the cache (cache).")
+    sub = parser.add_subparsers(dest="command", metavar="{synth,prepare,validate,cache}")
     sub.add_parser("synth", help="write a synthetic phantom set (see `python -m pfq.data synth --help`)",
                    add_help=False)
 
@@ -73,6 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--no-images", action="store_true", help="check the CSV only, do not open images")
     val.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes for the image checks")
     val.add_argument("--no-progress", action="store_true")
+
+    cache = sub.add_parser("cache", help="show the preprocessing cache; --prune removes least recently used entries",
+                           description="Entries, size and last use per input size. With --prune, remove the least "
+                                       "recently used entries (--older-than and/or --max-gb) and temporaries that "
+                                       "killed writers left; entries used within --keep-recent-hours are kept, "
+                                       "as a running sweep reads its entries throughout. A removed entry is "
+                                       "rebuilt from the NIfTI files when next needed.")
+    cache.add_argument("--cache", type=Path, default=None,
+                       help="cache folder (default: the config's data.cache_dir, else $PFQ_CACHE/volumes "
+                            "or ~/.cache/pfq/volumes)")
+    cache.add_argument("--config", default=None, help="run config file whose data.cache_dir to use")
+    cache.add_argument("--prune", action="store_true", help="remove entries (else only report)")
+    cache.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                       help="--prune: entries unused for this many days")
+    cache.add_argument("--max-gb", type=float, default=None, metavar="GB",
+                       help="--prune: then the least recently used until the cache fits in this size")
+    cache.add_argument("--keep-recent-hours", type=float, default=24.0, metavar="H",
+                       help="--prune: never remove entries used within this many hours (default 24)")
+    cache.add_argument("--dry-run", action="store_true", help="--prune: list what would go, remove nothing")
     return parser
 
 
@@ -134,6 +156,52 @@ def _validate(args) -> int:
     return 0
 
 
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB"
+
+
+def _day(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def _cache(args) -> int:
+    from pfq.data.cache import cache_entries, default_cache_root, select_for_pruning, stale_temporaries
+
+    root = args.cache or Path(_run_config(args.config).data.get("cache_dir") or default_cache_root())
+    if args.prune and args.older_than is None and args.max_gb is None:
+        print("error: --prune needs --older-than DAYS and/or --max-gb GB", file=sys.stderr)
+        return 2
+    if any(v is not None and v < 0 for v in (args.older_than, args.max_gb)) or args.keep_recent_hours < 0:
+        print("error: --older-than, --max-gb and --keep-recent-hours must not be negative", file=sys.stderr)
+        return 2
+    entries = cache_entries(root)
+    print(f"{root}: {len(entries)} entries, {_gb(sum(e.size for e in entries))}")
+    by_shape: dict[str, list] = {}
+    for e in entries:
+        by_shape.setdefault("x".join(map(str, e.shape)) if e.shape else "unreadable", []).append(e)
+    for shape, group in sorted(by_shape.items()):
+        print(f"  {shape}: {len(group)} entries, {_gb(sum(e.size for e in group))}, last used "
+              f"{_day(min(e.last_used for e in group))} .. {_day(max(e.last_used for e in group))}")
+    if not args.prune:
+        return 0
+    now = time.time()
+    max_bytes = None if args.max_gb is None else int(args.max_gb * 1e9)
+    chosen = select_for_pruning(entries, now=now, older_than_days=args.older_than, max_bytes=max_bytes,
+                                keep_recent_hours=args.keep_recent_hours)
+    temporaries = stale_temporaries(root, now=now)
+    freed = sum(e.size for e in chosen)
+    if not args.dry_run:
+        for path in [e.path for e in chosen] + temporaries:
+            path.unlink(missing_ok=True)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(chosen)} entries ({_gb(freed)}) and {len(temporaries)} stale temporary file(s); "
+          f"{_gb(sum(e.size for e in entries) - freed)} left")
+    if max_bytes is not None and sum(e.size for e in entries) - freed > max_bytes:
+        print(f"note: entries used within the last {args.keep_recent_hours:g} h were kept, so the cache is still "
+              f"above {args.max_gb:g} GB", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":  # the phantom generator owns its arguments
@@ -148,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare(args)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "cache":
+        return _cache(args)
     _parser().print_help()
     return 2
 

@@ -10,6 +10,10 @@ Layout under the cache root:
 Every write goes to a temporary file in the same folder and is renamed into place, so a killed run
 or concurrent runs leave complete entries or none. An entry is written only after the case passed
 every check in `pfq.data.preprocess`, so a cached case is a validated case.
+
+An entry's mtime is its last use: `ensure` and every `CachedVolumes` read refresh it, so `prune`
+(behind `python -m pfq.data cache --prune`) removes the least recently used entries first, and
+never those used within `keep_recent_hours`, which protects the entries a running sweep reads.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -119,6 +125,7 @@ class VolumeCache:
         if key is not None:
             path = self.entry(key)
             if path.exists() and self._usable(path):
+                _mark_used(path)
                 return path
         array = load_case(case, self.config)
         if key is None:  # the files became readable while loading: hash them now
@@ -150,6 +157,75 @@ class VolumeCache:
         return paths, problems
 
 
+def _mark_used(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves its entries
+        pass
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: Path
+    size: int  # bytes on disk
+    last_used: float  # mtime, seconds since the epoch
+    shape: tuple[int, ...] | None  # None if the header does not read as a .npy
+
+
+def _npy_shape(path: Path) -> tuple[int, ...] | None:
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
+        return tuple(shape)
+    except (OSError, ValueError):
+        return None
+
+
+def cache_entries(root: Path | str) -> list[CacheEntry]:
+    """Every preprocessed volume under a cache root, least recently used first."""
+    entries = []
+    for path in (Path(root) / "volumes").glob("*/*.npy"):
+        try:
+            st = path.stat()
+        except OSError:  # removed meanwhile
+            continue
+        entries.append(CacheEntry(path, st.st_size, st.st_mtime, _npy_shape(path)))
+    return sorted(entries, key=lambda e: (e.last_used, str(e.path)))
+
+
+def stale_temporaries(root: Path | str, *, older_than_s: float = 3600.0, now: float | None = None) -> list[Path]:
+    """Temporary files that killed writers left behind (a live writer's are younger than an hour)."""
+    now = time.time() if now is None else now
+    found = []
+    for path in Path(root).glob("*/*/.*.tmp"):
+        try:
+            if now - path.stat().st_mtime > older_than_s:
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def select_for_pruning(entries: Sequence[CacheEntry], *, now: float, older_than_days: float | None = None,
+                       max_bytes: int | None = None, keep_recent_hours: float = 24.0) -> list[CacheEntry]:
+    """Least recently used first: every entry unused for `older_than_days`, then more until the
+    rest fits in `max_bytes`; entries used within `keep_recent_hours` are never selected."""
+    protected_after = now - keep_recent_hours * 3600.0
+    candidates = [e for e in sorted(entries, key=lambda e: (e.last_used, str(e.path)))
+                  if e.last_used < protected_after]
+    chosen = [e for e in candidates if older_than_days is not None and e.last_used < now - older_than_days * 86400.0]
+    if max_bytes is not None:
+        remaining = sum(e.size for e in entries) - sum(e.size for e in chosen)
+        for e in candidates[len(chosen):]:
+            if remaining <= max_bytes:
+                break
+            chosen.append(e)
+            remaining -= e.size
+    return chosen
+
+
 def _ensure_one(args: tuple[Path, PreprocessConfig, CaseRecord]) -> tuple[Path | None, list[Problem]]:
     root, config, case = args
     try:
@@ -169,4 +245,6 @@ class CachedVolumes:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return np.load(self.paths[index], mmap_mode="r")
+        path = self.paths[index]
+        _mark_used(Path(path))  # so that `prune` keeps what a long sweep still reads (one syscall)
+        return np.load(path, mmap_mode="r")
