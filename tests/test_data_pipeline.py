@@ -76,15 +76,18 @@ def test_worker_processes_match_and_restore(pool):
     assert_batches_equal(take(resumed, 5), expected[3:])
 
 
-def test_per_host_slices_make_up_the_batch(pool):
+def test_per_host_boxes_make_up_the_batch(pool):
+    """Hosts holding half the lanes, or half of every lane's slots, load exactly those blocks."""
     full = take(to_iterator(dataset(pool)), 4)
-    hosts = [take(to_iterator(dataset(pool, process_index=i, process_count=2)), 4) for i in range(2)]
+    by_slots = [take(to_iterator(dataset(pool, box=(slice(None), slice(2 * i, 2 * i + 2)))), 4) for i in range(2)]
+    by_lanes = [take(to_iterator(dataset(pool, box=(slice(i, i + 1), slice(None)))), 4) for i in range(2)]
     for s, batch in enumerate(full):
-        assert hosts[0][s]["image"].shape == (2, 2) + SHAPE
+        assert by_slots[0][s]["image"].shape == (2, 2) + SHAPE and by_lanes[0][s]["image"].shape == (1, 4) + SHAPE
         for key in ("image", "label"):
-            np.testing.assert_array_equal(np.concatenate([h[s][key] for h in hosts], axis=1), batch[key])
-    with pytest.raises(ValueError, match="split evenly"):
-        dataset(pool, process_count=3)
+            np.testing.assert_array_equal(np.concatenate([h[s][key] for h in by_slots], axis=1), batch[key])
+            np.testing.assert_array_equal(np.concatenate([h[s][key] for h in by_lanes], axis=0), batch[key])
+    with pytest.raises(ValueError, match="no contiguous block"):
+        dataset(pool, box=(slice(0, 0), slice(None)))
 
 
 @pytest.mark.parametrize("n_hq, n, batch_size", [(8, 24, 4), (5, 13, 3), (0, 10, 4), (10, 10, 4), (7, 20, 8)])

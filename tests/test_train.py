@@ -143,9 +143,12 @@ def test_two_processes_on_loopback_match_one(reference, cache, tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     args = ["--coordinator", coordinator, "--num_processes", "2"]
     worker = run_train(tmp_path, cache, *args, "--process_id", "1", background=True)
-    run_train(tmp_path, cache, *args, "--process_id", "0")
+    main = run_train(tmp_path, cache, *args, "--process_id", "0")
     out, _ = worker.communicate(timeout=300)
     assert worker.returncode == 0, out[-3000:]
+    # Each process loads only the lanes its device holds (6 lanes on a 2 x 1 mesh).
+    assert "loads lanes 0:3, slots 0:2" in main.stdout + main.stderr
+    assert "loads lanes 3:6, slots 0:2" in out
     ref, got = probabilities(reference), probabilities(tmp_path)
     assert max(abs(ref[k] - got[k]) for k in ref) < PROB_TOLERANCE
     ref_rows, got_rows = read_csv(reference / "results.csv"), read_csv(tmp_path / "results.csv")

@@ -7,8 +7,8 @@ per epoch, or inverse-frequency sampling) with its own augmentation draws, all d
 worker processes return what the main process would, and the iterator state is just the next step.
 
 Options: exact per-batch HQ/LQ composition (`exact_quality`), inverse-frequency class balancing
-(`balance`), and per-host sharding (`process_index`/`process_count`: each host loads only its slice
-of every lane's batch, along the batch axis).
+(`balance`), and per-host loading (`box`: the (lanes, slots) block of the global batch whose shards
+this host's devices hold; each host reads and augments only that block).
 """
 
 from __future__ import annotations
@@ -165,30 +165,34 @@ class LaneStream:
         return np.asarray(cases, dtype=np.int64)[slots]
 
 
+Box = tuple[slice, slice]  # (lanes, batch slots) of the global (L, B, ...) batch
+
+
 class LaneStep(grain.transforms.Map):
-    """step index -> lane-stacked batch (this host's slice of every lane's batch)."""
+    """step index -> lane-stacked batch: this host's block (`box`) of every lane's batch."""
 
     def __init__(self, source: VolumeSource, labels: np.ndarray, streams: Sequence[LaneStream],
-                 augment_config: AugmentConfig, process_index: int = 0, process_count: int = 1):
+                 augment_config: AugmentConfig, box: Box | None = None):
         self.source, self.labels, self.streams = source, np.asarray(labels), list(streams)
         self.augment_config = augment_config
-        batch_size = self.streams[0].batch_size
-        if batch_size % process_count or not 0 <= process_index < process_count:
-            raise ValueError(f"batch size {batch_size} must split evenly over {process_count} processes "
-                             f"(process_index {process_index})")
-        local = batch_size // process_count
-        self.slots = range(process_index * local, (process_index + 1) * local)
+        lanes, slots = box or (slice(None), slice(None))
+        self.lanes = range(*lanes.indices(len(self.streams)))
+        self.slots = range(*slots.indices(self.streams[0].batch_size))
+        if not self.lanes or not self.slots or self.lanes.step != 1 or self.slots.step != 1:
+            raise ValueError(f"box {box} selects no contiguous block of {len(self.streams)} lanes x "
+                             f"{self.streams[0].batch_size} slots")
 
     def map(self, step: int) -> dict[str, np.ndarray]:
         images, labels = [], []
-        for stream in self.streams:
+        for lane in self.lanes:
+            stream = self.streams[lane]
             cases = stream.batch(int(step))
             for b in self.slots:
                 case = int(cases[b])
                 rng = np.random.default_rng([stream.seed, int(step) * stream.batch_size + b, _AUGMENT])
                 images.append(augment(self.source[case], rng, self.augment_config))
                 labels.append(self.labels[case])
-        shape = (len(self.streams), len(self.slots))
+        shape = (len(self.lanes), len(self.slots))
         image = np.stack(images).reshape(shape + images[0].shape)
         return {"image": image, "label": np.asarray(labels, np.int32).reshape(shape)}
 
@@ -196,12 +200,11 @@ class LaneStep(grain.transforms.Map):
 def train_dataset(source: VolumeSource, labels: np.ndarray, lane_sets: Sequence[np.ndarray],
                   lane_seeds: Sequence[int], *, batch_size: int, num_steps: int,
                   augment_config: AugmentConfig, balance: bool = False, is_hq: np.ndarray | None = None,
-                  exact_quality: bool = False, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Lane-stacked training batches; each process gets (L, batch_size // process_count, ...)."""
+                  exact_quality: bool = False, box: Box | None = None) -> grain.MapDataset:
+    """Lane-stacked training batches, (L, batch_size, ...), or this host's `box` of them."""
     streams = [LaneStream(s, labels, seed, batch_size, balance=balance, is_hq=is_hq, exact_quality=exact_quality)
                for s, seed in zip(lane_sets, lane_seeds, strict=True)]
-    return grain.MapDataset.range(num_steps).map(
-        LaneStep(source, labels, streams, augment_config, process_index, process_count))
+    return grain.MapDataset.range(num_steps).map(LaneStep(source, labels, streams, augment_config, box))
 
 
 def _absl_flags_parsed() -> None:

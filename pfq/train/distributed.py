@@ -1,7 +1,8 @@
 """Multi-host runs: process start-up, global arrays from host data, gathering, and one writer.
 
-Every process runs the same program over a global (lane, data) mesh; each builds the same host
-batch deterministically and contributes only the shards its devices hold. Process 0 writes outputs.
+Every process runs the same program over a global (lane, data) mesh; each loads and augments only
+the block of the global batch that its devices hold (`local_box`), and the global batch is assembled
+from those blocks (`global_array_from_box`). Process 0 writes outputs.
 Launch: on a TPU VM pod `jax.distributed.initialize()` finds its peers by itself (`--distributed`);
 elsewhere pass the coordinator explicitly (see README, "Several hosts").
 """
@@ -40,9 +41,38 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def global_array(tree, sharding):
-    """Host numpy leaves (identical on every process) -> global arrays laid out by `sharding`."""
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), tree)
+def local_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """The smallest (axis 0, axis 1) block of a `shape` array that holds every shard this process's
+    devices address; on one process, everything. With devices in process order it is exactly this
+    process's part (e.g. its lanes, or its slots of every lane); otherwise it holds a little more."""
+    indices = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
+    if not indices:
+        raise ValueError(f"process {jax.process_index()} holds no device of the (lane, data) mesh, so its devices "
+                         "would idle; make the lanes per group or the batch size divisible by the process count")
+    box = []
+    for axis in (0, 1):
+        ranges = [idx[axis].indices(shape[axis])[:2] if axis < len(idx) else (0, shape[axis]) for idx in indices]
+        box.append(slice(min(r[0] for r in ranges), max(r[1] for r in ranges)))
+    return box[0], box[1]
+
+
+def global_array_from_box(tree, sharding, box: tuple[slice, slice], lead_shape: tuple[int, int]):
+    """Host numpy leaves holding this process's `box` of global arrays whose first two axes are
+    `lead_shape` -> global arrays laid out by `sharding`; each device's shard is cut from the block."""
+    def build(x: np.ndarray) -> jax.Array:
+        shape = tuple(lead_shape) + x.shape[2:]
+
+        def shard(idx: tuple[slice, ...]) -> np.ndarray:
+            local = []
+            for axis, s in enumerate(idx):
+                start, stop, _ = s.indices(shape[axis])
+                offset = box[axis].start if axis < 2 else 0
+                local.append(slice(start - offset, stop - offset))
+            return x[tuple(local)]
+
+        return jax.make_array_from_callback(shape, sharding, shard)
+
+    return jax.tree.map(build, tree)
 
 
 def to_host(x) -> np.ndarray:

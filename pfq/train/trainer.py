@@ -32,7 +32,7 @@ from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
-from pfq.train.distributed import global_array, is_writer, to_host
+from pfq.train.distributed import global_array_from_box, is_writer, local_box, to_host
 from pfq.train.optim import make_optimizer
 from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
 from pfq.train.workdir import atomic_write_text
@@ -149,15 +149,19 @@ class Trainer:
         lane_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 1))
         keys = jax.jit(lane_keys, out_shardings=lane_sh)(np.array([lane.seed for lane in group], np.uint32))
 
+        box = local_box(batch_sh, (len(group), batch_size))  # this host loads only what its devices hold
+        if jax.process_count() > 1:
+            log.info("group %d: this process loads lanes %d:%d, slots %d:%d of each step's batch", gi,
+                     box[0].start, box[0].stop, box[1].start, box[1].stop)
         dataset = train_dataset(data.source, data.labels, lane_sets, [lane.seed for lane in group],
                                 batch_size=batch_size, num_steps=steps,
                                 augment_config=AugmentConfig.from_config(cfg.data), balance=cfg.data.balance,
-                                is_hq=data.is_hq, exact_quality=cfg.data.exact_batch_quality)
+                                is_hq=data.is_hq, exact_quality=cfg.data.exact_batch_quality, box=box)
         iterator = to_iterator(dataset, workers=cfg.data.workers)
 
         ckpt = GroupCheckpointer(self.workdir / "checkpoints" / f"group{gi}", keep=cfg.checkpoint.keep)
         try:
-            state, loss = self._train_loop(gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh)
+            state, loss = self._train_loop(gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh, box)
             ckpt.wait()
         except BaseException:
             try:  # let saves already under way finish: they hold finished work
@@ -169,7 +173,7 @@ class Trainer:
         return GroupOutcome(group, lane_sets, state, to_host(state["diverged_step"]), loss,
                             to_host(state["diverged_reason"]))
 
-    def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh):
+    def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh, box):
         """Resume from the newest readable checkpoint, then train to `optim.steps`, saving as configured."""
         cfg, optim = self.config, self.config.optim
         steps, batch_size = int(optim.steps), int(optim.batch_size)
@@ -196,7 +200,7 @@ class Trainer:
             bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
                        disable=not self.progress, dynamic_ncols=True)
             for step in bar:
-                batch = global_array(next(iterator), batch_sh)
+                batch = global_array_from_box(next(iterator), batch_sh, box, (len(group), batch_size))
                 state, metrics = step_fn(state, batch, keys)
                 done = step + 1
                 maybe_fail("train_step", done)
