@@ -14,10 +14,7 @@ def get_config():
     c.model.dims = (8, 16, 24, 32)
     c.sweep.train_sizes = (8,)
     c.sweep.test_draws = 2
-    c.optim.steps = 6
-    c.optim.batch_size = 2
-    c.optim.warmup_steps = 2
+    c.optim.update({"steps": 6, "batch_size": 2, "warmup_steps": 2})
     c.checkpoint.every_steps = 3
-    c.eval_batch_size = 8
-    c.log_every = 2
+    c.update({"eval_batch_size": 8, "log_every": 2})
     return c

@@ -108,14 +108,9 @@ def paper_config(task: str) -> ConfigDict:
     c.sweep.inits = ("scratch",)  # add converted checkpoint directories on the command line
     c.sweep.train_sizes = (50, 100, 200)
     c.sweep.seeds = (0, 1, 2, 3, 4)
-    c.optim.steps = 3000
-    c.optim.batch_size = 4
-    c.optim.lr = 5e-4
-    c.optim.warmup_steps = 300
-    c.optim.layer_decay = 0.8
+    c.optim.update({"steps": 3000, "batch_size": 4, "lr": 5e-4, "warmup_steps": 300, "layer_decay": 0.8})
     c.checkpoint.every_steps = 250
-    c.eval_batch_size = 8
-    c.log_every = 50
+    c.update({"eval_batch_size": 8, "log_every": 50})
     return c
 
 

@@ -39,6 +39,31 @@ def _add_quality_args(p: argparse.ArgumentParser) -> None:
                    help="scores at or above this are HQ (default: the scale's, v1: 4, v2: 3)")
 
 
+def _add_cache_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache folder (default: the config's data.cache_dir, else $PFQ_CACHE/volumes "
+                        "or ~/.cache/pfq/volumes)")
+    p.add_argument("--config", default=None, help=config_help)
+
+
+def _add_cache_parser(sub) -> None:
+    cache = sub.add_parser("cache", help="show the preprocessing cache; --prune removes least recently used entries",
+                           description="Entries, size and last use per input size. With --prune, remove the least "
+                                       "recently used entries (--older-than and/or --max-gb) and temporaries that "
+                                       "killed writers left; entries used within --keep-recent-hours are kept, "
+                                       "as a running sweep reads its entries throughout. A removed entry is "
+                                       "rebuilt from the NIfTI files when next needed.")
+    _add_cache_args(cache, "run config file whose data.cache_dir to use")
+    cache.add_argument("--prune", action="store_true", help="remove entries (else only report)")
+    cache.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                       help="--prune: entries unused for this many days")
+    cache.add_argument("--max-gb", type=float, default=None, metavar="GB",
+                       help="--prune: then the least recently used until the cache fits in this size")
+    cache.add_argument("--keep-recent-hours", type=float, default=24.0, metavar="H",
+                       help="--prune: never remove entries used within this many hours (default 24)")
+    cache.add_argument("--dry-run", action="store_true", help="--prune: list what would go, remove nothing")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pfq.data",
                                      description="Data tools: write phantoms (synth), fill the preprocessing cache "
@@ -52,10 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                           description="Decode and preprocess every case once into the cache. Use the run's "
                                       "config (--config) so that training finds the entries.")
     prep.add_argument("manifest", type=Path)
-    prep.add_argument("--cache", type=Path, default=None,
-                      help="cache folder (default: the config's data.cache_dir, else $PFQ_CACHE/volumes "
-                           "or ~/.cache/pfq/volumes)")
-    prep.add_argument("--config", default=None, help="run config file whose data.input_size / data.spacing to use")
+    _add_cache_args(prep, "run config file whose data.input_size / data.spacing to use")
     prep.add_argument("--input-size", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
                       help="override data.input_size")
     prep.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
@@ -77,24 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes for the image checks")
     val.add_argument("--no-progress", action="store_true")
 
-    cache = sub.add_parser("cache", help="show the preprocessing cache; --prune removes least recently used entries",
-                           description="Entries, size and last use per input size. With --prune, remove the least "
-                                       "recently used entries (--older-than and/or --max-gb) and temporaries that "
-                                       "killed writers left; entries used within --keep-recent-hours are kept, "
-                                       "as a running sweep reads its entries throughout. A removed entry is "
-                                       "rebuilt from the NIfTI files when next needed.")
-    cache.add_argument("--cache", type=Path, default=None,
-                       help="cache folder (default: the config's data.cache_dir, else $PFQ_CACHE/volumes "
-                            "or ~/.cache/pfq/volumes)")
-    cache.add_argument("--config", default=None, help="run config file whose data.cache_dir to use")
-    cache.add_argument("--prune", action="store_true", help="remove entries (else only report)")
-    cache.add_argument("--older-than", type=float, default=None, metavar="DAYS",
-                       help="--prune: entries unused for this many days")
-    cache.add_argument("--max-gb", type=float, default=None, metavar="GB",
-                       help="--prune: then the least recently used until the cache fits in this size")
-    cache.add_argument("--keep-recent-hours", type=float, default=24.0, metavar="H",
-                       help="--prune: never remove entries used within this many hours (default 24)")
-    cache.add_argument("--dry-run", action="store_true", help="--prune: list what would go, remove nothing")
+    _add_cache_parser(sub)
     return parser
 
 
