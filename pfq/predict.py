@@ -194,6 +194,11 @@ def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> in
         raise ConvertError(f"{args.checkpoint}: a manifest gives 3 channels (t2w, highb, adc); "
                            f"this model takes {spec.in_chans}")
     config = preprocess_config(meta, args.input_size, args.spacing)
+    trained = preprocess_config(meta, None, None)
+    if meta.get("preprocess") and trained.key() != config.key():
+        print(f"note: this model was trained on input {trained.input_size} at spacing "
+              f"{trained.spacing or 'T2w grid'}; predicting on {config.input_size} at "
+              f"{config.spacing or 'T2w grid'}", file=sys.stderr)
     manifest, volumes = load_manifest_volumes(args.manifest, config, cache_dir=args.cache_dir,
                                               workers=args.workers, progress=not args.no_progress)
     batch_size = min(args.batch_size, len(volumes))
