@@ -139,18 +139,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_on_loopback_match_one(reference, cache, tmp_path):
-    coordinator = f"127.0.0.1:{_free_port()}"
-    args = ["--coordinator", coordinator, "--num_processes", "2"]
-    worker = run_train(tmp_path, cache, *args, "--process_id", "1", background=True)
-    main = run_train(tmp_path, cache, *args, "--process_id", "0")
+def run_two_processes(workdir: Path, cache: Path, *extra: str) -> str:
+    """Both processes' output, once both have finished."""
+    args = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num_processes", "2", *extra]
+    worker = run_train(workdir, cache, *args, "--process_id", "1", background=True)
+    main = run_train(workdir, cache, *args, "--process_id", "0")
     out, _ = worker.communicate(timeout=300)
     assert worker.returncode == 0, out[-3000:]
+    return f"{main.stdout}{main.stderr}\n--- process 1 ---\n{out}"
+
+
+def test_two_processes_on_loopback_match_one(reference, cache, tmp_path):
+    output = run_two_processes(tmp_path, cache)
     # Each process loads only the lanes its device holds (6 lanes on a 2 x 1 mesh).
-    assert "loads lanes 0:3, slots 0:2" in main.stdout + main.stderr
-    assert "loads lanes 3:6, slots 0:2" in out
+    head, worker = output.split("--- process 1 ---")
+    assert "loads lanes 0:3, slots 0:2" in head and "loads lanes 3:6, slots 0:2" in worker
     ref, got = probabilities(reference), probabilities(tmp_path)
     assert max(abs(ref[k] - got[k]) for k in ref) < PROB_TOLERANCE
     ref_rows, got_rows = read_csv(reference / "results.csv"), read_csv(tmp_path / "results.csv")
     assert [r["seed"] for r in got_rows] == [r["seed"] for r in ref_rows]
     assert np.allclose([float(r["auc"]) for r in got_rows], [float(r["auc"]) for r in ref_rows], atol=1e-3)
+
+
+def test_two_processes_splitting_every_batch_match_one(reference, cache, tmp_path):
+    """3 lanes do not split over 2 processes, so each process loads one slot of every lane's batch;
+    a lane's results do not depend on the other lanes, so they match the reference's seed-0 lanes."""
+    output = run_two_processes(tmp_path, cache, "--config.sweep.seeds=(0,)")
+    head, worker = output.split("--- process 1 ---")
+    assert "loads lanes 0:3, slots 0:1" in head and "loads lanes 0:3, slots 1:2" in worker
+    ref, got = probabilities(reference), probabilities(tmp_path)
+    assert {lane for lane, _ in got} == {lane for lane, _ in ref if lane.endswith("-s0")}
+    assert max(abs(ref[k] - got[k]) for k in got) < PROB_TOLERANCE
