@@ -10,7 +10,8 @@ read from the model directory (models exported by `pfq.train` record it), else P
 reported, naming line, case and file, before anything is written. The output is a CSV with one row
 per case in manifest order (case_id, line, quality and the task's label where the manifest has
 them, then `prob_<k>` and `predicted`, or `feature_<e>` with `--features`), or a .npy of logits
-or features when PRED ends in .npy.
+or features when PRED ends in .npy. Where the manifest has the task's labels (`--task`, default the
+exported model's), `PRED_metrics.csv` holds the task's metrics overall and per quality grade.
 
 `--array`: `X` is float32 (N, C, D, H, W) in PyTorch axis order, used as is (no preprocessing);
 the output is logits (N, num_classes) or features (N, E).
@@ -32,13 +33,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from pfq import evaluate
 from pfq.convert.errors import ConvertError
 from pfq.convert.store import has_head, load_model_dir
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
 from pfq.data.manifest import Manifest, ManifestError, read_manifest
 from pfq.data.preprocess import PreprocessConfig
 from pfq.model import ModelSpec, apply, features
-from pfq.tasks import TASKS, LabelError
+from pfq.tasks import TASKS, LabelError, get_task
 from pfq.train.workdir import atomic_write_bytes, atomic_write_text
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -158,6 +160,25 @@ def prediction_table(manifest: Manifest, outputs: np.ndarray, *, want_features: 
     return header, [list(row) for row in zip(*columns, strict=True)]
 
 
+def labelled_metrics(manifest: Manifest, outputs: np.ndarray, task_name: str | None) -> list[dict]:
+    """The task's metrics (`pfq.evaluate.score`) on the cases with a valid label: all of them, then
+    the HQ and LQ ones where the manifest grades quality; [] without labels."""
+    labels = _task_labels(manifest, task_name)
+    if labels is None:
+        return []
+    valid = np.array([label != "" for label in labels])
+    y = np.array([int(label) if label else -1 for label in labels])
+    probs = np.asarray(jax.nn.softmax(outputs.astype(np.float64), axis=1))
+    quality = np.array([c.quality or "" for c in manifest.cases])
+    groups = [("all", valid)] + [(q, valid & (quality == q)) for q in ("hq", "lq") if (quality == q).any()]
+    rows = []
+    for name, mask in groups:
+        if mask.any():
+            metrics = evaluate.score(y[mask], probs[mask], task_name or "")
+            rows.append({"cases": name, "n": int(mask.sum()), "task": task_name, **metrics})
+    return rows
+
+
 def save_table_atomically(path: Path, header: list[str], rows: list[list]) -> None:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -183,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--manifest: volume size after crop/pad (default: as recorded by training, else 64 224 224)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"),
                    help="--manifest: resample to this spacing in mm (default: as recorded, else the T2w grid)")
+    p.add_argument("--task", help="--manifest: the task whose label column to report and score (default: the "
+                                  "task an exported model was trained on)")
     p.add_argument("--cache-dir", help="--manifest: preprocessed-volume cache (default $PFQ_CACHE/volumes)")
     p.add_argument("--workers", type=int, default=0, help="--manifest: processes that preprocess cases")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -193,6 +216,12 @@ def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> in
     if spec.in_chans != 3:
         raise ConvertError(f"{args.checkpoint}: a manifest gives 3 channels (t2w, highb, adc); "
                            f"this model takes {spec.in_chans}")
+    task_name = args.task or meta.get("task")
+    if task_name is not None:
+        task = get_task(task_name)
+        if not args.features and task.num_classes != spec.num_classes:
+            raise ConvertError(f"--task {task_name} has {task.num_classes} classes; this model has "
+                               f"{spec.num_classes}")
     config = preprocess_config(meta, args.input_size, args.spacing)
     trained = preprocess_config(meta, None, None)
     if meta.get("preprocess") and trained.key() != config.key():
@@ -208,11 +237,19 @@ def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> in
     if out.suffix == ".npy":
         save_array_atomically(out, y)
     else:
-        header, rows = prediction_table(manifest, y, want_features=args.features, task_name=meta.get("task"))
+        header, rows = prediction_table(manifest, y, want_features=args.features, task_name=task_name)
         save_table_atomically(out, header, rows)
     size = "x".join(map(str, config.input_size))
     print(f"wrote {out}: {len(volumes)} cases, {y.shape[1]} {'features' if args.features else 'classes'} "
           f"(input {size}, spacing {config.spacing or 'T2w grid'})")
+    metrics = [] if args.features else labelled_metrics(manifest, y, task_name)
+    if metrics:
+        path = out.with_name(f"{out.stem}_metrics.csv")
+        columns = list(metrics[0])
+        save_table_atomically(path, columns, [[row[c] for c in columns] for row in metrics])
+        for row in metrics:
+            print(f"  {row['cases']:>3}: n={row['n']:<5} auc={row['auc']:.3f}  accuracy={row['accuracy']:.3f}")
+        print(f"wrote {path}: {task_name} metrics on the labelled cases")
     return 0
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from pfq import predict
+from pfq import evaluate, predict
 from pfq.convert.store import save_model_dir
 from pfq.data.manifest import read_manifest
 from pfq.data.preprocess import PreprocessConfig, load_case
@@ -63,6 +63,19 @@ def test_manifest_predictions_in_manifest_order(study, tmp_path):
     np.testing.assert_allclose(probs, np.asarray(jax.nn.softmax(logits, axis=1)), atol=1e-5)
     assert [int(r["predicted"]) for r in rows] == np.argmax(logits, axis=1).tolist()
     assert len(set(np.round(probs[:, 0], 6))) > 1  # the cases differ
+    # Labelled cases are scored with the sweep's metrics, overall and per quality grade.
+    metrics = {r["cases"]: r for r in _table(tmp_path / "pred_metrics.csv")}
+    assert [(k, int(r["n"])) for k, r in metrics.items()] == [("all", 5), ("hq", 3), ("lq", 2)]
+    y = np.array([0, 0, 1, 1, 2])
+    want = evaluate.score(y, np.asarray(jax.nn.softmax(logits.astype(np.float64), axis=1)), "pirads_4class")
+    assert float(metrics["all"]["auc"]) == pytest.approx(want["auc"], abs=1e-5)
+    assert float(metrics["all"]["accuracy"]) == pytest.approx(want["accuracy"])
+
+
+def test_task_must_fit_the_model(study, tmp_path, capsys):
+    assert _run(study, tmp_path, "--output", str(tmp_path / "p.csv"), "--task", "pirads_ge4") == 2
+    assert "--task pirads_ge4 has 2 classes; this model has 4" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_manifest_features_as_npy(study, tmp_path):
