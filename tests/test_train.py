@@ -170,3 +170,17 @@ def test_two_processes_splitting_every_batch_match_one(reference, cache, tmp_pat
     ref, got = probabilities(reference), probabilities(tmp_path)
     assert {lane for lane, _ in got} == {lane for lane, _ in ref if lane.endswith("-s0")}
     assert max(abs(ref[k] - got[k]) for k in got) < PROB_TOLERANCE
+
+
+def test_a_second_run_in_a_busy_workdir_stops_and_changes_nothing(reference, cache):
+    """While a run holds the workdir, another one (here even with --overwrite) stops with exit
+    status 2 naming the holder, and every file stays as it was."""
+    from pfq.train.workdir import exclusive
+
+    before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
+    with exclusive(reference):
+        proc = run_train(reference, cache, "--overwrite", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"is in use by another run (process {os.getpid()} on" in proc.stderr
+    assert {p for p in reference.rglob("*") if p.is_file()} == before.keys()
+    assert all(p.read_bytes() == data for p, data in before.items() if p.name != ".lock")

@@ -7,6 +7,7 @@ at any point resumes from its last checkpoint to the same final results.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -313,15 +314,26 @@ class Trainer:
             log.info("%s already holds this run's finished results; pass --overwrite to run it again", self.workdir)
             if is_writer():
                 workdir_lib.remove_stale_temporaries(self.workdir)  # of a report interrupted last time
-            with open(self.workdir / "results.csv", newline="") as f:
-                return list(csv.DictReader(f))
+            return self._finished_rows()
         data = load_study_data(cfg, self.task, progress=self.progress)
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
         self.preflight(lanes, data)
         # Only now, with the inputs known to be usable, is the workdir created, checked or (with
-        # --overwrite) cleared; a failure above leaves earlier outputs untouched.
-        workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer())
+        # --overwrite) cleared; a failure above leaves earlier outputs untouched. The writer holds the
+        # workdir's lock from here on, so a second run there stops instead of mixing with this one.
+        with workdir_lib.exclusive(self.workdir) if is_writer() else contextlib.nullcontext():
+            if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer()):
+                log.info("%s was finished by another run meanwhile", self.workdir)
+                return self._finished_rows()
+            return self._sweep(lanes, data)
+
+    def _finished_rows(self) -> list[dict]:
+        with open(self.workdir / "results.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _sweep(self, lanes: list, data: StudyData) -> list[dict]:
+        cfg = self.config
         log.info("%d lanes in %d group(s); train pool %d, test pool %d", len(lanes),
                  len(lanes_lib.group_lanes(lanes)), len(data.train_pool), len(data.test_pool))
         rows, prediction_rows, diverged = [], [], []

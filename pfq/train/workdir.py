@@ -7,10 +7,15 @@ finished sweep, which is not retrained or overwritten unless asked.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pfq.faults import maybe_fail
@@ -20,6 +25,8 @@ OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("export_models",), 
                       ("checkpoint", "every_steps"), ("checkpoint", "keep"), ("data", "cache_dir"),
                       ("data", "prepare_workers")}
 OUTPUTS = ("results.csv", "predictions.csv", "run.json", "report.md", "config.json")
+LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
 
 
 class WorkdirError(RuntimeError):
@@ -45,6 +52,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def exclusive(workdir: Path) -> Iterator[None]:
+    """Hold `WORKDIR/.lock` while a run writes there: a second run in the same workdir stops with
+    `WorkdirError` naming the holder, instead of interleaving two runs' checkpoints and outputs.
+    The kernel drops the lock when its process ends, however it ends (kill -9 included), so a
+    stale lock never blocks a resume. On a filesystem without locks it warns and goes on."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to end, or use "
+                               "another --workdir") from None
+        except OSError as e:  # e.g. ENOLCK on a network mount without a lock manager
+            log.warning("could not lock %s (%s); make sure no other run uses this workdir", workdir, e)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def remove_stale_temporaries(workdir: Path) -> None:
