@@ -125,58 +125,50 @@ def load_manifest_volumes(path: str | Path, config: PreprocessConfig, *, cache_d
     return manifest, CachedVolumes(paths)
 
 
-def _task_labels(manifest: Manifest, task_name: str | None) -> list[str] | None:
-    """The task's class per case ('' where the cell is empty or invalid), if the manifest has its column."""
+def task_labels(manifest: Manifest, task_name: str | None) -> list[int | None] | None:
+    """The task's class per case (None where the cell is empty or invalid), or None when there is
+    no task or the manifest lacks its column."""
     task = TASKS.get(task_name or "")
     if task is None or not any(task.column in c.raw for c in manifest.cases):
         return None
-    labels = []
+    labels: list[int | None] = []
     for case in manifest.cases:
         try:
-            labels.append(str(task.to_class(case.raw[task.column])) if case.raw.get(task.column) else "")
+            labels.append(task.to_class(case.raw[task.column]) if case.raw.get(task.column) else None)
         except LabelError:
-            labels.append("")
+            labels.append(None)
     return labels
 
 
-def prediction_table(manifest: Manifest, outputs: np.ndarray, *, want_features: bool,
-                     task_name: str | None) -> tuple[list[str], list[list]]:
-    """(header, rows): one row per case in manifest order."""
+def prediction_table(manifest: Manifest, values: np.ndarray, labels: list[int | None] | None, *,
+                     want_features: bool) -> tuple[list[str], list[list]]:
+    """(header, rows): one row per case in manifest order; `values` are class probabilities, or
+    features with `want_features`."""
     header, columns = ["case_id", "line"], [[c.case_id for c in manifest.cases], [c.line for c in manifest.cases]]
     if any(c.quality for c in manifest.cases):
         header.append("quality")
         columns.append([c.quality or "" for c in manifest.cases])
-    labels = _task_labels(manifest, task_name)
     if labels is not None:
         header.append("label")
-        columns.append(labels)
+        columns.append(["" if label is None else label for label in labels])
     if want_features:
-        header += [f"feature_{e}" for e in range(outputs.shape[1])]
-        columns += [list(col) for col in outputs.T.tolist()]
+        header += [f"feature_{e}" for e in range(values.shape[1])]
+        columns += [list(col) for col in values.T.tolist()]
     else:
-        probs = np.asarray(jax.nn.softmax(outputs.astype(np.float64), axis=1))
-        header += [f"prob_{k}" for k in range(outputs.shape[1])] + ["predicted"]
-        columns += [[f"{p:.6g}" for p in col] for col in probs.T] + [np.argmax(outputs, axis=1).tolist()]
+        header += [f"prob_{k}" for k in range(values.shape[1])] + ["predicted"]
+        columns += [[f"{p:.6g}" for p in col] for col in values.T] + [np.argmax(values, axis=1).tolist()]
     return header, [list(row) for row in zip(*columns, strict=True)]
 
 
-def labelled_metrics(manifest: Manifest, outputs: np.ndarray, task_name: str | None) -> list[dict]:
+def labelled_metrics(manifest: Manifest, probs: np.ndarray, labels: list[int | None], task_name: str) -> list[dict]:
     """The task's metrics (`pfq.evaluate.score`) on the cases with a valid label: all of them, then
-    the HQ and LQ ones where the manifest grades quality; [] without labels."""
-    labels = _task_labels(manifest, task_name)
-    if labels is None:
-        return []
-    valid = np.array([label != "" for label in labels])
-    y = np.array([int(label) if label else -1 for label in labels])
-    probs = np.asarray(jax.nn.softmax(outputs.astype(np.float64), axis=1))
+    the HQ and LQ ones where the manifest grades quality."""
+    valid = np.array([label is not None for label in labels])
+    y = np.array([-1 if label is None else label for label in labels])
     quality = np.array([c.quality or "" for c in manifest.cases])
     groups = [("all", valid)] + [(q, valid & (quality == q)) for q in ("hq", "lq") if (quality == q).any()]
-    rows = []
-    for name, mask in groups:
-        if mask.any():
-            metrics = evaluate.score(y[mask], probs[mask], task_name or "")
-            rows.append({"cases": name, "n": int(mask.sum()), "task": task_name, **metrics})
-    return rows
+    return [{"cases": name, "n": int(mask.sum()), "task": task_name, **evaluate.score(y[mask], probs[mask], task_name)}
+            for name, mask in groups if mask.any()]
 
 
 def save_table_atomically(path: Path, header: list[str], rows: list[list]) -> None:
@@ -234,23 +226,26 @@ def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> in
     y = run_batches(forward, iter_volume_batches(volumes, batch_size), batch_size, total=len(volumes),
                     progress=not args.no_progress)
     out = Path(args.output)
+    labels = task_labels(manifest, task_name)
+    values = y if args.features else np.asarray(jax.nn.softmax(y.astype(np.float64), axis=1))
     if out.suffix == ".npy":
         save_array_atomically(out, y)
     else:
-        header, rows = prediction_table(manifest, y, want_features=args.features, task_name=task_name)
-        save_table_atomically(out, header, rows)
+        save_table_atomically(out, *prediction_table(manifest, values, labels, want_features=args.features))
     size = "x".join(map(str, config.input_size))
     print(f"wrote {out}: {len(volumes)} cases, {y.shape[1]} {'features' if args.features else 'classes'} "
           f"(input {size}, spacing {config.spacing or 'T2w grid'})")
-    metrics = [] if args.features else labelled_metrics(manifest, y, task_name)
-    if metrics:
-        path = out.with_name(f"{out.stem}_metrics.csv")
-        columns = list(metrics[0])
-        save_table_atomically(path, columns, [[row[c] for c in columns] for row in metrics])
-        for row in metrics:
-            print(f"  {row['cases']:>3}: n={row['n']:<5} auc={row['auc']:.3f}  accuracy={row['accuracy']:.3f}")
-        print(f"wrote {path}: {task_name} metrics on the labelled cases")
+    if labels is not None and not args.features:
+        _write_metrics(out.with_name(f"{out.stem}_metrics.csv"), labelled_metrics(manifest, values, labels, task_name))
     return 0
+
+
+def _write_metrics(path: Path, metrics: list[dict]) -> None:
+    columns = list(metrics[0]) if metrics else ["cases", "n", "task"]
+    save_table_atomically(path, columns, [[row[c] for c in columns] for row in metrics])
+    for row in metrics:
+        print(f"  {row['cases']:>3}: n={row['n']:<5} auc={row['auc']:.3f}  accuracy={row['accuracy']:.3f}")
+    print(f"wrote {path}: metrics on the {metrics[0]['n'] if metrics else 0} cases with a valid label")
 
 
 def main(argv: list[str] | None = None) -> int:

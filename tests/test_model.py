@@ -53,12 +53,13 @@ def test_forward_shapes_and_total_stride(size):
     spec = ModelSpec.from_size(size, num_classes=3)
     variables = init_variables(spec, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, 32, 48, 3))
-    logits, stats = apply(spec, variables, x, train=True, key=jax.random.key(2))
+    run = jax.jit(apply, static_argnums=0, static_argnames="train")  # op by op takes 10x longer
+    logits, stats = run(spec, variables, x, train=True, key=jax.random.key(2))
     assert logits.shape == (2, 3)
-    assert features(spec, variables, x).shape == (2, spec.embed_dim)
+    assert jax.eval_shape(lambda v, x: features(spec, v, x), variables, x).shape == (2, spec.embed_dim)
     # Training updates the BatchNorm running statistics; eval leaves them alone.
     assert not np.allclose(stats["head"][1]["mean"], variables["batch_stats"]["head"][1]["mean"])
-    _, eval_stats = apply(spec, variables, x, train=False)
+    _, eval_stats = run(spec, variables, x, train=False)
     np.testing.assert_array_equal(eval_stats["head"][1]["mean"], variables["batch_stats"]["head"][1]["mean"])
 
 
@@ -95,9 +96,10 @@ def test_eval_is_deterministic_and_drop_path_only_in_training():
     spec = ModelSpec(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), drop_path_rate=0.5)
     variables = init_variables(spec, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 16, 3))
-    a, _ = apply(spec, variables, x, train=False, key=jax.random.key(5))
-    b, _ = apply(spec, variables, x, train=False, key=jax.random.key(6))
+    run = jax.jit(apply, static_argnums=0, static_argnames="train")  # op by op takes 10x longer
+    a, _ = run(spec, variables, x, train=False, key=jax.random.key(5))
+    b, _ = run(spec, variables, x, train=False, key=jax.random.key(6))
     np.testing.assert_array_equal(a, b)
-    c, _ = apply(spec, variables, x, train=True, key=jax.random.key(5))
-    d, _ = apply(spec, variables, x, train=True, key=jax.random.key(6))
+    c, _ = run(spec, variables, x, train=True, key=jax.random.key(5))
+    d, _ = run(spec, variables, x, train=True, key=jax.random.key(6))
     assert not np.allclose(c, d)
