@@ -224,6 +224,27 @@ def test_phantom_set_is_reused_and_grows_stably(tmp_path):
         assert np.array_equal(a, b) and first[cid]["pirads"] == rows[cid]["pirads"]
 
 
+def test_concurrent_writers_of_one_set_do_not_collide(tmp_path):
+    """The hosts of a multi-host run generate the same set into a shared cache at once; each
+    writer's temporary files are its own, so both finish with the same files."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    kw = dict(seed=2, shape=(16, 48, 48), progress=False)
+    with ctx.Pool(3) as pool:  # in step: the same work, case by case (with shared temporary names 4 of 5 runs failed)
+        manifests = pool.starmap(_write_set, [(str(tmp_path / "shared"), kw)] * 3)
+    assert len(set(manifests)) == 1
+    reference = ph.write_phantom_set(tmp_path / "alone", 24, **kw)
+    for row in read_manifest(reference)[1]:
+        for ch in ph.CHANNELS:
+            assert (tmp_path / "shared" / row[ch]).read_bytes() == (tmp_path / "alone" / row[ch]).read_bytes()
+    assert not list((tmp_path / "shared").rglob(".*tmp*"))
+
+
+def _write_set(out: str, kw: dict) -> str:
+    return str(ph.write_phantom_set(out, 24, **kw))
+
+
 def test_changed_parameters_regenerate(tmp_path):
     manifest = ph.write_phantom_set(tmp_path, 2, seed=0, shape=(8, 16, 16), progress=False)
     before = np.asarray(nib.load(tmp_path / read_manifest(manifest)[1][0]["t2w"]).dataobj)

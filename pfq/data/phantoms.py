@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import pathlib
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -686,13 +687,19 @@ def save_nifti(arr: np.ndarray, spacing: Spacing, path: pathlib.Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp.nii.gz")
+    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{_writer_tag()}.tmp.nii.gz")
     nib.save(img, tmp)
     os.replace(tmp, path)
 
 
+def _writer_tag() -> str:
+    """Unique per writer: processes that generate the same set at once (the hosts of one run, or
+    two runs) must not rename each other's temporary files; the files they write are identical."""
+    return f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
 def _write_text_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer_tag()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
