@@ -11,7 +11,7 @@ Every write goes to a temporary file in the same folder and is renamed into plac
 or concurrent runs leave complete entries or none. An entry is written only after the case passed
 every check in `pfq.data.preprocess`, so a cached case is a validated case.
 
-An entry's mtime is its last use: `ensure` and every `CachedVolumes` read refresh it, so `prune`
+An entry's mtime is its last use: `ensure` and `CachedVolumes` reads (every 10 min) refresh it, so `prune`
 (behind `python -m pfq.data cache --prune`) removes the least recently used entries first, and
 never those used within `keep_recent_hours`, which protects the entries a running sweep reads.
 """
@@ -174,17 +174,13 @@ class CacheEntry:
 
 def _npy_shape(path: Path) -> tuple[int, ...] | None:
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, _ = read(f)
-        return tuple(shape)
+        return np.load(path, mmap_mode="r").shape
     except (OSError, ValueError):
         return None
 
 
 def cache_entries(root: Path | str) -> list[CacheEntry]:
-    """Every preprocessed volume under a cache root, least recently used first."""
+    """Every preprocessed volume under a cache root."""
     entries = []
     for path in (Path(root) / "volumes").glob("*/*.npy"):
         try:
@@ -192,7 +188,7 @@ def cache_entries(root: Path | str) -> list[CacheEntry]:
         except OSError:  # removed meanwhile
             continue
         entries.append(CacheEntry(path, st.st_size, st.st_mtime, _npy_shape(path)))
-    return sorted(entries, key=lambda e: (e.last_used, str(e.path)))
+    return entries
 
 
 def stale_temporaries(root: Path | str, *, older_than_s: float = 3600.0, now: float | None = None) -> list[Path]:
@@ -238,13 +234,19 @@ class CachedVolumes:
     """A `VolumeSource` over cache entries: each access memory-maps one `.npy`, so datasets larger
     than RAM work and worker processes receive only paths when the source is pickled."""
 
+    TOUCH_EVERY_S = 600.0  # last-use marks: far finer than prune's hours, and off the per-step path
+
     def __init__(self, paths: Sequence[Path | str]):
         self.paths = [str(p) for p in paths]
+        self._touched: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:
         path = self.paths[index]
-        _mark_used(Path(path))  # so that `prune` keeps what a long sweep still reads (one syscall)
+        now = time.monotonic()
+        if now - self._touched.get(index, -self.TOUCH_EVERY_S) >= self.TOUCH_EVERY_S:
+            _mark_used(Path(path))  # so that `prune` keeps what a long sweep still reads
+            self._touched[index] = now
         return np.load(path, mmap_mode="r")

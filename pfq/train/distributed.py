@@ -51,7 +51,7 @@ def local_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[
                          "would idle; make the lanes per group or the batch size divisible by the process count")
     box = []
     for axis in (0, 1):
-        ranges = [idx[axis].indices(shape[axis])[:2] if axis < len(idx) else (0, shape[axis]) for idx in indices]
+        ranges = [idx[axis].indices(shape[axis])[:2] for idx in indices]
         box.append(slice(min(r[0] for r in ranges), max(r[1] for r in ranges)))
     return box[0], box[1]
 
