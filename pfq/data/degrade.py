@@ -1,5 +1,10 @@
 """MRI quality degradation driven by one severity knob ``s`` (0 = a good scan, 1 = severe).
 
+Each artefact below can also get its own severity (``Severity``: motion, ghost, blur, bias, noise,
+distortion); a plain number sets all six to it, which is what the phantom sets use. The random draws do
+not depend on the severities, so changing one artefact's severity leaves the others' realisations as
+they were (the basis of the single-artefact validation of the image-quality metrics).
+
 Every artefact is pure numpy and deterministic given a ``numpy.random.Generator``. Arrays are
 (D, H, W) = (slice, phase-encode, read-out) with the phase-encode direction anterior-posterior (H),
 as for axial prostate T2w and EPI DWI. Amplitudes follow ``docs/synthetic-phantoms.md``:
@@ -22,8 +27,8 @@ reconstruction. It is several times cheaper and looks the same at these amplitud
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy import fft as sfft  # pocketfft with native float32: ~5x faster than numpy.fft here
@@ -35,6 +40,45 @@ SEVERITY_RANGES = {"hq": (0.0, 0.15), "lq": (0.5, 1.0)}
 # Noise sigma = (sigma0 + slope * s) * tissue signal (the gland mean; for DWI at b=50).
 T2W_SIGMA0, T2W_NOISE_SLOPE = 0.02, 0.12
 DWI_SIGMA0, DWI_NOISE_SLOPE = 0.015, 0.12
+
+
+ARTEFACTS = ("motion", "ghost", "blur", "bias", "noise", "distortion")
+
+
+@dataclass(frozen=True)
+class Severity:
+    """Per-artefact severities in [0, 1]; ``distortion`` (EPI shift and signal loss) acts on DWI only."""
+
+    motion: float = 0.0  # k-space splicing of moved poses; DWI: drift between b-values
+    ghost: float = 0.0  # periodic phase-encode line errors (EPI: Nyquist ghost)
+    blur: float = 0.0  # in-plane Gaussian PSF and thick slices
+    bias: float = 0.0  # coil-sensitivity field
+    noise: float = 0.0  # Rician noise above the scanner floor
+    distortion: float = 0.0  # DWI susceptibility shift and signal loss
+
+    @classmethod
+    def uniform(cls, s: float) -> Severity:
+        return cls(*([float(s)] * len(ARTEFACTS)))
+
+    @property
+    def overall(self) -> float:
+        """The worst artefact: the single knob's value when all are equal."""
+        return max(self.as_dict().values())
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def as_severity(s: float | Severity | Mapping[str, float]) -> Severity:
+    """A ``Severity`` from a number (every artefact at it), a mapping (missing artefacts 0) or itself."""
+    if isinstance(s, Severity):
+        return s
+    if isinstance(s, Mapping):
+        unknown = set(s) - {f.name for f in fields(Severity)}
+        if unknown:
+            raise ValueError(f"unknown artefact(s) {sorted(unknown)}; choose from {list(ARTEFACTS)}")
+        return Severity(**{k: float(v) for k, v in s.items()})
+    return Severity.uniform(float(s))
 
 
 def sample_severity(quality: str, rng: np.random.Generator) -> float:
@@ -261,7 +305,7 @@ def _kspace_degrade(
 
 def degrade_t2w(
     img: np.ndarray,
-    s: float,
+    s: float | Severity,
     rng: np.random.Generator,
     spacing: Spacing,
     *,
@@ -269,16 +313,19 @@ def degrade_t2w(
     sigma0: float = T2W_SIGMA0,
     noise_slope: float = T2W_NOISE_SLOPE,
 ) -> np.ndarray:
-    """A turbo-spin-echo style acquisition of ``img``: motion, ghosting, blur, bias field, Rician noise."""
+    """A turbo-spin-echo style acquisition of ``img``: motion, ghosting, blur, bias field, Rician noise.
+
+    ``s``: one severity for every artefact, or a ``Severity`` per artefact (``distortion`` unused)."""
+    sev = as_severity(s)
     shape = tuple(img.shape)
     ref = _reference_level(img, reference)
-    spec, _ = splice_motion(img.astype(np.float32), spacing, s, rng)
-    gain = ghost_line_gain(shape[1], int(rng.integers(4, 9)), int(rng.integers(0, 4)), 0.7 * s)
-    sigma_mm = 0.25 + 0.8 * s
-    transfer = resolution_transfer(shape, spacing, sigma_mm, s * rng.uniform(1.0, 2.0))
+    spec, _ = splice_motion(img.astype(np.float32), spacing, sev.motion, rng)
+    gain = ghost_line_gain(shape[1], int(rng.integers(4, 9)), int(rng.integers(0, 4)), 0.7 * sev.ghost)
+    sigma_mm = 0.25 + 0.8 * sev.blur
+    transfer = resolution_transfer(shape, spacing, sigma_mm, sev.blur * rng.uniform(1.0, 2.0))
     out = _kspace_degrade(spec, shape, gain, transfer)
-    out *= legendre_bias_field(shape, s, rng)
-    return rician_noise(out, noise_sigma(s, ref, sigma0, noise_slope), rng)
+    out *= legendre_bias_field(shape, sev.bias, rng)
+    return rician_noise(out, noise_sigma(sev.noise, ref, sigma0, noise_slope), rng)
 
 
 @dataclass
@@ -291,7 +338,7 @@ class DwiAcquisition:
 
 def degrade_dwi(
     images: Sequence[np.ndarray],
-    s: float,
+    s: float | Severity,
     rng: np.random.Generator,
     spacing: Spacing,
     *,
@@ -307,24 +354,26 @@ def degrade_dwi(
     cancel in noise-free ADC), the blur and the Nyquist-ghost pattern. Each later b-value drifts a
     little (patient motion between b-values, <= 1.5s mm) and every image gets its own noise, relative
     to ``reference`` (the low-b tissue signal; default: from the first image) and divided by
-    sqrt(``averages``) (protocols may average high b-values more; default 1 each).
+    sqrt(``averages``) (protocols may average high b-values more; default 1 each). ``s``: one
+    severity for every artefact, or a ``Severity`` per artefact.
     """
+    sev = as_severity(s)
     shape = tuple(images[0].shape)
     ref = _reference_level(images[0], reference)
-    shift_mm = ap_shift_field(shape, s, rng, focus)
+    shift_mm = ap_shift_field(shape, sev.distortion, rng, focus)
     plan = _shift_plan(shift_mm / np.float32(spacing[1]), pile_up=True)
-    bias = legendre_bias_field(shape, s, rng)
+    bias = legendre_bias_field(shape, sev.bias, rng)
     if focus is not None:
-        bias = bias * susceptibility_loss(focus, s, rng)
-    gain = ghost_line_gain(shape[1], 2, int(rng.integers(0, 2)), 0.35 * s)
-    transfer = resolution_transfer(shape, spacing, 0.5 + 0.8 * s, s * rng.uniform(1.0, 2.0))
-    sigma = noise_sigma(s, ref, sigma0, noise_slope)
+        bias = bias * susceptibility_loss(focus, sev.distortion, rng)
+    gain = ghost_line_gain(shape[1], 2, int(rng.integers(0, 2)), 0.35 * sev.ghost)
+    transfer = resolution_transfer(shape, spacing, 0.5 + 0.8 * sev.blur, sev.blur * rng.uniform(1.0, 2.0))
+    sigma = noise_sigma(sev.noise, ref, sigma0, noise_slope)
     averages = [1.0] * len(images) if averages is None else list(averages)
     result = DwiAcquisition([], [], shift_mm, [])
     for idx, img in enumerate(images):
         spec = sfft.rfftn(_apply_plan(img.astype(np.float32), plan))
-        drift = rng.uniform(-1.5, 1.5, size=3) * s
-        if idx > 0 and s > 0:
+        drift = rng.uniform(-1.5, 1.5, size=3) * sev.motion
+        if idx > 0 and sev.motion > 0:
             spec = spec * _phase_ramp(shape, spacing, drift)
         degraded = _kspace_degrade(spec, shape, gain, transfer) * bias
         result.noiseless.append(degraded)

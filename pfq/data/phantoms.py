@@ -38,7 +38,8 @@ from pfq.data import degrade as dg
 GENERATOR_VERSION = 1  # bump when the phantom model changes, so cached sets are regenerated
 B_LOW, B_HIGH = 50.0, 1400.0
 DWI_AVERAGES = (1, 1)  # relative averages per b-value (noise / sqrt(averages))
-MANIFEST_COLUMNS = ("case_id", "t2w", "highb", "adc", "pirads", "isup", "quality")
+SEVERITY_COLUMNS = tuple(f"severity_{a}" for a in dg.ARTEFACTS)  # the scan's known degradation
+MANIFEST_COLUMNS = ("case_id", "t2w", "highb", "adc", "pirads", "isup", "quality") + SEVERITY_COLUMNS
 CHANNELS = ("t2w", "highb", "adc")
 
 Shape = tuple[int, int, int]
@@ -69,12 +70,13 @@ class PhantomCase:
     pirads: int
     isup: int
     quality: str  # 'hq' | 'lq'
-    severity: float
+    severity: float  # the worst artefact's severity (all artefacts share it unless set per artefact)
     spacing: tuple[float, float, float]  # mm along (D, H, W)
     # Extras, not written to disk: masks in T2w geometry ('gland', 'pz', 'tz', 'afms', 'urethra',
     # 'lesion', 'mimic') and the per-finding details.
     masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     lesions: list[LesionInfo] = field(default_factory=list, compare=False)
+    severities: dict[str, float] = field(default_factory=dict, compare=False)  # per artefact
 
 
 # ============================================================================ tissues and frequencies
@@ -509,8 +511,8 @@ def _mean_or_none(img: np.ndarray, mask: np.ndarray) -> float | None:
     return float(img[mask].mean()) if mask.any() else None
 
 
-def _acquire(cv: _Canvas, anat: _Anatomy, s: float, rng: np.random.Generator) -> _Acquisition:
-    """Clean T2w and b-value images with a per-case gain, degraded with severity ``s``."""
+def _acquire(cv: _Canvas, anat: _Anatomy, s: dg.Severity, rng: np.random.Generator) -> _Acquisition:
+    """Clean T2w and b-value images with a per-case gain, degraded with severities ``s``."""
     gland = anat.masks["gland"]
     t2_clean = cv.t2 * np.float32(400.0 * rng.uniform(0.5, 2.0))
     s0 = cv.s0 * np.float32(300.0 * rng.uniform(0.5, 2.0))
@@ -595,7 +597,7 @@ def generate_case(
     quality: str,
     shape: Shape = (32, 64, 64),
     spacing: Spacing = (2.0, 1.0, 1.0),
-    severity: float | None = None,
+    severity: float | dg.Severity | dict[str, float] | None = None,
     lesion_scale: float = 1.0,
 ) -> PhantomCase:
     """One patient (anatomy and findings from ``seed``) scanned at ``quality``.
@@ -604,7 +606,9 @@ def generate_case(
     CPU runs use more, so that lesions span a few voxels.
 
     The same seed gives the same patient at either quality; the scan (severity, artefacts, reader)
-    has its own stream per quality. ``severity`` overrides the draw from the quality's range.
+    has its own stream per quality. ``severity`` overrides the draw from the quality's range: one
+    number for every artefact, or per artefact (``dg.Severity`` or a dict; missing artefacts 0). The
+    reader's error grows with the worst artefact's severity.
     """
     dg.check_quality(quality)
     if int(seed) < 0:
@@ -613,7 +617,8 @@ def generate_case(
     spacing = tuple(float(v) for v in spacing)
     patient = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
     scan = np.random.default_rng(np.random.SeedSequence([int(seed), 1 if quality == "hq" else 2]))
-    s = dg.sample_severity(quality, scan) if severity is None else float(severity)
+    sev = dg.as_severity(dg.sample_severity(quality, scan) if severity is None else severity)
+    s = sev.overall
 
     cv = _make_canvas(shape, spacing, patient)
     anat = _paint_gland(cv, patient)
@@ -622,7 +627,7 @@ def generate_case(
     findings = _paint_findings(cv, anat, coarse, patient, lesion_scale)
     _add_texture(cv, fine, coarse, patient)
 
-    acq = _acquire(cv, anat, s, scan)
+    acq = _acquire(cv, anat, sev, scan)
     pirads, infos = _read_case(findings, anat, acq, s, scan)
     masks = dict(anat.masks)
     masks["lesion"] = np.zeros(shape, dtype=bool)
@@ -640,6 +645,7 @@ def generate_case(
         spacing=spacing,
         masks=masks,
         lesions=infos,
+        severities=sev.as_dict(),
     )
 
 
@@ -747,7 +753,8 @@ def write_phantom_set(
     """Write ``n_cases`` phantoms as NIfTI files plus ``manifest.csv``; return the manifest's path.
 
     Layout: ``images/<case_id>_{t2w,highb,adc}.nii.gz``, ``manifest.csv`` (columns
-    ``case_id,t2w,highb,adc,pirads,isup,quality``, paths relative to the manifest's folder) and
+    ``case_id,t2w,highb,adc,pirads,isup,quality``, then ``severity_<artefact>`` per artefact of
+    ``dg.ARTEFACTS``; paths relative to the manifest's folder) and
     ``phantoms.json`` (parameters and per-case details). Images are written first, then the manifest,
     then the record, each atomically; a complete set with the same parameters is reused as is.
     """
@@ -757,6 +764,7 @@ def write_phantom_set(
     params = _set_params(n_cases, seed, shape, spacing, hq_fraction, lesion_scale)
     manifest = out / "manifest.csv"
     if _is_complete(out, params):
+        _add_severity_columns(out)
         return manifest
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -773,14 +781,31 @@ def write_phantom_set(
             save_nifti(getattr(case, ch), case.spacing, out / rel)
             row[ch] = rel
         row.update(pirads=case.pirads, isup=case.isup, quality=case.quality)
+        row.update({f"severity_{a}": round(v, 4) for a, v in case.severities.items()})
         rows.append(row)
         details.append({"case_id": cid, "case_seed": cseed, "severity": round(case.severity, 4),
+                        "severities": {a: round(v, 4) for a, v in case.severities.items()},
                         "lesions": [asdict(les) for les in case.lesions]})
 
     _write_text_atomic(manifest, _manifest_text(rows))
     record = {"params": params, "cases": details}
     _write_text_atomic(out / "phantoms.json", json.dumps(record, indent=1))
     return manifest
+
+
+def _add_severity_columns(out: pathlib.Path) -> None:
+    """Sets written before per-artefact severities: add the columns from the record (every artefact
+    at the case's one severity, as those sets were made), without regenerating the images."""
+    with (out / "manifest.csv").open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        if set(SEVERITY_COLUMNS) <= set(reader.fieldnames or ()):
+            return
+    cases = {c["case_id"]: c for c in json.loads((out / "phantoms.json").read_text())["cases"]}
+    for row in rows:
+        s = cases[row["case_id"]]["severity"]
+        row.update({col: s for col in SEVERITY_COLUMNS})
+    _write_text_atomic(out / "manifest.csv", _manifest_text(rows))
 
 
 def _manifest_text(rows: list[dict]) -> str:
