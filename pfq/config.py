@@ -19,6 +19,9 @@ def base_config() -> ConfigDict:
     c.data.manifest = ""  # empty: generate (or reuse) the built-in phantom set below
     c.data.quality_scale = "piqual_v1"  # how numeric `quality` scores read: piqual_v1 (1-5) or piqual_v2 (1-3)
     c.data.quality_threshold = config_dict.placeholder(float)  # scores >= this are HQ; None: scale's (v1 4, v2 3)
+    # "label": the manifest's quality column; "iqm": graded from image-quality metrics where it is
+    # blank or absent (labels win where present; see pfq/data/grade.py and docs/quality.md).
+    c.data.quality_from = "label"
     c.data.input_size = (16, 32, 32)  # (D, H, W) after crop / pad; 16 is the minimum (total stride)
     # Resample to this voxel spacing, (D, H, W) mm; () keeps T2w's grid (upstream never resamples).
     # The real-size configs use (1.0, 0.5, 0.5) with input_size (64, 224, 224).
@@ -130,6 +133,8 @@ def validate_config(c: ConfigDict) -> None:
         raise ValueError(f"config.sweep.train_sizes must be positive, got {tuple(c.sweep.train_sizes)}")
     if int(c.optim.steps) <= 0 or int(c.optim.batch_size) <= 0:
         raise ValueError("config.optim.steps and config.optim.batch_size must be positive")
+    if c.data.get("quality_from", "label") not in ("label", "iqm"):
+        raise ValueError(f"config.data.quality_from must be 'label' or 'iqm', got {c.data.quality_from!r}")
     if len(c.data.input_size) != 3:
         raise ValueError(f"config.data.input_size must be (D, H, W), got {tuple(c.data.input_size)}")
     from pfq.data.manifest import quality_rule

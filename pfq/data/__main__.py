@@ -1,8 +1,10 @@
-"""`python -m pfq.data {synth,prepare,validate,cache} ...`: data tools.
+"""`python -m pfq.data {synth,prepare,validate,iqm,grade,cache} ...`: data tools.
 
   synth     write a synthetic phantom set (NIfTI + manifest)
   prepare   preprocess every case of a manifest into the cache that training reads
   validate  check every row of a manifest; one line per problem, non-zero exit on any
+  iqm       image-quality metrics per case (CSV)
+  grade     HQ/LQ grades from the metrics: the manifest with quality, quality_score, quality_source
   cache     show the preprocessing cache's size; with --prune, remove least recently used entries
 """
 
@@ -69,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Data tools: write phantoms (synth), fill the preprocessing cache "
                                                  "(prepare), check a manifest before training (validate), show or "
                                                  "prune the cache (cache).")
-    sub = parser.add_subparsers(dest="command", metavar="{synth,prepare,validate,cache}")
+    sub = parser.add_subparsers(dest="command", metavar="{synth,prepare,validate,iqm,grade,cache}")
     sub.add_parser("synth", help="write a synthetic phantom set (see `python -m pfq.data synth --help`)",
                    add_help=False)
 
@@ -99,8 +101,39 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes for the image checks")
     val.add_argument("--no-progress", action="store_true")
 
+    _add_quality_parsers(sub)
     _add_cache_parser(sub)
     return parser
+
+
+def _add_quality_parsers(sub) -> None:
+    iqm = sub.add_parser("iqm", help="image-quality metrics per case (CSV)",
+                         description="Measure every case's image quality on its native intensities "
+                                     "(measures: pfq/data/iqm.py, docs/quality.md). One row per case in manifest "
+                                     "order; a case that cannot be read gets empty measures and its error, and "
+                                     "every problem is printed with its line, case, column and file (exit status 2). "
+                                     "Measures are cached per case under the cache root.")
+    iqm.add_argument("manifest", type=Path)
+    iqm.add_argument("--out", type=Path, required=True, help="output CSV")
+    _add_cache_args(iqm, "run config file whose data.cache_dir to use")
+    iqm.add_argument("--no-progress", action="store_true")
+
+    grade = sub.add_parser("grade", help="grade every case HQ/LQ from its image-quality metrics",
+                           description="Write the manifest with `quality` (labels kept where present, else the "
+                                       "grader's), `quality_score` (higher is better; P(HQ) when fitted) and "
+                                       "`quality_source` (label or iqm). A logistic regression is fitted on the "
+                                       "labelled rows when there are enough (its cross-validated AUC is printed); "
+                                       "otherwise an unsupervised composite with a two-component mixture decides "
+                                       "(or --lq-fraction). Every input column and the row order are kept; relative "
+                                       "image paths are rewritten relative to --out's folder.")
+    grade.add_argument("manifest", type=Path)
+    grade.add_argument("--out", type=Path, required=True, help="graded manifest (CSV)")
+    _add_cache_args(grade, "run config file whose data.cache_dir to use")
+    _add_quality_args(grade)
+    grade.add_argument("--threshold", type=float, default=0.5, help="fitted grader: P(HQ) at or above this is HQ")
+    grade.add_argument("--lq-fraction", type=float, default=None, metavar="F",
+                       help="unsupervised: the F worst cases are LQ (default: a two-component mixture decides)")
+    grade.add_argument("--no-progress", action="store_true")
 
 
 def _prepare(args) -> int:
@@ -158,6 +191,90 @@ def _validate(args) -> int:
     else:
         summary += "; labels not checked (pass --task)"
     print(summary)
+    return 0
+
+
+def _quality_inputs(args, require_quality: bool = False):
+    """(manifest, IQM rows or None per case, problems) for the iqm and grade commands."""
+    from pfq.data.cache import default_cache_root
+    from pfq.data.iqm import manifest_iqms
+    from pfq.data.manifest import parse_manifest
+
+    config = _run_config(args.config)
+    root = args.cache or Path(config.data.get("cache_dir") or default_cache_root())
+    scale = getattr(args, "quality_scale", None) or config.data.quality_scale
+    manifest, problems = parse_manifest(args.manifest, quality_scale=scale,
+                                        quality_threshold=getattr(args, "quality_threshold", None),
+                                        require_quality=require_quality)
+    if manifest is None:
+        return None, [], problems
+    rows, found = manifest_iqms(manifest.cases, root, progress=not args.no_progress)
+    return manifest, rows, sorted(problems + found, key=lambda p: p.line if p.line is not None else 0)
+
+
+def _report_problems(path: Path, problems) -> None:
+    for problem in problems:
+        print(f"{path}: {problem}")
+    print(f"{len(problems)} problem(s) in {path}", file=sys.stderr)
+
+
+def _iqm(args) -> int:
+    from pfq.data.iqm import HEADER_NAMES, iqm_names
+    from pfq.data.tables import write_csv_atomic
+
+    try:
+        manifest, rows, problems = _quality_inputs(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if manifest is None:
+        _report_problems(args.manifest, problems)
+        return 2
+    errors = {}
+    for p in problems:
+        errors.setdefault(p.line, []).append(p.message)
+    columns = ["case_id", "line", *iqm_names(), *HEADER_NAMES, "error"]
+    out = []
+    for case, values in zip(manifest.cases, rows, strict=True):
+        row = {"case_id": case.case_id, "line": case.line, "error": "; ".join(errors.get(case.line, []))}
+        row.update({k: "" if values is None else f"{values[k]:.6g}" for k in columns[2:-1]})
+        out.append(row)
+    write_csv_atomic(args.out, columns, out)
+    measured = sum(v is not None for v in rows)
+    print(f"{args.out}: {measured}/{len(rows)} cases measured")
+    if problems:
+        _report_problems(args.manifest, problems)
+        return 2
+    return 0
+
+
+def _grade(args) -> int:
+    from pfq.data.grade import grade
+    from pfq.data.tables import graded_manifest_rows, write_csv_atomic
+
+    try:
+        manifest, rows, problems = _quality_inputs(args)
+        if manifest is not None and not problems:
+            result = grade(rows, [c.quality for c in manifest.cases], threshold=args.threshold,
+                           lq_fraction=args.lq_fraction)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if manifest is None or problems:
+        _report_problems(args.manifest, problems)
+        print("nothing written: every case needs its measures to be graded", file=sys.stderr)
+        return 2
+    header, out = graded_manifest_rows(args.manifest, args.out, result)
+    write_csv_atomic(args.out, header, out)
+    summary = result.summary()
+    n, n_hq = summary["n"], summary["n_hq"]
+    line = (f"{args.out}: {n} cases, {n_hq} hq / {n - n_hq} lq ({summary['n_from_iqm']} graded from image quality, "
+            f"{summary['n_labelled']} labelled); {summary['method']}")
+    if result.cv_auc is not None:
+        line += f", cross-validated AUC {result.cv_auc:.3f} on the labelled cases"
+    print(line)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -221,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare(args)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "iqm":
+        return _iqm(args)
+    if args.command == "grade":
+        return _grade(args)
     if args.command == "cache":
         return _cache(args)
     _parser().print_help()

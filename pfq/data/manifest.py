@@ -178,7 +178,8 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
                    ) -> tuple[Manifest | None, list[Problem]]:
     """Parse a manifest and collect every structural problem (columns, ids, paths, quality values;
     `label_column` is only checked for presence, `label_problems` checks its values). Returns
-    (None, problems) when the file cannot be read as a table at all."""
+    (None, problems) when the file cannot be read as a table at all. Without `require_quality`,
+    blank quality cells are allowed (quality None: to be graded from the images)."""
     path = Path(path)
     rule = quality_rule(quality_scale, quality_threshold)
     if not path.is_file():
@@ -228,7 +229,7 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
                 continue
             images[role] = (path.parent / value).resolve()
         quality = None
-        if has_quality:
+        if has_quality and (require_quality or raw.get("quality")):  # not required: blank cells are ungraded
             try:
                 quality = rule.classify(raw.get("quality", ""))
             except ValueError as e:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
+from pfq.data.grade import Grading, grade
+from pfq.data.iqm import manifest_iqms
 from pfq.data.manifest import Manifest, ManifestError
 from pfq.data.pipeline import VolumeSource
 from pfq.data.preprocess import PreprocessConfig
@@ -28,6 +30,7 @@ class StudyData:
     source: VolumeSource  # preprocessed (D, H, W, 3) volumes, indexed like the manifest
     train_pool: np.ndarray  # manifest indices available for finetuning sets
     test_pool: np.ndarray  # manifest indices every lane is evaluated on
+    grading: Grading | None = None  # set when grades came from image quality (data.quality_from = "iqm")
 
     @property
     def case_ids(self) -> list[str]:
@@ -76,8 +79,10 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     """
     data = config.data
     path = Path(data.manifest) if data.manifest else phantom_manifest(config.phantoms, progress)
+    from_iqm = data.get("quality_from", "label") == "iqm"
     report = validate_manifest(path, task=task, quality_scale=data.get("quality_scale", "piqual_v1"),
-                               quality_threshold=data.get("quality_threshold"), check_images=False)
+                               quality_threshold=data.get("quality_threshold"), check_images=False,
+                               require_quality=not from_iqm)
     if report.manifest is None:
         raise ManifestError(path, report.problems)
     manifest, problems = report.manifest, list(report.problems)
@@ -89,6 +94,13 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     if problems:
         problems.sort(key=lambda p: p.line if p.line is not None else 0)
         raise ManifestError(path, problems)
-    labels, is_hq = report.labels, manifest.is_hq()
+    labels, is_hq, grading = report.labels, manifest.is_hq(), None
+    if from_iqm:
+        root = data.get("cache_dir") or default_cache_root()
+        rows, iqm_problems = manifest_iqms(manifest.cases, root, progress=progress)
+        if iqm_problems:
+            raise ManifestError(path, iqm_problems)
+        grading = grade(rows, [c.quality for c in manifest.cases])
+        is_hq = np.array([q == "hq" for q in grading.quality], dtype=bool)
     pools = split_by_column(manifest) or split_pool(is_hq, labels, data.test_fraction, data.split_seed)
-    return StudyData(manifest, labels, is_hq, CachedVolumes(paths), *pools)
+    return StudyData(manifest, labels, is_hq, CachedVolumes(paths), *pools, grading=grading)

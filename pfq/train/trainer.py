@@ -357,7 +357,10 @@ class Trainer:
         write_csv(self.workdir / "results.csv", rows)
         atomic_write_text(self.workdir / "run.json", json.dumps(
             {"complete": True, "compile_count": self.compile_count, "lanes": len(lanes),
-             "lane_groups": len(lanes_lib.group_lanes(lanes))}, indent=2))
+             "lane_groups": len(lanes_lib.group_lanes(lanes)),
+             # which grades split HQ/LQ (predictions.csv's `quality` holds each case's)
+             "quality_from": cfg.data.get("quality_from", "label"),
+             "quality_grading": data.grading.summary() if data.grading is not None else None}, indent=2))
         return rows
 
 
