@@ -129,3 +129,19 @@ def test_header_checks_follow_the_pirads_minima():
     coarse = iqm.header_checks({"t2w": np.array([3.0, 0.8, 0.4]), "highb": np.array([4.0, 2.6, 2.0])})
     assert coarse["t2w_pirads_ok"] == 0.0 and coarse["dwi_pirads_ok"] == 0.0
     assert coarse["t2w_inplane_mm"] == pytest.approx(0.8)
+
+
+def test_one_severity_equals_every_artefact_at_it():
+    kw = dict(quality="lq", shape=SHAPE, spacing=SPACING, lesion_scale=1.6)
+    one = ph.generate_case(21, severity=0.7, **kw)
+    each = ph.generate_case(21, severity=dg.Severity.uniform(0.7), **kw)
+    mapping = ph.generate_case(21, severity={a: 0.7 for a in dg.ARTEFACTS}, **kw)
+    for ch in ph.CHANNELS:
+        np.testing.assert_array_equal(getattr(one, ch), getattr(each, ch))
+        np.testing.assert_array_equal(getattr(one, ch), getattr(mapping, ch))
+    assert one.pirads == each.pirads and one.severities == {a: 0.7 for a in dg.ARTEFACTS}
+    # Severities are per artefact: turning one off changes the image, not the worst-artefact severity.
+    quiet = ph.generate_case(21, severity={**{a: 0.7 for a in dg.ARTEFACTS}, "noise": 0.0}, **kw)
+    assert quiet.severity == 0.7 and not np.array_equal(quiet.t2w, one.t2w)
+    with pytest.raises(ValueError, match="unknown artefact"):
+        dg.as_severity({"wobble": 1.0})
