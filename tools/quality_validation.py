@@ -2,6 +2,7 @@
 
     python tools/quality_validation.py sweep --anatomies 20 --out docs/quality
     python tools/quality_validation.py grader MANIFEST --out docs/quality
+    python tools/quality_validation.py single --cases 600 --out docs/quality
     python tools/quality_validation.py study TRUE_WORKDIR IQM_WORKDIR TRUTH_MANIFEST --out docs/quality
 
 `sweep`: each IQM against each artefact's own severity (others at 0.05) on the default phantom grid:
@@ -9,7 +10,8 @@ median Spearman rho over anatomies and the median change from severity 0 to 1 in
 measure's spread (IQR / 1.35 over the sweep). `grader`: on a labelled phantom set, each IQM's
 univariate AUC, the grader's 5-fold cross-validated AUC, the unsupervised rule's agreement, and the
 grader fitted on 20 / 50 / 100 labelled cases (10 random draws each, AUC on the remaining cases);
-figures of IQM distributions by grade and ROC curves. `study`: a study run with
+figures of IQM distributions by grade and ROC curves. `single`: a harder set whose LQ cases each have
+one artefact at an LQ severity (the others at the HQ level): the grader's CV AUC per artefact. `study`: a study run with
 `data.quality_from=iqm` on the set without its quality column against the run with the true grades:
 agreement, realised true-HQ ratios per lane and the change in the AUC table.
 """
@@ -164,6 +166,45 @@ def grader(manifest_path: Path, out: Path) -> dict:
     return result
 
 
+def single_artefact_set(n: int, out: Path) -> dict:
+    """A harder set: HQ cases as in the default set; each LQ case has ONE artefact at an LQ severity."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from pfq.data import degrade as dg
+    from pfq.data import grade as gr
+    from pfq.data import phantoms as ph
+    from pfq.data.iqm import array_iqms
+
+    rng = np.random.default_rng(0)
+    rows, y, kind = [], [], []
+    for i in range(n):
+        base = float(rng.uniform(0.0, 0.15))
+        sev = {a: base for a in dg.ARTEFACTS}
+        if i % 2:
+            art = dg.ARTEFACTS[(i // 2) % len(dg.ARTEFACTS)]
+            sev[art] = float(rng.uniform(0.5, 1.0))
+        c = ph.generate_case(9000 + i, quality="lq" if i % 2 else "hq", shape=SHAPE, spacing=SPACING,
+                             severity=sev, lesion_scale=LESION_SCALE)
+        rows.append(array_iqms(c.t2w, c.highb, c.adc, c.spacing))
+        y.append(0 if i % 2 else 1)
+        kind.append(art if i % 2 else "hq")
+    x, y, kind = gr.feature_matrix(rows), np.array(y), np.array(kind)
+    splitter = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    oof = cross_val_predict(gr._model(), x, y, cv=splitter, method="predict_proba")[:, 1]
+    unsup = gr.grade(rows, [None] * len(y)).score
+    result = {"n": n, "cv_auc": float(roc_auc_score(y, oof)), "unsupervised_auc": float(roc_auc_score(y, unsup)),
+              "per_artefact": {}}
+    for art in dg.ARTEFACTS:
+        sel = (kind == "hq") | (kind == art)
+        result["per_artefact"][art] = {"n_lq": int((kind == art).sum()),
+                                       "cv_auc": float(roc_auc_score(y[sel], oof[sel])),
+                                       "unsupervised_auc": float(roc_auc_score(y[sel], unsup[sel]))}
+    (out / "single_artefact.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def _auc_table(workdir: Path) -> dict[tuple[float, float], list[float]]:
     with open(workdir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -233,11 +274,13 @@ def main() -> None:
     s.add_argument("--anatomies", type=int, default=20)
     g = sub.add_parser("grader")
     g.add_argument("manifest", type=Path)
+    sa = sub.add_parser("single")
+    sa.add_argument("--cases", type=int, default=600)
     st = sub.add_parser("study")
     st.add_argument("true_workdir", type=Path)
     st.add_argument("iqm_workdir", type=Path)
     st.add_argument("truth_manifest", type=Path)
-    for p in (s, g, st):
+    for p in (s, g, sa, st):
         p.add_argument("--out", type=Path, default=Path("docs/quality"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +288,8 @@ def main() -> None:
         sweep(args.anatomies, args.out)
     elif args.command == "grader":
         grader(args.manifest, args.out)
+    elif args.command == "single":
+        single_artefact_set(args.cases, args.out)
     else:
         study(args.true_workdir, args.iqm_workdir, args.truth_manifest, args.out)
 

@@ -10,11 +10,12 @@ Two ways, chosen by what the manifest holds:
 - unsupervised (no usable labels): a badness composite, the mean of sign-fixed robust z-scores
   (median / IQR over all cases) of the IQMs whose direction is known a priori (`UNSUPERVISED_SIGNS`:
   lower SNR and edge alignment, higher FWHM, ghosting, bias field, bright tail, ADC clipping and
-  high-b floor are worse). Threshold rule: a two-component Gaussian mixture on the composite
-  (deterministic initialisation); the component with the higher mean is LQ, and a case is LQ when
-  its posterior for that component is >= 0.5. `quality_score` = the posterior of the better
-  component. With `lq_fraction` the rule is instead: the `lq_fraction` worst cases are LQ (use it
-  when the LQ share is known; a mixture splits unimodal data arbitrarily).
+  high-b floor are worse; measures that noise moves the other way are left out). Threshold rule:
+  a two-component Gaussian mixture on the composite (deterministic initialisation); the component
+  with the higher mean is LQ, and a case is LQ when its posterior for that component is >= 0.5.
+  `quality_score` = the posterior of the better component. With `lq_fraction` the rule is
+  instead: the `lq_fraction` worst cases are LQ (use it when the LQ share is known; a mixture
+  splits unimodal data arbitrarily).
 
 Labels always win: a labelled row keeps its label; its `quality_score` is still the model's.
 """
@@ -30,12 +31,14 @@ from pfq.data.iqm import iqm_names
 
 MIN_LABELLED = 10  # fewer labelled cases (or a single grade): the unsupervised rule is used
 LOG_SUFFIXES = ("_snr", "_fwhm_inplane", "_fwhm_slice", "_tail")  # positive ratios: log makes them additive
-# +1: a higher value means worse quality; only measures whose direction holds whatever the artefact.
+# +1: a higher value means worse quality. Left out: EFC (its direction depends on the artefact) and
+# high-b INU and ADC FWHM, which noise, the commonest degradation, moves against their nominal
+# direction (the Rician floor flattens the high-b image; noise roughens ADC) in the phantom sweep.
 UNSUPERVISED_SIGNS = {
     **{f"{c}_snr": -1.0 for c in ("t2w", "highb", "adc")},
-    **{f"{c}_fwhm_inplane": 1.0 for c in ("t2w", "highb", "adc")},
+    "t2w_fwhm_inplane": 1.0, "highb_fwhm_inplane": 1.0,
     **{f"{c}_ghost": 1.0 for c in ("t2w", "highb", "adc")},
-    "t2w_inu": 1.0, "highb_inu": 1.0, "t2w_tail": 1.0, "highb_tail": 1.0,
+    "t2w_inu": 1.0, "t2w_tail": 1.0, "highb_tail": 1.0,
     "adc_clip_frac": 1.0, "highb_floor_frac": 1.0, "t2_adc_ngf": -1.0,
 }
 
