@@ -79,8 +79,7 @@ def test_undefined_measures_are_imputed():
 @pytest.fixture(scope="module")
 def phantom_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
-    return ph.write_phantom_set(out, 12, shape=(16, 32, 32), spacing=(4.0, 2.0, 2.0), lesion_scale=1.6,
-                                progress=False)
+    return ph.write_phantom_set(out, 12, shape=(16, 32, 32), spacing=(4.0, 2.0, 2.0), lesion_scale=1.6, progress=False)
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict]]:
@@ -119,8 +118,7 @@ def test_phantom_manifest_carries_per_artefact_severities(phantom_set):
 
 def test_iqm_command_writes_one_row_per_case(phantom_set, tmp_path, capsys):
     out = tmp_path / "iqm.csv"
-    assert main(["iqm", str(phantom_set), "--out", str(out), "--cache", str(tmp_path / "cache"),
-                 "--no-progress"]) == 0
+    assert main(["iqm", str(phantom_set), "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-progress"]) == 0
     header, rows = _rows(out)
     assert header == ["case_id", "line", *iqm_names(), *HEADER_NAMES, "error"]
     assert [r["case_id"] for r in rows] == [c.case_id for c in read_manifest(phantom_set).cases]
@@ -169,8 +167,10 @@ def test_grade_command_names_a_bad_row_and_writes_nothing(phantom_set, tmp_path,
     printed = capsys.readouterr().out
     assert "line 5" in printed and "phantom_00003" in printed and "'adc'" in printed and "missing.nii.gz" in printed
     assert not out.exists()
-    assert main(["iqm", str(bad), "--out", str(tmp_path / "iqm.csv"), "--cache", str(tmp_path / "cache"),
-                 "--no-progress"]) == 2
+    assert (
+        main(["iqm", str(bad), "--out", str(tmp_path / "iqm.csv"), "--cache", str(tmp_path / "cache"), "--no-progress"])
+        == 2
+    )
     _, iqm_rows = _rows(tmp_path / "iqm.csv")
     assert len(iqm_rows) == 12 and "file not found" in iqm_rows[3]["error"] and iqm_rows[3]["t2w_snr"] == ""
 

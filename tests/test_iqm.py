@@ -62,25 +62,47 @@ def test_zero_padding_is_outside_the_valid_region():
     a = iqm.array_iqms(c.t2w, c.highb, c.adc, c.spacing)
     b = iqm.array_iqms(*(np.pad(x, pad) for x in (c.t2w, c.highb, c.adc)), c.spacing)
     # measures over V or F only (the autocorrelation lags depend on the grid's size)
-    for k in ("t2w_snr", "highb_snr", "adc_snr", "t2w_efc", "highb_efc", "adc_efc", "t2w_tail", "highb_tail",
-              "adc_clip_frac", "highb_floor_frac"):
+    for k in (
+        "t2w_snr",
+        "highb_snr",
+        "adc_snr",
+        "t2w_efc",
+        "highb_efc",
+        "adc_efc",
+        "t2w_tail",
+        "highb_tail",
+        "adc_clip_frac",
+        "highb_floor_frac",
+    ):
         assert b[k] == pytest.approx(a[k], rel=1e-6), k
 
 
 # (artefact, measure, direction): each measure moves monotonically with its own artefact.
 TARGETS = [
-    ("noise", "t2w_snr", -1), ("noise", "highb_snr", -1), ("noise", "adc_snr", -1),
-    ("noise", "highb_floor_frac", 1), ("noise", "adc_clip_frac", 1),
-    ("ghost", "t2w_ghost", 1), ("ghost", "highb_ghost", 1),
-    ("blur", "highb_fwhm_inplane", 1), ("blur", "adc_fwhm_inplane", 1),
-    ("bias", "highb_inu", 1), ("bias", "t2w_tail", 1),
+    ("noise", "t2w_snr", -1),
+    ("noise", "highb_snr", -1),
+    ("noise", "adc_snr", -1),
+    ("noise", "highb_floor_frac", 1),
+    ("noise", "adc_clip_frac", 1),
+    ("ghost", "t2w_ghost", 1),
+    ("ghost", "highb_ghost", 1),
+    ("blur", "highb_fwhm_inplane", 1),
+    ("blur", "adc_fwhm_inplane", 1),
+    ("bias", "highb_inu", 1),
+    ("bias", "t2w_tail", 1),
 ]
 # Weaker on these tiny phantoms: monotonic in the median over anatomies, and severe below clean in each.
 WEAK_TARGETS = [("ghost", "adc_ghost", 1), ("distortion", "t2_adc_ngf", -1)]
 # (measure, artefact): the same measure barely moves with this other artefact (< 25% of its own effect).
 INSENSITIVE = [
-    ("t2w_ghost", "noise"), ("highb_snr", "motion"), ("adc_fwhm_inplane", "bias"), ("t2w_tail", "blur"),
-    ("highb_floor_frac", "motion"), ("adc_clip_frac", "motion"), ("highb_inu", "blur"), ("t2w_snr", "distortion"),
+    ("t2w_ghost", "noise"),
+    ("highb_snr", "motion"),
+    ("adc_fwhm_inplane", "bias"),
+    ("t2w_tail", "blur"),
+    ("highb_floor_frac", "motion"),
+    ("adc_clip_frac", "motion"),
+    ("highb_inu", "blur"),
+    ("t2w_snr", "distortion"),
 ]
 LEVELS = (0.0, 0.5, 1.0)
 

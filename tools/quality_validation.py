@@ -41,8 +41,9 @@ def sweep(anatomies: int, out: Path) -> dict:
         for a in range(anatomies):
             for s in LEVELS:
                 sev = {**{x: 0.05 for x in dg.ARTEFACTS}, art: s}
-                c = ph.generate_case(5000 + a, quality="hq", shape=SHAPE, spacing=SPACING, severity=sev,
-                                     lesion_scale=LESION_SCALE)
+                c = ph.generate_case(
+                    5000 + a, quality="hq", shape=SHAPE, spacing=SPACING, severity=sev, lesion_scale=LESION_SCALE
+                )
                 values[art, a, s] = array_iqms(c.t2w, c.highb, c.adc, c.spacing)
     table = {}
     for name in iqm_names():
@@ -57,8 +58,10 @@ def sweep(anatomies: int, out: Path) -> dict:
                 if np.all(np.isfinite(series)) and np.ptp(series) > 0:
                     rhos.append(spearmanr(LEVELS, series).statistic)
                 changes.append(series[-1] - series[0])
-            row[art] = {"rho": float(np.median(rhos)) if rhos else float("nan"),
-                        "effect": float(np.nanmedian(changes) / spread)}
+            row[art] = {
+                "rho": float(np.median(rhos)) if rhos else float("nan"),
+                "effect": float(np.nanmedian(changes) / spread),
+            }
         table[name] = row
     (out / "sweep.json").write_text(json.dumps({"anatomies": anatomies, "levels": LEVELS, "table": table}, indent=1))
     print(f"| IQM | {' | '.join(dg.ARTEFACTS)} |")
@@ -109,9 +112,12 @@ def grader(manifest_path: Path, out: Path) -> dict:
     result["cv_accuracy_at_0.5"] = float(np.mean((oof >= 0.5) == y))
     unsup = gr.grade(rows, [None] * len(y))
     u_hq = np.array([q == "hq" for q in unsup.quality])
-    result["unsupervised"] = {"auc_of_score": float(roc_auc_score(y, unsup.score)),
-                              "agreement": float(np.mean(u_hq == y.astype(bool))),
-                              "kappa": float(cohen_kappa_score(y, u_hq.astype(int))), "n_hq": int(u_hq.sum())}
+    result["unsupervised"] = {
+        "auc_of_score": float(roc_auc_score(y, unsup.score)),
+        "agreement": float(np.mean(u_hq == y.astype(bool))),
+        "kappa": float(cohen_kappa_score(y, u_hq.astype(int))),
+        "n_hq": int(u_hq.sum()),
+    }
     budgets = {}
     rng = np.random.default_rng(0)
     for k in (20, 50, 100):
@@ -184,8 +190,14 @@ def single_artefact_set(n: int, out: Path) -> dict:
         if i % 2:
             art = dg.ARTEFACTS[(i // 2) % len(dg.ARTEFACTS)]
             sev[art] = float(rng.uniform(0.5, 1.0))
-        c = ph.generate_case(9000 + i, quality="lq" if i % 2 else "hq", shape=SHAPE, spacing=SPACING,
-                             severity=sev, lesion_scale=LESION_SCALE)
+        c = ph.generate_case(
+            9000 + i,
+            quality="lq" if i % 2 else "hq",
+            shape=SHAPE,
+            spacing=SPACING,
+            severity=sev,
+            lesion_scale=LESION_SCALE,
+        )
         rows.append(array_iqms(c.t2w, c.highb, c.adc, c.spacing))
         y.append(0 if i % 2 else 1)
         kind.append(art if i % 2 else "hq")
@@ -193,13 +205,19 @@ def single_artefact_set(n: int, out: Path) -> dict:
     splitter = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
     oof = cross_val_predict(gr._model(), x, y, cv=splitter, method="predict_proba")[:, 1]
     unsup = gr.grade(rows, [None] * len(y)).score
-    result = {"n": n, "cv_auc": float(roc_auc_score(y, oof)), "unsupervised_auc": float(roc_auc_score(y, unsup)),
-              "per_artefact": {}}
+    result = {
+        "n": n,
+        "cv_auc": float(roc_auc_score(y, oof)),
+        "unsupervised_auc": float(roc_auc_score(y, unsup)),
+        "per_artefact": {},
+    }
     for art in dg.ARTEFACTS:
         sel = (kind == "hq") | (kind == art)
-        result["per_artefact"][art] = {"n_lq": int((kind == art).sum()),
-                                       "cv_auc": float(roc_auc_score(y[sel], oof[sel])),
-                                       "unsupervised_auc": float(roc_auc_score(y[sel], unsup[sel]))}
+        result["per_artefact"][art] = {
+            "n_lq": int((kind == art).sum()),
+            "cv_auc": float(roc_auc_score(y[sel], oof[sel])),
+            "unsupervised_auc": float(roc_auc_score(y[sel], unsup[sel])),
+        }
     (out / "single_artefact.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return result
@@ -231,26 +249,45 @@ def study(true_dir: Path, iqm_dir: Path, truth_manifest: Path, out: Path) -> dic
     with open(truth_manifest, newline="") as f:
         truth = {r["case_id"]: r["quality"] == "hq" for r in csv.DictReader(f)}
     true_hq = np.array([truth[c] for c in data.case_ids])
-    result = {"grading": data.grading.summary(),
-              "agreement": float(np.mean(true_hq == data.is_hq)),
-              "kappa": float(cohen_kappa_score(true_hq, data.is_hq))}
-    lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
-                                 cfg.sweep.seeds)
-    result["lanes"] = [{"lane": lane.name, "requested_hq_ratio": lane.finetune_hq_ratio,
-                        "true_hq_ratio": float(true_hq[lane_training_set(lane, data, task.num_classes)].mean())}
-                       for lane in lanes]
+    result = {
+        "grading": data.grading.summary(),
+        "agreement": float(np.mean(true_hq == data.is_hq)),
+        "kappa": float(cohen_kappa_score(true_hq, data.is_hq)),
+    }
+    lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes, cfg.sweep.seeds)
+    result["lanes"] = [
+        {
+            "lane": lane.name,
+            "requested_hq_ratio": lane.finetune_hq_ratio,
+            "true_hq_ratio": float(true_hq[lane_training_set(lane, data, task.num_classes)].mean()),
+        }
+        for lane in lanes
+    ]
     pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
     size = evaluate.max_test_size(pool_hq, pool_labels, cfg.sweep.test_hq_ratios, task.num_classes)
-    subsets = evaluate.test_subsets(pool_hq, pool_labels, cfg.sweep.test_hq_ratios, size, int(cfg.sweep.test_draws),
-                                    int(cfg.sweep.test_seed), task.num_classes)
+    subsets = evaluate.test_subsets(
+        pool_hq,
+        pool_labels,
+        cfg.sweep.test_hq_ratios,
+        size,
+        int(cfg.sweep.test_draws),
+        int(cfg.sweep.test_seed),
+        task.num_classes,
+    )
     test_true = {}
     for (ratio, _), idx in subsets.items():
         test_true.setdefault(ratio, []).append(float(true_hq[data.test_pool][idx].mean()))
     result["test_true_hq_ratio"] = {str(r): float(np.mean(v)) for r, v in test_true.items()}
     a, b = _auc_table(true_dir), _auc_table(iqm_dir)
-    result["auc"] = {f"{k[0]:g}/{k[1]:g}": {"true": float(np.mean(a[k])), "iqm": float(np.mean(b[k])),
-                                             "true_sd": float(np.std(a[k])), "iqm_sd": float(np.std(b[k]))}
-                     for k in sorted(a)}
+    result["auc"] = {
+        f"{k[0]:g}/{k[1]:g}": {
+            "true": float(np.mean(a[k])),
+            "iqm": float(np.mean(b[k])),
+            "true_sd": float(np.std(a[k])),
+            "iqm_sd": float(np.std(b[k])),
+        }
+        for k in sorted(a)
+    }
     result["mean_abs_delta_auc"] = float(np.mean([abs(np.mean(b[k]) - np.mean(a[k])) for k in a]))
     (out / "study.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -36,10 +36,15 @@ LOG_SUFFIXES = ("_snr", "_fwhm_inplane", "_fwhm_slice", "_tail")  # positive rat
 # direction (the Rician floor flattens the high-b image; noise roughens ADC) in the phantom sweep.
 UNSUPERVISED_SIGNS = {
     **{f"{c}_snr": -1.0 for c in ("t2w", "highb", "adc")},
-    "t2w_fwhm_inplane": 1.0, "highb_fwhm_inplane": 1.0,
+    "t2w_fwhm_inplane": 1.0,
+    "highb_fwhm_inplane": 1.0,
     **{f"{c}_ghost": 1.0 for c in ("t2w", "highb", "adc")},
-    "t2w_inu": 1.0, "t2w_tail": 1.0, "highb_tail": 1.0,
-    "adc_clip_frac": 1.0, "highb_floor_frac": 1.0, "t2_adc_ngf": -1.0,
+    "t2w_inu": 1.0,
+    "t2w_tail": 1.0,
+    "highb_tail": 1.0,
+    "adc_clip_frac": 1.0,
+    "highb_floor_frac": 1.0,
+    "t2_adc_ngf": -1.0,
 }
 
 
@@ -54,9 +59,15 @@ class Grading:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"method": self.method, "n_labelled": self.n_labelled, "cv_auc": self.cv_auc,
-                "n_hq": sum(q == "hq" for q in self.quality), "n": len(self.quality),
-                "n_from_iqm": sum(s == "iqm" for s in self.source), "notes": list(self.notes)}
+        return {
+            "method": self.method,
+            "n_labelled": self.n_labelled,
+            "cv_auc": self.cv_auc,
+            "n_hq": sum(q == "hq" for q in self.quality),
+            "n": len(self.quality),
+            "n_from_iqm": sum(s == "iqm" for s in self.source),
+            "notes": list(self.notes),
+        }
 
 
 def feature_matrix(rows: list[dict[str, float]]) -> np.ndarray:
@@ -77,8 +88,11 @@ def _model(c: float = 1.0):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import RobustScaler
 
-    return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), RobustScaler(),
-                         LogisticRegression(C=c, max_iter=2000))
+    return make_pipeline(
+        SimpleImputer(strategy="median", keep_empty_features=True),
+        RobustScaler(),
+        LogisticRegression(C=c, max_iter=2000),
+    )
 
 
 def cv_auc(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
@@ -143,8 +157,9 @@ def unsupervised(x: np.ndarray, lq_fraction: float | None = None) -> tuple[np.nd
     return p_good > 0.5, p_good, "mixture"
 
 
-def grade(rows: list[dict[str, float]], labels: list[str | None], *, threshold: float = 0.5,
-          lq_fraction: float | None = None) -> Grading:
+def grade(
+    rows: list[dict[str, float]], labels: list[str | None], *, threshold: float = 0.5, lq_fraction: float | None = None
+) -> Grading:
     """Grades for every case from its IQMs (``rows``) and the labels that exist (None elsewhere)."""
     x = feature_matrix(rows)
     labelled = np.array([q in ("hq", "lq") for q in labels])
@@ -158,8 +173,10 @@ def grade(rows: list[dict[str, float]], labels: list[str | None], *, threshold: 
         is_hq, method = score >= threshold, "logistic"
     else:
         if n_lab:
-            notes.append(f"{n_lab} labelled case(s) with grades {sorted(classes)}: too few to fit a grader "
-                         f"(needs {MIN_LABELLED} with both grades); used the unsupervised rule")
+            notes.append(
+                f"{n_lab} labelled case(s) with grades {sorted(classes)}: too few to fit a grader "
+                f"(needs {MIN_LABELLED} with both grades); used the unsupervised rule"
+            )
         is_hq, score, method = unsupervised(x, lq_fraction)
         auc = None
     quality = [q if lab else ("hq" if h else "lq") for q, lab, h in zip(labels, labelled, is_hq, strict=True)]

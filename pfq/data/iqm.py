@@ -289,8 +289,11 @@ def header_checks(spacings: dict[str, np.ndarray]) -> dict[str, float]:
         coarse, fine = max(sp[1], sp[2]), min(sp[1], sp[2])
         out[f"{key}_slice_mm"] = float(sp[0])
         out[f"{key}_inplane_mm"] = float(coarse)
-        ok = (sp[0] <= limits["slice"] + SPACING_TOL_MM and coarse <= limits["inplane_phase"] + SPACING_TOL_MM
-              and fine <= limits["inplane_freq"] + SPACING_TOL_MM)
+        ok = (
+            sp[0] <= limits["slice"] + SPACING_TOL_MM
+            and coarse <= limits["inplane_phase"] + SPACING_TOL_MM
+            and fine <= limits["inplane_freq"] + SPACING_TOL_MM
+        )
         out[f"{key}_pirads_ok"] = float(ok)
     return out
 
@@ -343,8 +346,9 @@ class IqmCache:
 
     def key(self, case: CaseRecord) -> str:
         files = {role: self._hashes.content_hash(case.images[role]) for role in IMAGE_COLUMNS}
-        return hashlib.sha256(json.dumps({"iqm_version": IQM_VERSION, "files": files}, sort_keys=True).encode()
-                              ).hexdigest()
+        return hashlib.sha256(
+            json.dumps({"iqm_version": IQM_VERSION, "files": files}, sort_keys=True).encode()
+        ).hexdigest()
 
     def entry(self, key: str) -> Path:
         return self.root / "iqm" / key[:2] / f"{key}.json"
@@ -379,16 +383,18 @@ def _write_json_atomic(path: Path, values: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def manifest_iqms(cases: Sequence[CaseRecord], root: Path | str, *, progress: bool = True
-                  ) -> tuple[list[dict[str, float] | None], list[Problem]]:
+def manifest_iqms(
+    cases: Sequence[CaseRecord], root: Path | str, *, progress: bool = True
+) -> tuple[list[dict[str, float] | None], list[Problem]]:
     """IQMs per case (None where the case failed) and every problem, naming line, case, column, file."""
     from tqdm.auto import tqdm
 
     cache = IqmCache(root)
     out: list[dict[str, float] | None] = []
     problems: list[Problem] = []
-    for case in tqdm(cases, desc="image-quality metrics", unit="case", disable=not progress, leave=False,
-                     dynamic_ncols=True):
+    for case in tqdm(
+        cases, desc="image-quality metrics", unit="case", disable=not progress, leave=False, dynamic_ncols=True
+    ):
         if len(case.images) < len(IMAGE_COLUMNS):  # the parser reported the empty paths
             out.append(None)
             continue
