@@ -69,7 +69,8 @@ def _add_cache_parser(sub) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pfq.data",
                                      description="Data tools: write phantoms (synth), fill the preprocessing cache "
-                                                 "(prepare), check a manifest before training (validate), show or "
+                                                 "(prepare), check a manifest before training (validate), measure "
+                                                 "image quality (iqm), grade cases HQ/LQ from it (grade), show or "
                                                  "prune the cache (cache).")
     sub = parser.add_subparsers(dest="command", metavar="{synth,prepare,validate,iqm,grade,cache}")
     sub.add_parser("synth", help="write a synthetic phantom set (see `python -m pfq.data synth --help`)",
@@ -252,6 +253,9 @@ def _grade(args) -> int:
     from pfq.data.grade import grade
     from pfq.data.tables import graded_manifest_rows, write_csv_atomic
 
+    if not 0.0 < args.threshold < 1.0 or (args.lq_fraction is not None and not 0.0 <= args.lq_fraction <= 1.0):
+        print("error: --threshold must be in (0, 1) and --lq-fraction in [0, 1]", file=sys.stderr)
+        return 2
     try:
         manifest, rows, problems = _quality_inputs(args)
         if manifest is not None and not problems:
