@@ -17,19 +17,22 @@ voxels), because scanners, protocols and the phantoms' per-case gain all change 
   HHH the finest 3-D Haar diagonal detail (Donoho's robust noise estimator; no background needed).
 - `c_efc`: MRIQC's entropy focus criterion, with the voxels outside V as its frame mask.
 - `c_fwhm_inplane`, `c_fwhm_slice` (mm): Gaussian-equivalent smoothness from the ratio of the
-  high-passed image's autocovariance at lags 1 and 2 (sigma^2 = 3 / (4 ln(C1/C2)) voxels). White
-  noise only adds to lag 0, so unlike AFNI's lag-0/lag-1 estimator this one is not pulled down by noise.
-- `c_ghost`: phase-encode ghosting; max over k = 2..8 of the high-passed image's circular
-  autocorrelation at lag N/k along the phase-encode axis (H, anterior-posterior for axial prostate
-  scans) minus the same along the read-out axis (W). Replicas shifted by N/k (every k-th line wrong;
-  EPI Nyquist: k = 2) raise it; anatomy, symmetric in both axes, cancels to first order.
+  high-passed log image's autocovariance at lags 1 and 2 (sigma^2 = 3 / (4 ln(C1/C2)) voxels). White
+  noise only adds to lag 0, so unlike AFNI's lag-0/lag-1 estimator it is not pulled towards zero by
+  noise. NaN where C1 <= C2 (noise-dominated images).
+- `c_ghost`: phase-encode ghosting; log of the largest |autocorrelation| of the high-passed log
+  image at lags N/k (k = 2..8) along the phase-encode axis (H, anterior-posterior for axial prostate
+  scans) over the same along the read-out axis (W). Replicas shifted by N/k (every k-th line wrong;
+  EPI Nyquist: k = 2) raise it; anatomy, alike in both axes, cancels to first order, and so does
+  white noise (it shrinks both autocorrelations alike).
 - `c_inu` (T2w, high-b): bias-field strength, log(P95 / P5) over F of exp(a degree-3 polynomial
   least-squares fit to log I over F).
 - `c_tail` (T2w, high-b): P99.95(I[V]) / median(I[F]), bright outliers (MRIQC's wm2max, inverted).
 - `adc_clip_frac`: fraction of V at ADC <= 0 or at the map's maximum (scanners clip ADC to a range).
 - `highb_floor_frac`: fraction of V below 2 sigma on the high-b image (signal at the Rician floor).
-- `t2_adc_ngf`: normalised-gradient-field alignment of T2w and ADC, sum<gT,gA>^2 / sum|gT|^2|gA|^2 over
-  F (1: edges aligned), on T2w's grid; EPI distortion and misregistration lower it.
+- `t2_adc_ngf`: normalised-gradient-field alignment of log T2w and log ADC (Gaussian-smoothed, sigma
+  1 voxel), sum<gT,gA>^2 / sum|gT|^2|gA|^2 over F (1: edges aligned), on T2w's grid; EPI distortion
+  and misregistration lower it.
 
 Header checks against the PI-RADS v2.1 technical minima (axial acquisitions assumed: the slice
 axis is D after reorientation; the phase-encode direction is not in a NIfTI header, so the
