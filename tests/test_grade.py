@@ -4,6 +4,7 @@ tiny phantom set."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,12 @@ def test_study_takes_grades_from_image_quality_when_configured(phantom_set, tmp_
     cfg.data.quality_from = "reader"
     with pytest.raises(ValueError, match="quality_from"):
         validate_config(cfg)
+
+
+def test_worker_processes_give_the_same_measures(phantom_set, tmp_path):
+    from pfq.data.iqm import manifest_iqms
+
+    cases = read_manifest(phantom_set).cases[:3]
+    serial, _ = manifest_iqms(cases, tmp_path / "a", progress=False)
+    parallel, _ = manifest_iqms(cases, tmp_path / "b", workers=2, progress=False)
+    assert json.dumps(serial) == json.dumps(parallel)

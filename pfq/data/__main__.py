@@ -117,6 +117,7 @@ def _add_quality_parsers(sub) -> None:
     iqm.add_argument("manifest", type=Path)
     iqm.add_argument("--out", type=Path, required=True, help="output CSV")
     _add_cache_args(iqm, "run config file whose data.cache_dir to use")
+    iqm.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (0: this process)")
     iqm.add_argument("--no-progress", action="store_true")
 
     grade = sub.add_parser("grade", help="grade every case HQ/LQ from its image-quality metrics",
@@ -134,6 +135,7 @@ def _add_quality_parsers(sub) -> None:
     grade.add_argument("--threshold", type=float, default=0.5, help="fitted grader: P(HQ) at or above this is HQ")
     grade.add_argument("--lq-fraction", type=float, default=None, metavar="F",
                        help="unsupervised: the F worst cases are LQ (default: a two-component mixture decides)")
+    grade.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes for the measures")
     grade.add_argument("--no-progress", action="store_true")
 
 
@@ -209,7 +211,7 @@ def _quality_inputs(args, require_quality: bool = False):
                                         require_quality=require_quality)
     if manifest is None:
         return None, [], problems
-    rows, found = manifest_iqms(manifest.cases, root, progress=not args.no_progress)
+    rows, found = manifest_iqms(manifest.cases, root, workers=args.workers, progress=not args.no_progress)
     return manifest, rows, sorted(problems + found, key=lambda p: p.line if p.line is not None else 0)
 
 

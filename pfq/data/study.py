@@ -97,7 +97,8 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     labels, is_hq, grading = report.labels, manifest.is_hq(), None
     if from_iqm:
         root = data.get("cache_dir") or default_cache_root()
-        rows, iqm_problems = manifest_iqms(manifest.cases, root, progress=progress)
+        rows, iqm_problems = manifest_iqms(manifest.cases, root, workers=int(data.get("prepare_workers", 0)),
+                                           progress=progress)
         if iqm_problems:
             raise ManifestError(path, iqm_problems)
         grading = grade(rows, [c.quality for c in manifest.cases])
