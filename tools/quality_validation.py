@@ -219,6 +219,26 @@ def single_artefact_set(n: int, out: Path) -> dict:
             "unsupervised_auc": float(roc_auc_score(y[sel], unsup[sel])),
         }
     (out / "single_artefact.json").write_text(json.dumps(result, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 5), sharey=True)
+    for ax, score, title in ((axes[0], oof, "logistic, 5-fold CV"), (axes[1], unsup, "unsupervised score")):
+        for art in dg.ARTEFACTS:
+            sel = (kind == "hq") | (kind == art)
+            fpr, tpr, _ = roc_curve(y[sel], score[sel])
+            ax.plot(fpr, tpr, label=f"{art} ({roc_auc_score(y[sel], score[sel]):.2f})")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_title(f"{title}: HQ vs LQ by one artefact", fontsize=10)
+        ax.set_xlabel("false HQ rate (LQ graded HQ)")
+        ax.legend(fontsize=8, loc="lower right", title="LQ artefact (AUC)", title_fontsize=8)
+    axes[0].set_ylabel("true HQ rate")
+    fig.tight_layout()
+    fig.savefig(out / "single_artefact_roc.png", dpi=110)
+    plt.close(fig)
     print(json.dumps(result, indent=1))
     return result
 
