@@ -92,12 +92,9 @@ SMALL_SWEEP = ("--config.sweep.finetune_hq_ratios=(0.0,1.0)", "--config.sweep.se
 
 
 def small_sweep_config(manifest: Path):
-    """The in-process equivalent of `configs/smoke.py` + SMALL_SWEEP (same config.json)."""
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import smoke
-    finally:
-        sys.path.pop(0)
+    """The in-process equivalent of the `smoke` config + SMALL_SWEEP (same config.json)."""
+    from pfq.configs import smoke
+
     c = smoke.get_config()
     c.data.manifest = str(manifest)
     c.sweep.finetune_hq_ratios = (0.0, 1.0)

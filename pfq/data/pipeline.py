@@ -61,8 +61,8 @@ class AugmentConfig:
     @classmethod
     def from_config(cls, data) -> AugmentConfig:
         """From a run config's `data` section."""
-        return cls(enabled=bool(data.augment), rotate_deg=float(data.get("augment_rotate_deg", 0.0)),
-                   zoom=float(data.get("augment_zoom", 0.0)))
+        return cls(enabled=bool(data.augment), rotate_deg=float(data.augment_rotate_deg),
+                   zoom=float(data.augment_zoom))
 
 
 def rotate_zoom(volume: np.ndarray, degrees: float, scale: float) -> np.ndarray:

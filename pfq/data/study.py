@@ -44,8 +44,8 @@ def phantom_manifest(phantoms, progress: bool = True) -> Path:
 
     params = {"cases": int(phantoms.cases), "seed": int(phantoms.seed), "shape": list(phantoms.shape),
               "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction),
-              "lesion_scale": float(phantoms.get("lesion_scale", 1.0))}
-    if phantoms.get("dir"):
+              "lesion_scale": float(phantoms.lesion_scale)}
+    if phantoms.dir:
         out = Path(phantoms.dir)
     else:
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
@@ -76,14 +76,14 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     """
     data = config.data
     path = Path(data.manifest) if data.manifest else phantom_manifest(config.phantoms, progress)
-    report = validate_manifest(path, task=task, quality_scale=data.get("quality_scale", "piqual_v1"),
-                               quality_threshold=data.get("quality_threshold"), check_images=False)
+    report = validate_manifest(path, task=task, quality_scale=data.quality_scale,
+                               quality_threshold=data.quality_threshold, check_images=False)
     if report.manifest is None:
         raise ManifestError(path, report.problems)
     manifest, problems = report.manifest, list(report.problems)
-    cache = VolumeCache(data.get("cache_dir") or default_cache_root(), PreprocessConfig.from_config(data))
+    cache = VolumeCache(data.cache_dir or default_cache_root(), PreprocessConfig.from_config(data))
     cases = [c for c in manifest.cases if len(c.images) == 3]
-    paths, image_problems = cache.prepare(cases, workers=int(data.get("prepare_workers", 0)), progress=progress,
+    paths, image_problems = cache.prepare(cases, workers=int(data.prepare_workers), progress=progress,
                                           desc="preprocessing (cached)")
     problems += image_problems
     if problems:

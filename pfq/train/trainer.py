@@ -63,8 +63,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def model_spec(config, num_classes: int) -> ModelSpec:
     m = config.model
     kwargs = dict(in_chans=3, num_classes=num_classes, drop_path_rate=m.drop_path,
-                  depthwise_impl=m.depthwise, dtype=m.dtype, remat_stages=tuple(m.get("remat_stages", (False,) * 4)))
-    if m.get("depths") and m.get("dims"):
+                  depthwise_impl=m.depthwise, dtype=m.dtype, remat_stages=tuple(m.remat_stages))
+    if m.depths and m.dims:
         return ModelSpec(depths=tuple(m.depths), dims=tuple(m.dims), **kwargs)
     return ModelSpec.from_size(m.size, **kwargs)
 
@@ -251,7 +251,7 @@ class Trainer:
         draws = int(sweep.test_draws)
         subsets = evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, draws,
                                         int(sweep.test_seed), self.task.num_classes)
-        resamples = int(sweep.get("bootstrap_resamples", 1000))
+        resamples = int(sweep.bootstrap_resamples)
         healthy = outcome.diverged_step < 0
         scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
         for ratio in sweep.test_hq_ratios:
@@ -343,7 +343,7 @@ class Trainer:
                          f"({DIVERGED_REASONS[int(outcome.diverged_reason[li])]})"
                          for li, lane in enumerate(group) if outcome.diverged_step[li] >= 0]
             probs = self.predict_pool(outcome, data)
-            if cfg.get("export_models") and is_writer():
+            if cfg.export_models and is_writer():
                 self.export_models(outcome)
             rows += self.lane_rows(outcome, probs, data)
             prediction_rows += prediction_table(outcome, probs, data)
