@@ -243,13 +243,13 @@ def test_bad_input_is_a_named_error_and_earlier_outputs_survive(name, study_copy
     assert len(CORPUS) >= 20
 
 
-def test_cli_prints_one_clean_error_and_exits_2(study_copy, volume_cache, tmp_path):
+def test_cli_prints_one_clean_error_and_exits_2(study_copy, jax_cache, volume_cache, tmp_path):
     """The real command line: exit status 2, the named problem, no traceback, nothing written."""
     set_cell(3, "pirads", "7")(study_copy)
     workdir = tmp_path / "work"
     import subprocess
 
-    proc = subprocess.run(train_command(workdir, study_copy / "manifest.csv"), env=cli_env(pfq_cache=volume_cache),
+    proc = subprocess.run(train_command(workdir, study_copy / "manifest.csv"), env=cli_env(jax_cache, pfq_cache=volume_cache),
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "line 5, case 'c003', column 'pirads'" in proc.stderr

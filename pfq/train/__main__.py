@@ -126,12 +126,12 @@ def main(argv: list[str]) -> int:
     for noisy in ("absl", "jax", "orbax", "grain", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
         logging.getLogger(noisy).addFilter(_NoLibraryTracebacks())
-    from pfq.train import distributed
-
     try:
         config = load_config(_CONFIG.value, _overrides)
     except ConfigError as e:
         return fail(f"invalid config: {e}", 2)
+    from pfq.train import distributed
+
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     return run_sweep(config, Path(_WORKDIR.value), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
 
