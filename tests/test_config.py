@@ -20,6 +20,7 @@ from pfq.config import (
     load_config,
     packaged_configs,
     paper_config,
+    split_overrides,
     validate_config,
 )
 
@@ -250,3 +251,13 @@ def test_a_non_editable_install_ships_the_configs(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "did you mean config.optim.lr?" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_overrides_are_split_from_the_other_flags_in_both_spellings():
+    rest, overrides = split_overrides(
+        ["--config", "smoke", "--config.optim.steps", "5", "--config.sweep.seeds=(1,)", "--workdir", "w"]
+    )
+    assert rest == ["--config", "smoke", "--workdir", "w"]
+    assert overrides == [("optim.steps", "5"), ("sweep.seeds", "(1,)")]
+    with pytest.raises(ConfigError, match="needs a value"):
+        split_overrides(["--config.optim.steps"])
