@@ -249,8 +249,9 @@ def test_cli_prints_one_clean_error_and_exits_2(study_copy, jax_cache, volume_ca
     workdir = tmp_path / "work"
     import subprocess
 
-    proc = subprocess.run(train_command(workdir, study_copy / "manifest.csv"), env=cli_env(jax_cache, pfq_cache=volume_cache),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train_command(workdir, study_copy / "manifest.csv"),
+                          env=cli_env(jax_cache, pfq_cache=volume_cache), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "line 5, case 'c003', column 'pirads'" in proc.stderr
     assert not workdir.exists()
