@@ -26,7 +26,8 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def base_config() -> ConfigDict:
-    """Every field a run reads, with the small-CPU defaults; configs/*.py start from this."""
+    """Every field a run reads, with the small-CPU defaults (the only place defaults live; configs start
+    from this). `FIELDS` below gives each field its type and domain."""
     c = ConfigDict()
     c.task = "pirads_ge4"
 
@@ -106,7 +107,7 @@ def base_config() -> ConfigDict:
 
 
 def paper_config(task: str) -> ConfigDict:
-    """The paper's experiments at the real size (configs/pirads_binary.py and its variants)."""
+    """The paper's experiments at the real size (the `pirads_binary` config and its variants)."""
     c = base_config()
     c.task = task
     c.data.input_size = (64, 224, 224)
