@@ -39,9 +39,9 @@ from pfq.convert.store import has_head, load_model_dir
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
 from pfq.data.manifest import Manifest, ManifestError, read_manifest
 from pfq.data.preprocess import PreprocessConfig
+from pfq.io import atomic_write_bytes, atomic_write_text
 from pfq.model import ModelSpec, apply, features
 from pfq.tasks import TASKS, LabelError, get_task
-from pfq.train.workdir import atomic_write_bytes, atomic_write_text
 
 Forward = Callable[[np.ndarray], np.ndarray]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +20,8 @@ import numpy as np
 
 from pfq import stats
 from pfq.faults import maybe_fail
+from pfq.io import atomic_path, atomic_write_text
 from pfq.stats import REFERENCE_INIT, Summary, as_float, group, summarize
-from pfq.train.workdir import atomic_write_text
 
 # Columns that are not metrics (the rest that are numeric are, CI bounds aside).
 ID_COLUMNS = ("task", "init", "finetune_hq_ratio", "finetune_hq_count", "train_size", "seed", "test_hq_ratio",
@@ -242,14 +241,11 @@ def report_markdown(rows: list[dict], metric: str, figures: dict[str, str], titl
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
-        maybe_fail(f"write:{path.name}")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def _annotate(ax, matrix: np.ndarray, texts: dict, cmap, norm) -> None:

@@ -26,7 +26,6 @@ import csv
 import json
 import os
 import pathlib
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +33,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from pfq.data import degrade as dg
+from pfq.io import atomic_path, atomic_write_text
 
 GENERATOR_VERSION = 1  # bump when the phantom model changes, so cached sets are regenerated
 B_LOW, B_HIGH = 50.0, 1400.0
@@ -687,21 +687,8 @@ def save_nifti(arr: np.ndarray, spacing: Spacing, path: pathlib.Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{_writer_tag()}.tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-
-
-def _writer_tag() -> str:
-    """Unique per writer: processes that generate the same set at once (the hosts of one run, or
-    two runs) must not rename each other's temporary files; the files they write are identical."""
-    return f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-
-
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{_writer_tag()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:  # nibabel picks the format from the name
+        nib.save(img, tmp)
 
 
 def _set_params(n_cases: int, seed: int, shape: Shape, spacing: Spacing, hq_fraction: float,
@@ -777,9 +764,9 @@ def write_phantom_set(
         details.append({"case_id": cid, "case_seed": cseed, "severity": round(case.severity, 4),
                         "lesions": [asdict(les) for les in case.lesions]})
 
-    _write_text_atomic(manifest, _manifest_text(rows))
+    atomic_write_text(manifest, _manifest_text(rows))
     record = {"params": params, "cases": details}
-    _write_text_atomic(out / "phantoms.json", json.dumps(record, indent=1))
+    atomic_write_text(out / "phantoms.json", json.dumps(record, indent=1))
     return manifest
 
 
