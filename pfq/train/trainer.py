@@ -30,6 +30,7 @@ from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
 from pfq.io import atomic_write_text
 from pfq.model import ModelSpec, init_variables
+from pfq.results import read_results
 from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
@@ -329,8 +330,7 @@ class Trainer:
             return self._sweep(lanes, data)
 
     def _finished_rows(self) -> list[dict]:
-        with open(self.workdir / "results.csv", newline="") as f:
-            return list(csv.DictReader(f))
+        return read_results(self.workdir / "results.csv")
 
     def _sweep(self, lanes: list, data: StudyData) -> list[dict]:
         cfg = self.config
