@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":  # the phantom generator owns its arguments
         try:
-            from pfq.data.phantoms import synth_main
+            from pfq.data.phantom_set import synth_main
         except ImportError as e:
             print(f"error: the phantom generator is not available ({e})", file=sys.stderr)
             return 2
