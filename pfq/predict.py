@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pfq import evaluate
+from pfq import evaluate, xla_flags
 from pfq.convert.errors import ConvertError
 from pfq.convert.store import has_head, load_model_dir
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
@@ -270,4 +270,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     sys.exit(main())

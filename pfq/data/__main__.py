@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pfq import xla_flags
 from pfq.config import base_config
 
 
@@ -228,4 +229,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     sys.exit(main())
