@@ -65,7 +65,8 @@ def save_nifti(arr: np.ndarray, spacing: Spacing, path: pathlib.Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    with atomic_path(path, suffix=".nii.gz") as tmp:  # nibabel picks the format from the name
+    # nibabel picks the format from the name; the set is regenerable, so no flush per image
+    with atomic_path(path, suffix=".nii.gz", durable=False) as tmp:
         nib.save(img, tmp)
 
 
