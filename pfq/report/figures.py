@@ -24,6 +24,11 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
+def _label(metric: str) -> str:
+    """How a metric column is named on a figure."""
+    return {"auc": "AUC", "f1": "F1"}.get(metric, metric.replace("_", " "))
+
+
 def _annotate(ax, matrix: np.ndarray, texts: dict, cmap, norm) -> None:
     for (i, j), text in texts.items():
         value = matrix[i, j]
@@ -84,17 +89,19 @@ def plot_heatmaps(rows: list[dict], path: Path, metric: str = "auc") -> None:
                 im = ax.imshow(mean, cmap=cmap, norm=norm, origin="lower", aspect="auto")
                 _annotate(ax, mean, texts, cmap, norm)
                 title = init_label(init, inits)
-            ax.set_title(f"{title}, n={size:g}" if len(sizes) > 1 else title, fontsize=10)
+            if r == 0:
+                ax.set_title(title, fontsize=10)
             ax.set_xticks(range(len(tts)), [_g(t) for t in tts])
             ax.set_yticks(range(len(fts)), [_g(f) for f in fts])
             if r == len(sizes) - 1:
                 ax.set_xlabel("test HQ ratio")
-            if c == 0:
-                ax.set_ylabel("finetune HQ ratio")
+            if c == 0:  # one row per train size, named where the row starts (titles stay short)
+                ax.set_ylabel(f"train size {size:g}\nfinetune HQ ratio" if len(sizes) > 1 else "finetune HQ ratio")
             if r == 0 and (c == len(inits) - 1 or is_diff and c == len(columns) - 1):
                 fig.colorbar(im, ax=axes[:, c].tolist(), fraction=0.05, pad=0.01, shrink=0.9,
-                             label=f"{metric} difference" if is_diff else f"mean {metric}")
-    fig.suptitle(f"{metric} over seeds (mean ± std)", fontsize=11)
+                             label=f"{_label(metric)} difference" if is_diff else f"mean {_label(metric)}")
+    size_note = "" if len(sizes) > 1 else f", train size {sizes[0]:g}"
+    fig.suptitle(f"{_label(metric)}: mean ± std over seeds{size_note}", fontsize=11)
     _save(fig, path)
 
 
@@ -106,9 +113,14 @@ def _line_style(i: int) -> str:
     return ["-", "--", ":", "-."][i % 4]
 
 
+def _marker(i: int) -> str:
+    return ["o", "s", "^", "D"][i % 4]
+
+
 def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> None:
-    """Metric vs train size, one panel per test HQ ratio; colour: finetune HQ ratio; line style: init;
-    error bars: std over seeds."""
+    """Metric vs train size, one panel per test HQ ratio; colour: finetune HQ ratio; line style and
+    marker: init; error bars: std over seeds. With a single train size there is no curve to draw:
+    the points stand side by side and the title says so."""
     import matplotlib.pyplot as plt
 
     inits, sizes = _inits(rows), _values(rows, "train_size")
@@ -116,7 +128,8 @@ def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> 
     colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.85, max(len(fts), 2)))
     fig, axes = plt.subplots(1, len(tts), squeeze=False, sharey=True, figsize=(1.8 + 3.0 * len(tts), 3.4),
                              layout="constrained")
-    jitter = {init: (k - (len(inits) - 1) / 2) * 0.03 for k, init in enumerate(inits)}  # log2 offsets
+    step = 0.03 if len(sizes) > 1 else 0.12  # log2 offsets that keep the inits' error bars apart
+    jitter = {init: (k - (len(inits) - 1) / 2) * step for k, init in enumerate(inits)}
     plotted = False
     for j, t in enumerate(tts):
         ax = axes[0, j]
@@ -132,25 +145,32 @@ def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> 
                         ms.append(s.mean)
                         ss.append(s.std if math.isfinite(s.std) else 0.0)
                 if xs:
-                    ax.errorbar(xs, ms, yerr=ss, color=colors[fi], ls=_line_style(k), marker="o", ms=4, capsize=2)
+                    ax.errorbar(xs, ms, yerr=ss, color=colors[fi], ls=_line_style(k), marker=_marker(k), ms=4,
+                                capsize=2)
                     plotted = True
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [_g(s) for s in sizes])
         ax.minorticks_off()
+        if len(sizes) == 1:
+            ax.set_xlim(sizes[0] / 1.6, sizes[0] * 1.6)
         ax.set_xlabel("train size (labelled cases)")
         ax.set_title(f"test HQ ratio {t:g}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel(metric)
+    axes[0, 0].set_ylabel(_label(metric))
     if plotted:
         from matplotlib.lines import Line2D
 
         handles = ([Line2D([], [], color=colors[fi], marker="o", ms=4) for fi in range(len(fts))]
-                   + [Line2D([], [], color="0.2", ls=_line_style(k)) for k in range(len(inits))])
+                   + [Line2D([], [], color="0.2", ls=_line_style(k), marker=_marker(k), ms=4)
+                      for k in range(len(inits))])
         labels = [f"finetune HQ {f:g}" for f in fts] + [init_label(init, inits) for init in inits]
         fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
     else:
         _no_data(axes[0, 0])
-    fig.suptitle(f"Label efficiency: {metric} vs train size (mean ± std over seeds)", fontsize=11)
+    title = f"Label efficiency: {_label(metric)} vs train size (mean ± std over seeds)"
+    if len(sizes) == 1:
+        title += f"\nonly one train size ({sizes[0]:g}) in this sweep: no curves; sweep several for label efficiency"
+    fig.suptitle(title, fontsize=11)
     _save(fig, path)
 
 
@@ -160,7 +180,7 @@ def plot_mismatch(rows: list[dict], path: Path, metric: str = "auc") -> None:
 
     inits, sizes = _inits(rows), _values(rows, "train_size")
     colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(sizes), squeeze=False, sharey=True, figsize=(1.2 + 3.2 * len(sizes), 3.4),
+    fig, axes = plt.subplots(1, len(sizes), squeeze=False, sharey=True, figsize=(1.6 + 3.2 * len(sizes), 3.8),
                              layout="constrained")
     effects = stats.mismatch_effect(rows, metric)
     levels_all = sorted({lv for e in effects for lv in e["levels"]})
@@ -173,17 +193,17 @@ def plot_mismatch(rows: list[dict], path: Path, metric: str = "auc") -> None:
             k = inits.index(e["init"])
             if levels:
                 ax.errorbar(np.array(levels) + 0.008 * (k - (len(inits) - 1) / 2), ms, yerr=ss, color=colors(k),
-                            marker="o", ms=4, capsize=2, label=init_label(e["init"], inits))
+                            marker=_marker(k), ms=4, capsize=2, label=init_label(e["init"], inits))
         ax.set_xticks(levels_all, [_g(lv) for lv in levels_all])
         ax.set_xlabel("|finetune HQ ratio − test HQ ratio|")
         ax.set_title(f"train size {size:g}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel(metric)
+    axes[0, 0].set_ylabel(f"{_label(metric)}, mean over the cells\nat that mismatch")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    if labels:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    if labels:  # below the panels: beside them it collides with the title on narrow figures
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8,
+                   frameon=False)
     else:
         _no_data(axes[0, 0])
-    fig.suptitle(f"Quality mismatch: {metric} (per seed, mean over cells at that mismatch; mean ± std over seeds)",
-                 fontsize=10)
+    fig.suptitle(f"Quality mismatch: {_label(metric)} (mean ± std over seeds)", fontsize=11)
     _save(fig, path)
