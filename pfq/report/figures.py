@@ -128,8 +128,14 @@ def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> 
     colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.85, max(len(fts), 2)))
     fig, axes = plt.subplots(1, len(tts), squeeze=False, sharey=True, figsize=(1.8 + 3.0 * len(tts), 3.4),
                              layout="constrained")
-    step = 0.03 if len(sizes) > 1 else 0.12  # log2 offsets that keep the inits' error bars apart
-    jitter = {init: (k - (len(inits) - 1) / 2) * step for k, init in enumerate(inits)}
+    # log2 offsets that keep error bars apart: per init along curves; with a single train size (no
+    # curves) every (finetune ratio, init) gets its own place beside the others
+    if len(sizes) > 1:
+        jitter = {(fi, k): (k - (len(inits) - 1) / 2) * 0.03 for fi in range(len(fts)) for k in range(len(inits))}
+    else:
+        n = len(fts) * len(inits)
+        jitter = {(fi, k): (fi * len(inits) + k - (n - 1) / 2) * min(0.08, 0.8 / n)
+                  for fi in range(len(fts)) for k in range(len(inits))}
     plotted = False
     for j, t in enumerate(tts):
         ax = axes[0, j]
@@ -141,7 +147,7 @@ def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> 
                 for (size,), cell in cells.items():
                     s = summarize(stats.seed_means(cell, metric).values())
                     if s.n:
-                        xs.append(size * 2 ** jitter[init])
+                        xs.append(size * 2 ** jitter[(fi, k)])
                         ms.append(s.mean)
                         ss.append(s.std if math.isfinite(s.std) else 0.0)
                 if xs:
