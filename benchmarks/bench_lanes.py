@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pfq import xla_flags
 from pfq.config import base_config
 from pfq.model import ModelSpec, init_variables
 from pfq.train.optim import make_optimizer
@@ -88,4 +89,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     main()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from pfq import xla_flags
 from pfq.config import ConfigError, load_config, split_overrides, validate_config
 
 _CONFIG = flags.DEFINE_string("config", "default", "A packaged config's name (default, smoke, pirads_binary, ...) "
@@ -137,4 +138,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     app.run(main, flags_parser=parse_flags)
