@@ -5,6 +5,7 @@ non-editable install."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,7 +217,11 @@ def test_the_command_lines_exit_2_naming_the_field_and_change_nothing(tmp_path):
 
 def test_a_non_editable_install_ships_the_configs(tmp_path):
     """`pip install .` (here into a target folder): the default config is found with no checkout around."""
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "source"
+    # Built from a copy, so that the build leaves nothing (build/, *.egg-info) in the checkout.
+    shutil.copytree(REPO / "pfq", source / "pfq", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     # With setuptools at hand, build without fetching it (fast, offline); else pip's isolated build.
     offline = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     command = [
@@ -230,7 +235,7 @@ def test_a_non_editable_install_ships_the_configs(tmp_path):
         *offline,
         "--target",
         str(target),
-        str(REPO),
+        str(source),
     ]
     subprocess.run(command, check=True, capture_output=True, timeout=600, cwd=tmp_path)
     env = {**cli_env(), "PYTHONPATH": str(target)}
