@@ -15,6 +15,7 @@ from pfq.data import phantoms as ph
 from pfq.data.__main__ import main
 from pfq.data.iqm import HEADER_NAMES, iqm_names
 from pfq.data.manifest import read_manifest
+from pfq.data.phantom_set import write_phantom_set
 
 
 def synthetic_rows(n: int, seed: int = 0) -> tuple[list[dict[str, float]], list[str]]:
@@ -80,7 +81,7 @@ def test_undefined_measures_are_imputed():
 @pytest.fixture(scope="module")
 def phantom_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
-    return ph.write_phantom_set(out, 12, shape=(16, 32, 32), spacing=(4.0, 2.0, 2.0), lesion_scale=1.6, progress=False)
+    return write_phantom_set(out, 12, shape=(16, 32, 32), spacing=(4.0, 2.0, 2.0), lesion_scale=1.6, progress=False)
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict]]:

@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +58,7 @@ from scipy import ndimage
 
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
 from pfq.data.preprocess import CaseError, Volume, aligned_channels, grid_problems, output_grid, read_case
+from pfq.io import atomic_write_text
 
 IQM_VERSION = 1  # bump when any measure changes: it keys the cache
 
@@ -372,18 +371,9 @@ class IqmCache:
         values = case_iqms(case)
         if key is None:
             key = self.key(case)
-        _write_json_atomic(self.entry(key), values)
+        self.entry(key).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.entry(key), json.dumps(values, sort_keys=True))  # NaN round-trips
         return values
-
-
-def _write_json_atomic(path: Path, values: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(values, sort_keys=True))  # NaN is written as NaN and read back
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _measure_one(args: tuple[Path | str, CaseRecord]) -> tuple[dict[str, float] | None, list[Problem]]:

@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from pfq.data.cache import _atomic_write
 from pfq.data.manifest import COLUMN_ALIASES
+from pfq.io import atomic_write_text
 
 GRADE_COLUMNS = ("quality", "quality_score", "quality_source")
 
@@ -19,7 +19,7 @@ def write_csv_atomic(path: Path | str, columns: Sequence[str], rows: Sequence[di
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(Path(path), lambda f: f.write(buf.getvalue().encode()))
+    atomic_write_text(path, buf.getvalue())
 
 
 def graded_manifest_rows(manifest: Path, out: Path, grading) -> tuple[list[str], list[dict]]:
