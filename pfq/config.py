@@ -63,6 +63,9 @@ def base_config() -> ConfigDict:
     c.sweep.inits = ("scratch",)  # or converted checkpoint directories
     c.sweep.train_sizes = (400,)
     c.sweep.seeds = (0, 1)
+    # Lanes trained together by one compiled step (per init); 0: all of them. Smaller groups need
+    # less device memory and train one after another (`python -m pfq.plan` sizes this).
+    c.sweep.lanes_per_group = 0
     c.sweep.test_size = 0  # 0: the largest size every test ratio can be drawn at
     c.sweep.test_draws = 5
     c.sweep.test_seed = 0
@@ -128,6 +131,8 @@ def validate_config(c: ConfigDict) -> None:
             raise ValueError(f"config.sweep.{name} is empty")
     if any(int(n) <= 0 for n in c.sweep.train_sizes):
         raise ValueError(f"config.sweep.train_sizes must be positive, got {tuple(c.sweep.train_sizes)}")
+    if int(c.sweep.get("lanes_per_group", 0)) < 0:
+        raise ValueError(f"config.sweep.lanes_per_group must be >= 0 (0: all lanes), got {c.sweep.lanes_per_group}")
     if int(c.optim.steps) <= 0 or int(c.optim.batch_size) <= 0:
         raise ValueError("config.optim.steps and config.optim.batch_size must be positive")
     if len(c.data.input_size) != 3:

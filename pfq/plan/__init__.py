@@ -1,0 +1,262 @@
+"""Plan a sweep for TPUs without having one: compile the trainer's programs ahead of time for a
+described topology, read XLA's memory and cost analyses, and rank candidate layouts.
+
+    python -m pfq.plan --config configs/pirads_binary.py --topology v5e:2x4 --topology v4:2x2x1
+
+With libtpu installed (`pip install -e '.[tpu]'`), `jax.experimental.topologies` describes the chips
+of a slice (e.g. "v5e:2x4") on a CPU-only host, and `jit(f).lower(<ShapeDtypeStructs sharded on a
+mesh of those devices>).compile()` builds the real TPU executable. The functions compiled here are
+`pfq.train.program`'s, the ones the trainer runs: the vmapped, state-donating train step on the
+(lane, data) mesh with the trainer's shardings, and the lane-vmapped predict step.
+
+How each figure is made (all per chip, all compiler estimates, not measurements):
+  memory      XLA's memory analysis: arguments + outputs - aliased (donated) + temporaries.
+  fits        memory <= (1 - headroom) x the chip's HBM.
+  roofline    max(flops / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), from XLA's cost analysis
+              and the published chip figures in CHIPS. A lower bound: it assumes perfect overlap and
+              full MXU use. f32 matmuls at default precision run as one bf16 pass on the MXU, but the
+              depthwise formulations ask for HIGHEST precision (several passes), which it ignores.
+  xla         XLA's own `optimal_seconds`; reported as unusable when it is not positive (TPU
+              programs with convolutions have given negative values).
+  sweep time  lane groups x steps x the train step's roofline, plus evaluation batches x the predict
+              step's roofline.
+Where an estimate and a real run disagree, the real run wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from pfq.model import ModelSpec, abstract_variables
+from pfq.model.depthwise import resolve_impl
+from pfq.tasks import get_task
+from pfq.train import lanes as lanes_lib
+from pfq.train import program
+from pfq.train.optim import make_optimizer
+from pfq.train.step import init_state
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_gib: float  # HBM per chip
+    bf16_tflops: float  # peak dense bf16 matmul throughput per chip
+    hbm_gbps: float  # HBM bandwidth per chip, GB/s
+
+
+# Published per-chip figures (Google Cloud TPU system-architecture pages for v4, v5e, v5p and v6e:
+# peak bf16 compute, HBM capacity, HBM bandwidth). v5e's page gives "16 GB, 819 GBps".
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("TPU v4", 32, 275, 1200),
+    "v5e": Chip("TPU v5e", 16, 197, 819),
+    "v5p": Chip("TPU v5p", 95, 459, 2765),
+    "v6e": Chip("TPU v6e", 32, 918, 1640),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the planner may change: numerics-preserving choices plus the lane grouping."""
+
+    depthwise: str
+    remat: tuple[str, ...]
+    dtype: str
+    lanes_per_group: int
+
+    def label(self) -> str:
+        remat = ",".join(dict.fromkeys(self.remat)) if len(set(self.remat)) == 1 else "/".join(self.remat)
+        return f"{self.depthwise} remat={remat} {self.dtype} G={self.lanes_per_group}"
+
+    def apply(self, config: ConfigDict) -> ConfigDict:
+        c = ConfigDict(config.to_dict())
+        c.model.depthwise, c.model.remat_stages, c.model.dtype = self.depthwise, tuple(self.remat), self.dtype
+        c.sweep.lanes_per_group = int(self.lanes_per_group)
+        return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Topologies and the abstract inputs of the trainer's programs.
+# ----------------------------------------------------------------------------------------------
+def chip_of(topology: str) -> Chip:
+    kind = topology.split(":", 1)[0]
+    if kind not in CHIPS:
+        raise ValueError(f"unknown TPU generation in {topology!r}; use one of {sorted(CHIPS)} (e.g. v5e:2x4)")
+    return CHIPS[kind]
+
+
+def topology_devices(topology: str) -> list:
+    """The devices of a described TPU slice (needs libtpu; no TPU needed)."""
+    chip_of(topology)
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # libtpu missing, or a shape this generation does not have
+        raise ValueError(f"cannot describe TPU topology {topology!r}: {e}. Install libtpu with "
+                         "`pip install -e '.[tpu]'`; shapes look like v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4") from None
+    return list(desc.devices)
+
+
+def libtpu_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def model_spec_for(config: ConfigDict, platform: str = "tpu") -> ModelSpec:
+    """The trainer's model spec, with 'auto' resolved for the target platform, not this host."""
+    from pfq.train.trainer import model_spec
+
+    spec = model_spec(config, get_task(config.task).num_classes)
+    return dataclasses.replace(spec, depthwise_impl=resolve_impl(spec.depthwise_impl, platform))
+
+
+def abstract_group(spec: ModelSpec, optim: ConfigDict, num_lanes: int, lane_sh) -> tuple:
+    """(tx, state, keys) of a lane group as the trainer builds them, as sharded ShapeDtypeStructs."""
+    single = abstract_variables(spec)
+    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_lanes,) + s.shape, s.dtype), single)
+    tx = make_optimizer(optim, single["params"], spec.depths, int(optim.steps))
+    state = jax.eval_shape(jax.vmap(lambda v: init_state(v, tx)), variables)
+    keys = jax.eval_shape(jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1)),
+                          jax.ShapeDtypeStruct((num_lanes,), np.uint32))
+    shard = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=lane_sh)
+    return tx, jax.tree.map(shard, state), jax.tree.map(shard, keys)
+
+
+def lower_train_step(config: ConfigDict, devices: list, num_lanes: int, platform: str = "tpu"):
+    """The trainer's train step for a group of `num_lanes`, lowered for `devices`; returns
+    (lowered, mesh)."""
+    spec = model_spec_for(config, platform)
+    batch_size = int(config.optim.batch_size)
+    mesh = lanes_lib.make_mesh(num_lanes, batch_size, devices)
+    lane_sh, batch_sh = lanes_lib.lane_sharding(mesh), lanes_lib.batch_sharding(mesh)
+    tx, state, keys = abstract_group(spec, config.optim, num_lanes, lane_sh)
+    batch = program.batch_spec(num_lanes, batch_size, config.data.input_size, batch_sh)
+    return program.jit_train_step(spec, tx, config.optim.loss, lane_sh).lower(state, batch, keys), mesh
+
+
+def lower_predict_step(config: ConfigDict, devices: list, num_lanes: int, platform: str = "tpu"):
+    """The trainer's predict step (every lane scores one eval batch) lowered for `devices`."""
+    spec = model_spec_for(config, platform)
+    mesh = lanes_lib.make_mesh(num_lanes, int(config.optim.batch_size), devices)
+    lane_sh = lanes_lib.lane_sharding(mesh)
+    single = abstract_variables(spec)
+    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_lanes,) + s.shape, s.dtype, sharding=lane_sh),
+                             single)
+    images = jax.ShapeDtypeStruct((int(config.eval_batch_size),) + tuple(config.data.input_size) + (3,),
+                                  np.float32, sharding=lanes_lib.replicated(mesh))
+    return program.jit_predict_step(spec).lower(variables, images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a compiled program.
+# ----------------------------------------------------------------------------------------------
+def analyse(compiled, chip: Chip) -> dict:
+    """Per-chip memory and cost of a compiled program, with the roofline time."""
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, list | tuple) else (cost or {})
+    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    total = args + out - alias + temp
+    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    compute_s, memory_s = flops / (chip.bf16_tflops * 1e12), nbytes / (chip.hbm_gbps * 1e9)
+    xla_s = cost.get("optimal_seconds")
+    return {"arguments_gib": args / GIB, "outputs_gib": out / GIB, "aliased_gib": alias / GIB, "temp_gib": temp / GIB,
+            "total_gib": total / GIB, "flops": flops, "bytes": nbytes, "roofline_s": max(compute_s, memory_s),
+            "bound": "compute" if compute_s >= memory_s else "memory",
+            "xla_s": float(xla_s) if xla_s is not None and float(xla_s) > 0 else None,
+            "xla_s_raw": None if xla_s is None else float(xla_s)}
+
+
+def sweep_groups(config: ConfigDict) -> list[int]:
+    """Sizes of the sweep's lane groups under the config's `sweep.lanes_per_group`."""
+    s = config.sweep
+    lanes = lanes_lib.make_lanes(s.finetune_hq_ratios, s.inits, s.train_sizes, s.seeds)
+    return [len(g) for g in lanes_lib.group_lanes(lanes, int(s.get("lanes_per_group", 0)))]
+
+
+def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list, *, headroom: float = 0.1,
+                test_cases: int = 300, log=print) -> dict:
+    """Compile the train and predict steps of one layout and return its record."""
+    chip = chip_of(topology)
+    c = layout.apply(config)
+    groups = sweep_groups(c)
+    size = max(groups)
+    record = {"topology": topology, "chip": chip.name, "chips": len(devices), "hbm_gib": chip.hbm_gib,
+              "layout": layout.label(), **dataclasses.asdict(layout), "lane_groups": len(groups),
+              "lanes": sum(groups), "config_batch": int(c.optim.batch_size), "input_size": list(c.data.input_size)}
+    log(f"[plan] {topology}: compiling train step, {layout.label()} ...", flush=True)
+    t0 = time.perf_counter()
+    lowered, mesh = lower_train_step(c, devices, size)
+    compiled = lowered.compile()
+    record["compile_s"] = time.perf_counter() - t0
+    lane_axis, data_axis = mesh.shape["lane"], mesh.shape["data"]
+    record.update(mesh=[lane_axis, data_axis], chips_used=lane_axis * data_axis,
+                  lanes_per_chip=size // lane_axis, batch_per_chip=int(c.optim.batch_size) // data_axis)
+    train = analyse(compiled, chip)
+    record["train"] = train
+    record["fits"] = train["total_gib"] <= (1 - headroom) * chip.hbm_gib
+    log(f"[plan] {topology}: {layout.label()}: {train['total_gib']:.2f} GiB/chip, "
+        f"{train['flops'] / 1e12:.3f} TFLOP/chip, compiled in {record['compile_s']:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    predict = analyse(lower_predict_step(c, devices, size).compile(), chip)
+    record["predict"] = predict
+    record["predict_compile_s"] = time.perf_counter() - t0
+    steps = int(c.optim.steps)
+    eval_batches = math.ceil(test_cases / int(c.eval_batch_size))
+    record["test_cases"] = test_cases
+    record["train_hours"] = len(groups) * steps * train["roofline_s"] / 3600
+    record["eval_hours"] = len(groups) * eval_batches * predict["roofline_s"] / 3600
+    record["sweep_hours"] = record["train_hours"] + record["eval_hours"]
+    return record
+
+
+def candidate_layouts(config: ConfigDict, chips: int, depthwise: Iterable[str], remat: Iterable[str],
+                      dtypes: Iterable[str], lanes_per_group: Iterable[int]) -> list[Layout]:
+    """Every combination asked for; 'config' in remat keeps the config's per-stage setting."""
+    stages = lambda r: tuple(config.model.remat_stages) if r == "config" else (r,) * 4
+    return [Layout(d, stages(r), t, int(g)) for d in depthwise for r in remat for t in dtypes for g in lanes_per_group]
+
+
+def default_lane_groups(config: ConfigDict, chips: int) -> list[int]:
+    """Group sizes worth comparing on `chips` chips: the smallest group that uses every chip by
+    splitting each lane's batch, one lane per chip, and two lanes per chip."""
+    batch = int(config.optim.batch_size)
+    split = max(1, chips // math.gcd(batch, chips))
+    return sorted({split, chips, 2 * chips})
+
+
+def best(records: list[dict]) -> dict | None:
+    """The fitting layout with the shortest estimated sweep."""
+    fitting = [r for r in records if r.get("fits")]
+    return min(fitting, key=lambda r: r["sweep_hours"]) if fitting else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+# ----------------------------------------------------------------------------------------------
+def table(records: list[dict]) -> str:
+    head = (f"{'topology':<10} {'layout':<38} {'mesh':>6} {'lanes/chip':>10} {'b/chip':>6} {'GiB/chip':>9} "
+            f"{'(arg+tmp)':>12} {'fits':>5} {'TFLOP/step':>10} {'GB/step':>8} {'roofline':>9} {'xla':>8} "
+            f"{'sweep h':>8} {'compile':>8}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        t = r["train"]
+        xla = f"{t['xla_s']:.3f}s" if t["xla_s"] is not None else "n/a"
+        lines.append(
+            f"{r['topology']:<10} {r['layout']:<38} {r['mesh'][0]:>2}x{r['mesh'][1]:<3} {r['lanes_per_chip']:>10} "
+            f"{r['batch_per_chip']:>6} {t['total_gib']:>6.2f}/{r['hbm_gib']:<3g}"
+            f"{t['arguments_gib']:>6.2f}+{t['temp_gib']:<5.2f} {'yes' if r['fits'] else 'NO':>5} "
+            f"{t['flops'] / 1e12:>10.3f} {t['bytes'] / 1e9:>8.1f} {t['roofline_s']:>8.3f}s {xla:>8} "
+            f"{r['sweep_hours']:>8.1f} {r['compile_s']:>7.0f}s")
+    return "\n".join(lines)
