@@ -30,17 +30,13 @@ import math
 import time
 from collections.abc import Iterable
 
-import jax
-import numpy as np
 from ml_collections import ConfigDict
 
-from pfq.model import ModelSpec, abstract_variables
+from pfq.model import ModelSpec
 from pfq.model.depthwise import resolve_impl
 from pfq.tasks import get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import program
-from pfq.train.optim import make_optimizer
-from pfq.train.step import init_state
 
 GIB = 2**30
 
@@ -120,41 +116,14 @@ def model_spec_for(config: ConfigDict, platform: str = "tpu") -> ModelSpec:
     return dataclasses.replace(spec, depthwise_impl=resolve_impl(spec.depthwise_impl, platform))
 
 
-def abstract_group(spec: ModelSpec, optim: ConfigDict, num_lanes: int, lane_sh) -> tuple:
-    """(tx, state, keys) of a lane group as the trainer builds them, as sharded ShapeDtypeStructs."""
-    single = abstract_variables(spec)
-    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_lanes,) + s.shape, s.dtype), single)
-    tx = make_optimizer(optim, single["params"], spec.depths, int(optim.steps))
-    state = jax.eval_shape(jax.vmap(lambda v: init_state(v, tx)), variables)
-    keys = jax.eval_shape(jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1)),
-                          jax.ShapeDtypeStruct((num_lanes,), np.uint32))
-    shard = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=lane_sh)
-    return tx, jax.tree.map(shard, state), jax.tree.map(shard, keys)
-
-
 def lower_train_step(config: ConfigDict, devices: list, num_lanes: int, platform: str = "tpu"):
-    """The trainer's train step for a group of `num_lanes`, lowered for `devices`; returns
-    (lowered, mesh)."""
-    spec = model_spec_for(config, platform)
-    batch_size = int(config.optim.batch_size)
-    mesh = lanes_lib.make_mesh(num_lanes, batch_size, devices)
-    lane_sh, batch_sh = lanes_lib.lane_sharding(mesh), lanes_lib.batch_sharding(mesh)
-    tx, state, keys = abstract_group(spec, config.optim, num_lanes, lane_sh)
-    batch = program.batch_spec(num_lanes, batch_size, config.data.input_size, batch_sh)
-    return program.jit_train_step(spec, tx, config.optim.loss, lane_sh).lower(state, batch, keys), mesh
+    """The trainer's train step for a group of `num_lanes`, lowered for `devices`: (lowered, mesh)."""
+    return program.lower_train_step(model_spec_for(config, platform), config, devices, num_lanes)
 
 
 def lower_predict_step(config: ConfigDict, devices: list, num_lanes: int, platform: str = "tpu"):
     """The trainer's predict step (every lane scores one eval batch) lowered for `devices`."""
-    spec = model_spec_for(config, platform)
-    mesh = lanes_lib.make_mesh(num_lanes, int(config.optim.batch_size), devices)
-    lane_sh = lanes_lib.lane_sharding(mesh)
-    single = abstract_variables(spec)
-    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_lanes,) + s.shape, s.dtype, sharding=lane_sh),
-                             single)
-    images = jax.ShapeDtypeStruct((int(config.eval_batch_size),) + tuple(config.data.input_size) + (3,),
-                                  np.float32, sharding=lanes_lib.replicated(mesh))
-    return program.jit_predict_step(spec).lower(variables, images)
+    return program.lower_predict_step(model_spec_for(config, platform), config, devices, num_lanes)
 
 
 # ----------------------------------------------------------------------------------------------

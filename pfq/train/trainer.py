@@ -29,8 +29,8 @@ from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
 from pfq.model import ModelSpec, init_variables
 from pfq.tasks import Task, get_task
+from pfq.train import fit, program
 from pfq.train import lanes as lanes_lib
-from pfq.train import program
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
 from pfq.train.distributed import global_array_from_box, is_writer, local_box, to_host
@@ -313,6 +313,7 @@ class Trainer:
             if is_writer():
                 workdir_lib.remove_stale_temporaries(self.workdir)  # of a report interrupted last time
             return self._finished_rows()
+        fit.refuse_what_does_not_fit(cfg, self.spec)  # before any data is loaded or the workdir touched
         data = load_study_data(cfg, self.task, progress=self.progress)
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
