@@ -221,16 +221,15 @@ def depthwise_fft_autodiff(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Sum of kd*kh*kw shifted, channel-scaled copies: no FFT and memory-light, but XLA's CPU
-    code for it (and its autodiff) is slow; a fallback for backends without good FFTs.
-    A scan over the kd*kh (depth, row) offsets with the kw column shifts unrolled keeps the
-    compiled program small."""
-    kd, kh, kw = kernel.shape[:3]
-    pads = [(0, 0)] + [((k - 1) // 2, (k - 1) // 2) for k in (kd, kh, kw)] + [(0, 0)]
+def _shifted_sum(x: jax.Array, k: jax.Array) -> jax.Array:
+    """'SAME' cross-correlation as kd*kh*kw shifted, channel-scaled copies of x: a scan over the
+    kd*kh (depth, row) offsets with the kw column shifts unrolled keeps the compiled program small.
+    k: (kd, kh, kw, C)."""
+    kd, kh, kw = k.shape[:3]
+    pads = [(0, 0)] + [((s - 1) // 2, (s - 1) // 2) for s in (kd, kh, kw)] + [(0, 0)]
     xp = jnp.pad(x, pads)
     d, h, w = x.shape[1:4]
-    k = kernel[:, :, :, 0, :].astype(x.dtype).reshape(kd * kh, kw, -1)
+    k = k.astype(x.dtype).reshape(kd * kh, kw, -1)
 
     def over_offsets(acc, ab):
         rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
@@ -242,6 +241,45 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh))
     return acc
+
+
+@jax.custom_vjp
+def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Sum of kd*kh*kw shifted, channel-scaled copies: no FFT, no grouped convolution, and only
+    elementwise multiply-adds on channels-last data. XLA's CPU code for it is slow, but it is the
+    formulation the TPU compiler handles best: its step compiles ~20x faster than `direct`'s
+    grouped convolution (whose 7x7x7 window XLA:TPU unrolls into very long code) and needs no
+    FFT (BENCHMARKS.md, "Accelerators"). The hand-written VJP keeps only x and the kernel for the
+    backward (autodiff through the scan saved every shifted slice: ~300x the activation):
+    dx is the same sum over dy with the kernel flipped, and each kernel tap's gradient is a
+    reduction of dy times the matching shifted x."""
+    return _shifted_sum(x, kernel[:, :, :, 0, :])
+
+
+def _shifted_fwd(x: jax.Array, kernel: jax.Array):
+    return depthwise_shifted(x, kernel), (x, kernel)
+
+
+def _shifted_bwd(res, dy: jax.Array):
+    x, kernel = res
+    k = kernel[:, :, :, 0, :]
+    dx = _shifted_sum(dy, k[::-1, ::-1, ::-1])
+    kd, kh, kw = k.shape[:3]
+    pads = [(0, 0)] + [((s - 1) // 2, (s - 1) // 2) for s in (kd, kh, kw)] + [(0, 0)]
+    xp = jnp.pad(x, pads)
+    d, h, w = x.shape[1:4]
+    dyf = dy.astype(jnp.float32)
+
+    def tap_grads(_, ab):
+        rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
+                                     (x.shape[0], d, h, xp.shape[3], x.shape[4])).astype(jnp.float32)
+        return None, jnp.stack([jnp.sum(rows[:, :, :, c:c + w, :] * dyf, axis=(0, 1, 2, 3)) for c in range(kw)])
+
+    _, dk = jax.lax.scan(tap_grads, None, jnp.arange(kd * kh))  # (kd*kh, kw, C)
+    return dx.astype(x.dtype), dk.reshape(kd, kh, kw, 1, -1).astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_shifted_fwd, _shifted_bwd)
 
 
 IMPLEMENTATIONS: dict[str, DepthwiseFn] = {

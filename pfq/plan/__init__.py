@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Iterable
 
@@ -82,6 +83,35 @@ class Layout:
 # ----------------------------------------------------------------------------------------------
 # Topologies and the abstract inputs of the trainer's programs.
 # ----------------------------------------------------------------------------------------------
+# libtpu, loaded on a host without a TPU, looks for one and prints warnings about missing TPU VM
+# metadata; these settings (only defaults: a value already set is kept) say that this process only
+# compiles. ALLOW_MULTIPLE_LIBTPU_LOAD lets several planners (or tests) share the host.
+_COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+                     "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3",
+                     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def quiet_libtpu() -> None:
+    """Set libtpu's compile-only defaults; call before the first topology is described."""
+    for key, value in _COMPILE_ONLY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def enable_compilation_cache(folder: str = "") -> str | None:
+    """JAX's persistent compilation cache in `folder` (default $PFQ_CACHE/jax or ~/.cache/pfq/jax):
+    a layout planned once compiles from the cache the next time. 'none' turns it off."""
+    if folder == "none":
+        return None
+    if not folder:
+        base = os.environ.get("PFQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pfq")
+        folder = os.path.join(base, "jax")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return folder
+
+
 def chip_of(topology: str) -> Chip:
     kind = topology.split(":", 1)[0]
     if kind not in CHIPS:
@@ -95,7 +125,9 @@ def topology_devices(topology: str) -> list:
     from jax.experimental import topologies
 
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+        # v4 and v5p chips have two TensorCores that JAX drives as one device (megacore), as on a TPU VM.
+        kwargs = {"chip_config_name": "megacore"} if topology.startswith(("v4:", "v5p:")) else {}
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
     except Exception as e:  # libtpu missing, or a shape this generation does not have
         raise ValueError(f"cannot describe TPU topology {topology!r}: {e}. Install libtpu with "
                          "`pip install -e '.[tpu]'`; shapes look like v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4") from None
@@ -155,9 +187,9 @@ def sweep_groups(config: ConfigDict) -> list[int]:
 
 
 def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list, *, headroom: float = 0.1,
-                test_cases: int = 300, log=print) -> dict:
+                test_cases: int = 300, chip: Chip | None = None, log=print) -> dict:
     """Compile the train and predict steps of one layout and return its record."""
-    chip = chip_of(topology)
+    chip = chip or chip_of(topology)
     c = layout.apply(config)
     groups = sweep_groups(c)
     size = max(groups)
