@@ -136,7 +136,7 @@ def test_fft_lengths_are_smooth_and_long_enough():
 def test_resolve_impl():
     assert resolve_impl("auto", backend="cpu") == "fft"
     assert resolve_impl("auto", backend="gpu") == "direct"
-    assert resolve_impl("auto", backend="tpu") == "direct"
+    assert resolve_impl("auto", backend="tpu") == "shifted"
     assert resolve_impl("auto") == resolve_impl("auto", backend=jax.default_backend())
     for impl in IMPLEMENTATIONS:
         assert resolve_impl(impl) == impl

@@ -11,7 +11,8 @@ Formulations (benchmarks/bench_depthwise.py measures them against PyTorch):
   direct      XLA grouped convolution; the reference.
   fft         real FFTs with a hand-written VJP (below); the CPU default.
   fft_autodiff  the first FFT prototype, differentiated by JAX; kept for comparison only.
-  shifted     scan over the (depth, row) kernel offsets of shifted, channel-scaled sums; no FFT.
+  shifted     scan over the (depth, row) kernel offsets of shifted, channel-scaled sums, with a
+              hand-written VJP; no FFT, no grouped conv. The TPU choice (see resolve_impl).
 
 On this project's 2-core CPU, fft was the fastest at every stage shape of ProFound-Conv tiny
 (2.4-5x PyTorch's faster layout; direct 0.02-0.05x, shifted 0.14-0.37x), hence the CPU default.
@@ -221,6 +222,10 @@ def depthwise_fft_autodiff(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
+# How many (depth, row) offsets each scan iteration of the shifted formulation does.
+SHIFTED_UNROLL: int | bool = 1
+
+
 def _shifted_sum(x: jax.Array, k: jax.Array) -> jax.Array:
     """'SAME' cross-correlation as kd*kh*kw shifted, channel-scaled copies of x: a scan over the
     kd*kh (depth, row) offsets with the kw column shifts unrolled keeps the compiled program small.
@@ -239,7 +244,7 @@ def _shifted_sum(x: jax.Array, k: jax.Array) -> jax.Array:
             acc = acc + rows[:, :, :, c:c + w, :] * kab[c]
         return acc, None
 
-    acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh))
+    acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh), unroll=SHIFTED_UNROLL)
     return acc
 
 
@@ -275,7 +280,7 @@ def _shifted_bwd(res, dy: jax.Array):
                                      (x.shape[0], d, h, xp.shape[3], x.shape[4])).astype(jnp.float32)
         return None, jnp.stack([jnp.sum(rows[:, :, :, c:c + w, :] * dyf, axis=(0, 1, 2, 3)) for c in range(kw)])
 
-    _, dk = jax.lax.scan(tap_grads, None, jnp.arange(kd * kh))  # (kd*kh, kw, C)
+    _, dk = jax.lax.scan(tap_grads, None, jnp.arange(kd * kh), unroll=SHIFTED_UNROLL)  # (kd*kh, kw, C)
     return dx.astype(x.dtype), dk.reshape(kd, kh, kw, 1, -1).astype(kernel.dtype)
 
 
@@ -291,15 +296,17 @@ IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """'auto' picks by backend: FFT on CPU (measured fastest there), XLA's grouped conv on GPU/TPU,
-    where cuDNN and the TPU compiler have native depthwise kernels."""
+    """'auto' picks by backend: FFT on CPU (measured fastest there); shifted sums on TPU, the only
+    formulation whose real-size step XLA:TPU compiles in reasonable time (its grouped-convolution
+    and FFT code for 7x7x7 depthwise kernels took orders of magnitude longer, measured ahead of time
+    with `pfq.plan`; BENCHMARKS.md, "Accelerators"); XLA's grouped conv (cuDNN) on GPU, untested."""
     if impl != "auto":
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown depthwise implementation {impl!r}; choose from "
                              f"{sorted(IMPLEMENTATIONS)} or 'auto'")
         return impl
     backend = backend or jax.default_backend()
-    return "fft" if backend == "cpu" else "direct"
+    return {"cpu": "fft", "tpu": "shifted"}.get(backend, "direct")
 
 
 def depthwise_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,

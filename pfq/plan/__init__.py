@@ -31,10 +31,15 @@ import os
 import time
 from collections.abc import Iterable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from pfq.model import ModelSpec
-from pfq.model.depthwise import resolve_impl
+from pfq.model.convnext import remat_mode
+from pfq.model.depthwise import depthwise_conv3d, resolve_impl
 from pfq.tasks import get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import program
@@ -70,7 +75,8 @@ class Layout:
     lanes_per_group: int
 
     def label(self) -> str:
-        remat = ",".join(dict.fromkeys(self.remat)) if len(set(self.remat)) == 1 else "/".join(self.remat)
+        modes = [remat_mode(m) for m in self.remat]
+        remat = modes[0] if len(set(modes)) == 1 else "/".join(modes)
         return f"{self.depthwise} remat={remat} {self.dtype} G={self.lanes_per_group}"
 
     def apply(self, config: ConfigDict) -> ConfigDict:
@@ -161,22 +167,65 @@ def lower_predict_step(config: ConfigDict, devices: list, num_lanes: int, platfo
 # ----------------------------------------------------------------------------------------------
 # Reading a compiled program.
 # ----------------------------------------------------------------------------------------------
-def analyse(compiled, chip: Chip) -> dict:
-    """Per-chip memory and cost of a compiled program, with the roofline time."""
+def analyse(compiled, chip: Chip, extra: dict | None = None) -> dict:
+    """Per-chip memory and cost of a compiled program, with the roofline time; `extra` flops and
+    bytes are added to XLA's counts (see `shifted_loop_correction`)."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, list | tuple) else (cost or {})
     args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     total = args + out - alias + temp
-    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    extra = extra or {"flops": 0.0, "bytes": 0.0}
+    flops = float(cost.get("flops", 0.0)) + extra["flops"]
+    nbytes = float(cost.get("bytes accessed", 0.0)) + extra["bytes"]
     compute_s, memory_s = flops / (chip.bf16_tflops * 1e12), nbytes / (chip.hbm_gbps * 1e9)
     xla_s = cost.get("optimal_seconds")
     return {"arguments_gib": args / GIB, "outputs_gib": out / GIB, "aliased_gib": alias / GIB, "temp_gib": temp / GIB,
             "total_gib": total / GIB, "flops": flops, "bytes": nbytes, "roofline_s": max(compute_s, memory_s),
             "bound": "compute" if compute_s >= memory_s else "memory",
             "xla_s": float(xla_s) if xla_s is not None and float(xla_s) > 0 else None,
-            "xla_s_raw": None if xla_s is None else float(xla_s)}
+            "xla_s_raw": None if xla_s is None else float(xla_s), "xla_flops": float(cost.get("flops", 0.0)),
+            "loop_correction_flops": extra["flops"]}
+
+
+def shifted_loop_correction(spec: ModelSpec, samples_per_chip: int, input_size, chip: Chip, devices: list) -> dict:
+    """Flops and bytes XLA's cost analysis leaves out of the `shifted` depthwise formulation.
+
+    XLA counts a while loop's body once, and `shifted` runs each depthwise convolution (forward,
+    input gradient, kernel gradient) as a scan of kd*kh = 49 iterations. For each stage this compiles
+    the depthwise forward + backward alone at the stage's per-chip shape on one described chip and
+    adds 48 more iterations' worth (its cost less nothing: an upper bound by the few ops outside the
+    loop) per block, plus one forward more per block for stages with remat 'full'.
+    """
+    if spec.depthwise_impl != "shifted":
+        return {"flops": 0.0, "bytes": 0.0}
+    trips = 7 * 7
+    stride = (4, 8, 16, 16)
+    mesh = Mesh(np.array(devices[:1]), ("one",))
+    rep = NamedSharding(mesh, PartitionSpec())
+    flops = nbytes = 0.0
+    for i, (depth, dim) in enumerate(zip(spec.depths, spec.dims, strict=True)):
+        shape = (samples_per_chip,) + tuple(int(n) // stride[i] for n in input_size) + (dim,)
+        x = jax.ShapeDtypeStruct(shape, jnp.dtype(spec.dtype), sharding=rep)
+        k = jax.ShapeDtypeStruct((7, 7, 7, 1, dim), jnp.float32, sharding=rep)
+        both = lambda x, k, g: jax.vjp(_shifted, x, k)[1](g)  # forward, input and kernel gradients
+        per_block = (trips - 1) * np.array(_cost(jax.jit(both).lower(x, k, x).compile()))
+        if i < len(spec.remat_stages) and remat_mode(spec.remat_stages[i]) == "full":  # forward recomputed
+            per_block += (trips - 1) * np.array(_cost(jax.jit(_shifted).lower(x, k).compile()))
+        flops += depth * per_block[0]
+        nbytes += depth * per_block[1]
+    return {"flops": float(flops), "bytes": float(nbytes)}
+
+
+def _shifted(x, k):
+    return depthwise_conv3d(x, k, impl="shifted")
+
+
+def _cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, list | tuple) else (cost or {})
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def sweep_groups(config: ConfigDict) -> list[int]:
@@ -204,13 +253,20 @@ def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list
     lane_axis, data_axis = mesh.shape["lane"], mesh.shape["data"]
     record.update(mesh=[lane_axis, data_axis], chips_used=lane_axis * data_axis,
                   lanes_per_chip=size // lane_axis, batch_per_chip=int(c.optim.batch_size) // data_axis)
-    train = analyse(compiled, chip)
+    spec = model_spec_for(c)
+    samples = record["lanes_per_chip"] * record["batch_per_chip"]
+    train = analyse(compiled, chip, shifted_loop_correction(spec, samples, c.data.input_size, chip, devices))
     record["train"] = train
     record["fits"] = train["total_gib"] <= (1 - headroom) * chip.hbm_gib
     log(f"[plan] {topology}: {layout.label()}: {train['total_gib']:.2f} GiB/chip, "
         f"{train['flops'] / 1e12:.3f} TFLOP/chip, compiled in {record['compile_s']:.0f} s", flush=True)
     t0 = time.perf_counter()
-    predict = analyse(lower_predict_step(c, devices, size).compile(), chip)
+    # Prediction: each chip holds its lanes and scores the whole eval batch (forward only: a third
+    # of the forward+backward correction).
+    fwd = shifted_loop_correction(spec, record["lanes_per_chip"] * int(c.eval_batch_size), c.data.input_size,
+                                  chip, devices)
+    fwd = {k: v / 3 for k, v in fwd.items()}
+    predict = analyse(lower_predict_step(c, devices, size).compile(), chip, fwd)
     record["predict"] = predict
     record["predict_compile_s"] = time.perf_counter() - t0
     steps = int(c.optim.steps)
@@ -225,7 +281,7 @@ def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list
 def candidate_layouts(config: ConfigDict, chips: int, depthwise: Iterable[str], remat: Iterable[str],
                       dtypes: Iterable[str], lanes_per_group: Iterable[int]) -> list[Layout]:
     """Every combination asked for; 'config' in remat keeps the config's per-stage setting."""
-    stages = lambda r: tuple(config.model.remat_stages) if r == "config" else (r,) * 4
+    stages = lambda r: tuple(remat_mode(m) for m in config.model.remat_stages) if r == "config" else (r,) * 4
     return [Layout(d, stages(r), t, int(g)) for d in depthwise for r in remat for t in dtypes for g in lanes_per_group]
 
 

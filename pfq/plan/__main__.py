@@ -10,6 +10,7 @@ Exit status: 0 done (even if nothing fits: the table says so); 2 a bad config, t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
     from pfq.model.depthwise import resolve_impl
 
     plan.quiet_libtpu()
+    logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'": expected here
     config = _CONFIG.value
     try:
         validate_config(config)
