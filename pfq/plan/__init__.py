@@ -62,7 +62,28 @@ CHIPS: dict[str, Chip] = {
     "v5e": Chip("TPU v5e", 16, 197, 819),
     "v5p": Chip("TPU v5p", 95, 459, 2765),
     "v6e": Chip("TPU v6e", 32, 918, 1640),
+    # NVIDIA H100 SXM (80 GB HBM3, 3.35 TB/s) and H200 (141 GB HBM3e, 4.8 TB/s) data sheets: 989 dense
+    # bf16 TFLOP/s. Planned through the CUDA plugin (`pip install -e '.[cuda13]'`) without a GPU;
+    # XLA:GPU gives memory but no cost analysis, so GPU rows have no time estimate.
+    "h100": Chip("NVIDIA H100 80GB HBM3", 80, 989, 3350),
+    "h200": Chip("NVIDIA H200", 141, 989, 4800),
 }
+GPUS = ("h100", "h200")
+
+
+def _gpu_target_config(chip: Chip) -> str:
+    """A GpuTargetConfig (text proto) for a Hopper GPU: what XLA:GPU would read from the device."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(chip.hbm_gbps * 1e9)} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {int(chip.hbm_gib * GIB)} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 8 }} runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{chip.name}"
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +147,20 @@ def chip_of(topology: str) -> Chip:
 
 
 def topology_devices(topology: str) -> list:
-    """The devices of a described TPU slice (needs libtpu; no TPU needed)."""
-    chip_of(topology)
+    """The devices of a described TPU slice (needs libtpu; no TPU needed), or of `h100:N` / `h200:N`
+    GPUs on one host (needs the CUDA plugin; no GPU needed)."""
+    chip = chip_of(topology)
     from jax.experimental import topologies
+
+    kind, _, shape = topology.partition(":")
+    if kind in GPUS:
+        try:
+            desc = topologies.get_topology_desc(platform="cuda", target_config=_gpu_target_config(chip),
+                                                topology=f"1x1x{int(shape or 1)}")
+        except Exception as e:
+            raise ValueError(f"cannot describe {topology!r}: {e}. Planning for GPUs needs the CUDA plugin "
+                             "(`pip install -e '.[cuda13]'`; no GPU needed); shapes look like h100:8") from None
+        return list(desc.devices)
 
     try:
         # v4 and v5p chips have two TensorCores that JAX drives as one device (megacore), as on a TPU VM.
@@ -146,6 +178,12 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def platform_of(devices: list) -> str:
+    """'tpu' or 'gpu' (the backend names `resolve_impl` knows) for described devices."""
+    platform = devices[0].platform
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
 def model_spec_for(config: ConfigDict, platform: str = "tpu") -> ModelSpec:
     """The trainer's model spec, with 'auto' resolved for the target platform, not this host."""
     from pfq.train.trainer import model_spec
@@ -154,14 +192,14 @@ def model_spec_for(config: ConfigDict, platform: str = "tpu") -> ModelSpec:
     return dataclasses.replace(spec, depthwise_impl=resolve_impl(spec.depthwise_impl, platform))
 
 
-def lower_train_step(config: ConfigDict, devices: list, num_lanes: int, platform: str = "tpu"):
+def lower_train_step(config: ConfigDict, devices: list, num_lanes: int):
     """The trainer's train step for a group of `num_lanes`, lowered for `devices`: (lowered, mesh)."""
-    return program.lower_train_step(model_spec_for(config, platform), config, devices, num_lanes)
+    return program.lower_train_step(model_spec_for(config, platform_of(devices)), config, devices, num_lanes)
 
 
-def lower_predict_step(config: ConfigDict, devices: list, num_lanes: int, platform: str = "tpu"):
+def lower_predict_step(config: ConfigDict, devices: list, num_lanes: int):
     """The trainer's predict step (every lane scores one eval batch) lowered for `devices`."""
-    return program.lower_predict_step(model_spec_for(config, platform), config, devices, num_lanes)
+    return program.lower_predict_step(model_spec_for(config, platform_of(devices)), config, devices, num_lanes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,12 +215,16 @@ def analyse(compiled, chip: Chip, extra: dict | None = None) -> dict:
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     total = args + out - alias + temp
     extra = extra or {"flops": 0.0, "bytes": 0.0}
+    record = {"arguments_gib": args / GIB, "outputs_gib": out / GIB, "aliased_gib": alias / GIB,
+              "temp_gib": temp / GIB, "total_gib": total / GIB}
+    if "flops" not in cost:  # XLA:GPU has no cost analysis
+        return {**record, "flops": None, "bytes": None, "roofline_s": None, "bound": None, "xla_s": None,
+                "xla_s_raw": None, "xla_flops": None, "loop_correction_flops": None}
     flops = float(cost.get("flops", 0.0)) + extra["flops"]
     nbytes = float(cost.get("bytes accessed", 0.0)) + extra["bytes"]
     compute_s, memory_s = flops / (chip.bf16_tflops * 1e12), nbytes / (chip.hbm_gbps * 1e9)
     xla_s = cost.get("optimal_seconds")
-    return {"arguments_gib": args / GIB, "outputs_gib": out / GIB, "aliased_gib": alias / GIB, "temp_gib": temp / GIB,
-            "total_gib": total / GIB, "flops": flops, "bytes": nbytes, "roofline_s": max(compute_s, memory_s),
+    return {**record, "flops": flops, "bytes": nbytes, "roofline_s": max(compute_s, memory_s),
             "bound": "compute" if compute_s >= memory_s else "memory",
             "xla_s": float(xla_s) if xla_s is not None and float(xla_s) > 0 else None,
             "xla_s_raw": None if xla_s is None else float(xla_s), "xla_flops": float(cost.get("flops", 0.0)),
@@ -253,7 +295,7 @@ def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list
     lane_axis, data_axis = mesh.shape["lane"], mesh.shape["data"]
     record.update(mesh=[lane_axis, data_axis], chips_used=lane_axis * data_axis,
                   lanes_per_chip=size // lane_axis, batch_per_chip=int(c.optim.batch_size) // data_axis)
-    spec = model_spec_for(c)
+    spec = model_spec_for(c, platform_of(devices))
     samples = record["lanes_per_chip"] * record["batch_per_chip"]
     train = analyse(compiled, chip, shifted_loop_correction(spec, samples, c.data.input_size, chip, devices))
     record["train"] = train
@@ -272,9 +314,12 @@ def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list
     steps = int(c.optim.steps)
     eval_batches = math.ceil(test_cases / int(c.eval_batch_size))
     record["test_cases"] = test_cases
-    record["train_hours"] = len(groups) * steps * train["roofline_s"] / 3600
-    record["eval_hours"] = len(groups) * eval_batches * predict["roofline_s"] / 3600
-    record["sweep_hours"] = record["train_hours"] + record["eval_hours"]
+    if train["roofline_s"] is None or predict["roofline_s"] is None:
+        record.update(train_hours=None, eval_hours=None, sweep_hours=None)
+    else:
+        record["train_hours"] = len(groups) * steps * train["roofline_s"] / 3600
+        record["eval_hours"] = len(groups) * eval_batches * predict["roofline_s"] / 3600
+        record["sweep_hours"] = record["train_hours"] + record["eval_hours"]
     return record
 
 
@@ -296,7 +341,8 @@ def default_lane_groups(config: ConfigDict, chips: int) -> list[int]:
 def best(records: list[dict]) -> dict | None:
     """The fitting layout with the shortest estimated sweep."""
     fitting = [r for r in records if r.get("fits")]
-    return min(fitting, key=lambda r: r["sweep_hours"]) if fitting else None
+    hours = lambda r: r["sweep_hours"] if r["sweep_hours"] is not None else math.inf
+    return min(fitting, key=lambda r: (hours(r), r["train"]["total_gib"])) if fitting else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +353,7 @@ def table(records: list[dict]) -> str:
             f"{'(arg+tmp)':>12} {'fits':>5} {'TFLOP/step':>10} {'GB/step':>8} {'roofline':>9} {'xla':>8} "
             f"{'sweep h':>8} {'compile':>8}")
     lines = [head, "-" * len(head)]
+    num = lambda v, fmt, scale=1.0: "n/a" if v is None else format(v / scale, fmt)
     for r in records:
         t = r["train"]
         xla = f"{t['xla_s']:.3f}s" if t["xla_s"] is not None else "n/a"
@@ -314,6 +361,6 @@ def table(records: list[dict]) -> str:
             f"{r['topology']:<10} {r['layout']:<38} {r['mesh'][0]:>2}x{r['mesh'][1]:<3} {r['lanes_per_chip']:>10} "
             f"{r['batch_per_chip']:>6} {t['total_gib']:>6.2f}/{r['hbm_gib']:<3g}"
             f"{t['arguments_gib']:>6.2f}+{t['temp_gib']:<5.2f} {'yes' if r['fits'] else 'NO':>5} "
-            f"{t['flops'] / 1e12:>10.3f} {t['bytes'] / 1e9:>8.1f} {t['roofline_s']:>8.3f}s {xla:>8} "
-            f"{r['sweep_hours']:>8.1f} {r['compile_s']:>7.0f}s")
+            f"{num(t['flops'], '.3f', 1e12):>10} {num(t['bytes'], '.1f', 1e9):>8} {num(t['roofline_s'], '.3f'):>8}s "
+            f"{xla:>8} {num(r['sweep_hours'], '.1f'):>8} {r['compile_s']:>7.0f}s")
     return "\n".join(lines)

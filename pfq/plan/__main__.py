@@ -50,10 +50,12 @@ def main(argv: list[str]) -> int:
     config = _CONFIG.value
     try:
         validate_config(config)
-        if not plan.libtpu_available():
+        if not plan.libtpu_available() and not all(t.startswith(plan.GPUS) for t in _TOPOLOGY.value):
             raise ValueError("libtpu is not installed; `pip install -e '.[tpu]'` (works on a CPU-only machine)")
         plan.enable_compilation_cache(_CACHE.value)
-        depthwise = [resolve_impl(d, "tpu") for d in _resolve(_DEPTHWISE.value, config.model.depthwise)]
+        depthwise = _resolve(_DEPTHWISE.value, config.model.depthwise)
+        for d in depthwise:
+            resolve_impl(d, "tpu")  # a known name (or 'auto', resolved per topology below)
         remat = _resolve(_REMAT.value, "config")
         dtypes = _resolve(_DTYPE.value, config.model.dtype)
         for r in remat:
@@ -76,7 +78,9 @@ def main(argv: list[str]) -> int:
             except ValueError:
                 print(f"error: --lanes_per_group: integers, 'config' or 'auto', got {_LANES.value}", file=sys.stderr)
                 return 2
-        for layout in plan.candidate_layouts(config, len(devices), depthwise, remat, dtypes, sizes):
+        platform = plan.platform_of(devices)
+        resolved = list(dict.fromkeys(resolve_impl(d, platform) for d in depthwise))
+        for layout in plan.candidate_layouts(config, len(devices), resolved, remat, dtypes, sizes):
             records.append(plan.plan_layout(config, topology, layout, devices, headroom=_HEADROOM.value,
                                             test_cases=_TEST_CASES.value))
             Path(_OUT.value).write_text(json.dumps(records, indent=1))  # after each compile: they take minutes
@@ -87,12 +91,13 @@ def main(argv: list[str]) -> int:
             print(f"{topology}: no layout fits; try --config.sweep.lanes_per_group smaller, --remat full, "
                   f"--dtype bfloat16, or a smaller --config.optim.batch_size")
         else:
+            hours = "no time estimate" if choice["sweep_hours"] is None else f"~{choice['sweep_hours']:.1f} h sweep"
             print(f"{topology}: best fitting layout {choice['layout']} ({choice['train']['total_gib']:.2f} GiB/chip, "
-                  f"~{choice['sweep_hours']:.1f} h sweep, compiler estimate)")
+                  f"{hours}, compiler estimate)")
     print(f"records: {_OUT.value}")
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning only compiles; it never runs on an accelerator
     app.run(main)
