@@ -111,6 +111,9 @@ def paper_config(task: str) -> ConfigDict:
     c.sweep.inits = ("scratch",)  # add converted checkpoint directories on the command line
     c.sweep.train_sizes = (50, 100, 200)
     c.sweep.seeds = (0, 1, 2, 3, 4)
+    # 75 lanes per init do not fit any TPU slice at once; groups of 8 put one lane (batch 4) on each
+    # chip of an 8-chip slice (v5e:2x4, v6e:2x4). Check a slice with `python -m pfq.plan`.
+    c.sweep.lanes_per_group = 8
     c.optim.update({"steps": 3000, "batch_size": 4, "lr": 5e-4, "warmup_steps": 300, "layer_decay": 0.8})
     c.checkpoint.every_steps = 250
     c.update({"eval_batch_size": 8, "log_every": 50})
