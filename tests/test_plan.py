@@ -108,7 +108,7 @@ def tpu():
 
 
 def small_layout(plan, lanes: int, **kw) -> object:
-    return plan.Layout(kw.get("depthwise", "direct"), ("none",) * 4, kw.get("dtype", "float32"), lanes)
+    return plan.Layout(kw.get("depthwise", "shifted"), ("none",) * 4, kw.get("dtype", "float32"), lanes)
 
 
 @needs_libtpu
@@ -131,7 +131,7 @@ def test_memory_and_flops_grow_with_lanes_and_input_size(tpu):
     chip = plan.chip_of("v5e:2x2")
 
     def measure(lanes, size):
-        c = plan.Layout("direct", ("none",) * 4, "float32", lanes).apply(smoke_config(**{"data.input_size": size}))
+        c = plan.Layout("shifted", ("none",) * 4, "float32", lanes).apply(smoke_config(**{"data.input_size": size}))
         lowered, _ = plan.lower_train_step(c, devices, lanes)
         return plan.analyse(lowered.compile(), chip)
 
