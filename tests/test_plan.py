@@ -18,7 +18,7 @@ import pytest
 from pfq.config import validate_config
 from pfq.model import ModelSpec
 from pfq.train import fit, program
-from pfq.train.trainer import Trainer, model_spec
+from pfq.train.trainer import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -55,43 +55,41 @@ def test_cpu_reports_no_limit_so_nothing_is_checked(monkeypatch):
     fit.refuse_what_does_not_fit(c, model_spec(c, 2))  # returns without compiling anything
 
 
-def test_a_step_that_cannot_fit_is_refused_before_any_data_or_workdir(monkeypatch, tmp_path):
-    c = smoke_config()
-    spec = model_spec(c, 2)
-    lowered, _ = program.lower_train_step(spec, c, jax.devices(), 6)
-    need = fit.step_bytes(lowered.compile())
-    assert need["total"] > need["arguments"] > 0 and need["temporaries"] > 0
+def two_lanes(**overrides):
+    """The smoke config cut to 2 lanes (ratios 0 and 1, one seed): one cheap compile."""
+    return smoke_config(**{"sweep.finetune_hq_ratios": (0.0, 1.0), "sweep.seeds": (0,), **overrides})
 
-    monkeypatch.setenv(fit.ENV_LIMIT, str(need["total"] - 1))
+
+def test_a_step_that_cannot_fit_is_refused_naming_the_fields(monkeypatch):
+    monkeypatch.delenv(fit.ENV_LIMIT, raising=False)
+    c = two_lanes()
+    spec = model_spec(c, 2)
+    lowered, _ = program.lower_train_step(spec, c, jax.devices(), 2)
+    compiled = lowered.compile()
+    need = fit.step_bytes(compiled)
+    assert need["total"] > need["arguments"] > 0 and need["temporaries"] > 0
+    device = jax.devices()[0]
+    fit.check_fits(compiled, device, c, 2, 2, limit=need["total"])  # exactly enough: fine
     with pytest.raises(fit.DoesNotFitError) as e:
-        fit.refuse_what_does_not_fit(c, spec)
-    message = str(e.value)
+        fit.check_fits(compiled, device, c, 2, 2, limit=need["total"] - 1)
     for field in ("config.sweep.lanes_per_group", "config.optim.batch_size", "config.model.remat_stages",
                   "config.model.dtype"):
-        assert field in message
-    assert "6-lane" in message  # smoke: 3 ratios x 2 seeds in one group
+        assert field in str(e.value)
+    assert "2-lane" in str(e.value)
 
-    # Groups of 2 lanes need less than the 6-lane group: the check lets them through.
-    monkeypatch.setenv(fit.ENV_LIMIT, str(need["total"]))
-    fit.refuse_what_does_not_fit(c, spec)
-    fit.refuse_what_does_not_fit(smoke_config(**{"sweep.lanes_per_group": 2}), spec)
-
-    # The trainer refuses before it generates data or creates the workdir.
-    monkeypatch.setenv(fit.ENV_LIMIT, "1M")
-    monkeypatch.setenv("PFQ_CACHE", str(tmp_path / "cache"))
-    workdir = tmp_path / "run"
-    with pytest.raises(fit.DoesNotFitError):
-        Trainer(c, workdir, progress=False).run()
-    assert not workdir.exists() and not (tmp_path / "cache").exists()
+    # One lane per group needs less than two: with a limit just below the 2-lane step, the check
+    # (which compiles the largest group) lets the 1-lane groups through.
+    monkeypatch.setenv(fit.ENV_LIMIT, str(need["total"] - 1))
+    fit.refuse_what_does_not_fit(two_lanes(**{"sweep.lanes_per_group": 1}), spec)
 
 
-def test_the_cli_exits_2_naming_the_fields(tmp_path, monkeypatch):
+def test_the_trainer_refuses_before_any_data_or_workdir_and_exits_2(tmp_path, monkeypatch):
     from pfq.train.__main__ import run_sweep
 
     monkeypatch.setenv(fit.ENV_LIMIT, "1M")
     monkeypatch.setenv("PFQ_CACHE", str(tmp_path / "cache"))
-    assert run_sweep(smoke_config(), tmp_path / "run", progress=False) == 2
-    assert not (tmp_path / "run").exists()
+    assert run_sweep(two_lanes(), tmp_path / "run", progress=False) == 2
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # no phantoms generated either
 
 
 # ----------------------------------------------------------------------------------------------

@@ -132,8 +132,6 @@ def enable_compilation_cache(folder: str = "") -> str | None:
     if not folder:
         base = os.environ.get("PFQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pfq")
         folder = os.path.join(base, "jax")
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return folder

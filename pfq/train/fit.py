@@ -51,6 +51,18 @@ def step_bytes(compiled) -> dict[str, int]:
             "total": args + out - alias + temp}
 
 
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in $PFQ_CACHE/jax (or ~/.cache/pfq/jax) unless the user
+    chose one (JAX_COMPILATION_CACHE_DIR): the trainer's compile of the step then reuses the check's,
+    and a rerun or a resumed run does not compile again."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    base = os.environ.get("PFQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pfq")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jax"))
+
+
 def refuse_what_does_not_fit(config, spec) -> None:
     """Before any data is loaded: compile the largest lane group's train step from shapes on this
     run's devices and raise DoesNotFitError if it needs more memory than a device has. Does nothing
@@ -65,6 +77,7 @@ def refuse_what_does_not_fit(config, spec) -> None:
     limit = device_limit(devices[0])
     if limit is None:
         return
+    enable_compilation_cache()
     s = config.sweep
     lanes = lanes_lib.make_lanes(s.finetune_hq_ratios, s.inits, s.train_sizes, s.seeds)
     size = max(len(g) for g in lanes_lib.group_lanes(lanes, int(s.get("lanes_per_group", 0))))
