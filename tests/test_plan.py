@@ -138,8 +138,11 @@ def test_memory_and_flops_grow_with_lanes_and_input_size(tpu):
     bigger = measure(4, (32, 32, 32))
     for r in (base, more_lanes, bigger):
         assert r["total_gib"] > 0 and r["flops"] > 0 and r["bytes"] > 0 and r["roofline_s"] > 0
-    assert more_lanes["flops"] > 1.5 * base["flops"] and more_lanes["total_gib"] > base["total_gib"]
+    # 8 lanes on 4 chips put 2 lanes (their parameters and AdamW state) on each chip instead of 1.
+    # (XLA's temporaries need not grow with them: it schedules the two lanes' work differently.)
+    assert more_lanes["flops"] > 1.5 * base["flops"] and more_lanes["arguments_gib"] > 1.5 * base["arguments_gib"]
     assert bigger["flops"] > 1.5 * base["flops"] and bigger["temp_gib"] > base["temp_gib"]
+    assert bigger["total_gib"] > base["total_gib"]
 
 
 @needs_libtpu
