@@ -81,7 +81,7 @@ def _gpu_target_config(chip: Chip) -> str:
   device_memory_size: {int(chip.hbm_gib * GIB)} shared_memory_per_block_optin: 232448
   cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
 }}
-platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 8 }} runtime_version {{ major: 13 minor: 0 }}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 28 }} runtime_version {{ major: 13 minor: 0 }}
 device_description_str: "{chip.name}"
 """
 
@@ -152,6 +152,7 @@ def topology_devices(topology: str) -> list:
 
     kind, _, shape = topology.partition(":")
     if kind in GPUS:
+        jax.devices()  # initialises the backends, which registers the CUDA plugin
         try:
             desc = topologies.get_topology_desc(platform="cuda", target_config=_gpu_target_config(chip),
                                                 topology=f"1x1x{int(shape or 1)}")
@@ -298,8 +299,9 @@ def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list
     train = analyse(compiled, chip, shifted_loop_correction(spec, samples, c.data.input_size, chip, devices))
     record["train"] = train
     record["fits"] = train["total_gib"] <= (1 - headroom) * chip.hbm_gib
-    log(f"[plan] {topology}: {layout.label()}: {train['total_gib']:.2f} GiB/chip, "
-        f"{train['flops'] / 1e12:.3f} TFLOP/chip, compiled in {record['compile_s']:.0f} s", flush=True)
+    flops = "no cost analysis" if train["flops"] is None else f"{train['flops'] / 1e12:.3f} TFLOP/chip"
+    log(f"[plan] {topology}: {layout.label()}: {train['total_gib']:.2f} GiB/chip, {flops}, "
+        f"compiled in {record['compile_s']:.0f} s", flush=True)
     t0 = time.perf_counter()
     # Prediction: each chip holds its lanes and scores the whole eval batch (forward only: a third
     # of the forward+backward correction).

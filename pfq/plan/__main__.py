@@ -99,5 +99,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning only compiles; it never runs on an accelerator
+    if not os.environ.get("JAX_PLATFORMS"):  # planning only compiles: never start an accelerator backend
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     app.run(main)
