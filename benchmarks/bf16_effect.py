@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pfq import xla_flags
 from pfq.model import ModelSpec, apply, init_variables
 
 
@@ -21,6 +22,7 @@ def main() -> None:
     p.add_argument("--depthwise", default="fft")
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args()
+    xla_flags.set_defaults()  # before JAX starts its backend
     size = tuple(int(s) for s in args.size.split(","))
     specs = {dt: ModelSpec(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), depthwise_impl=args.depthwise, dtype=dt)
              for dt in ("float32", "bfloat16")}
