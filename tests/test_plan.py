@@ -171,3 +171,16 @@ def test_plan_cli_without_libtpu_says_how_to_install(tmp_path):
                            "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
     assert proc.returncode == 2 and "pip install -e '.[tpu]'" in proc.stderr
+
+
+def test_lanes_per_group_splits_each_init_in_order():
+    from pfq.train import lanes as lanes_lib
+
+    lanes = lanes_lib.make_lanes((0.0, 0.5, 1.0), ("scratch", "models/x"), (50,), (0, 1, 2))
+    assert [len(g) for g in lanes_lib.group_lanes(lanes)] == [9, 9]
+    groups = lanes_lib.group_lanes(lanes, 4)
+    assert [len(g) for g in groups] == [4, 4, 1, 4, 4, 1]
+    assert all(len({lane.init for lane in g}) == 1 for g in groups)
+    assert [lane.index for g in groups for lane in g] == [lane.index for lane in lanes]
+    with pytest.raises(ValueError, match="lanes_per_group"):
+        smoke_config(**{"sweep.lanes_per_group": -1})
