@@ -357,10 +357,11 @@ def table(records: list[dict]) -> str:
     for r in records:
         t = r["train"]
         xla = f"{t['xla_s']:.3f}s" if t["xla_s"] is not None else "n/a"
+        roofline = f"{t['roofline_s']:.3f}s" if t["roofline_s"] is not None else "n/a"
         lines.append(
             f"{r['topology']:<10} {r['layout']:<38} {r['mesh'][0]:>2}x{r['mesh'][1]:<3} {r['lanes_per_chip']:>10} "
             f"{r['batch_per_chip']:>6} {t['total_gib']:>6.2f}/{r['hbm_gib']:<3g}"
             f"{t['arguments_gib']:>6.2f}+{t['temp_gib']:<5.2f} {'yes' if r['fits'] else 'NO':>5} "
-            f"{num(t['flops'], '.3f', 1e12):>10} {num(t['bytes'], '.1f', 1e9):>8} {num(t['roofline_s'], '.3f'):>8}s "
+            f"{num(t['flops'], '.3f', 1e12):>10} {num(t['bytes'], '.1f', 1e9):>8} {roofline:>9} "
             f"{xla:>8} {num(r['sweep_hours'], '.1f'):>8} {r['compile_s']:>7.0f}s")
     return "\n".join(lines)
