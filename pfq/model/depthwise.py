@@ -252,9 +252,9 @@ def _shifted_sum(x: jax.Array, k: jax.Array) -> jax.Array:
 def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Sum of kd*kh*kw shifted, channel-scaled copies: no FFT, no grouped convolution, and only
     elementwise multiply-adds on channels-last data. XLA's CPU code for it is slow, but it is the
-    formulation the TPU compiler handles best: its step compiles ~20x faster than `direct`'s
-    grouped convolution (whose 7x7x7 window XLA:TPU unrolls into very long code) and needs no
-    FFT (BENCHMARKS.md, "Accelerators"). The hand-written VJP keeps only x and the kernel for the
+    formulation the TPU compiler handles best: one convolution's forward and backward compiled
+    ~25x faster than `direct`'s grouped convolution (whose code XLA:TPU makes very long) and needs
+    no FFT (BENCHMARKS.md, "Accelerators"). The hand-written VJP keeps only x and the kernel for the
     backward (autodiff through the scan saved every shifted slice: ~300x the activation):
     dx is the same sum over dy with the kernel flipped, and each kernel tap's gradient is a
     reduction of dy times the matching shifted x."""
@@ -296,10 +296,11 @@ IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """'auto' picks by backend: FFT on CPU (measured fastest there); shifted sums on TPU, the only
-    formulation whose real-size step XLA:TPU compiles in reasonable time (its grouped-convolution
-    and FFT code for 7x7x7 depthwise kernels took orders of magnitude longer, measured ahead of time
-    with `pfq.plan`; BENCHMARKS.md, "Accelerators"); XLA's grouped conv (cuDNN) on GPU, untested."""
+    """'auto' picks by backend: FFT on CPU (measured fastest there); shifted sums on TPU, whose
+    7x7x7 convolution XLA:TPU compiles ~25x faster than the grouped convolution and ~140x faster
+    than the FFT, with the fewest temporaries (compiled ahead of time for a described v5e;
+    BENCHMARKS.md, "Accelerators"; run time on a real TPU not measured); XLA's grouped conv (cuDNN)
+    on GPU, not measured."""
     if impl != "auto":
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown depthwise implementation {impl!r}; choose from "
