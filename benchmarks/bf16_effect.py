@@ -24,8 +24,10 @@ def main() -> None:
     args = p.parse_args()
     xla_flags.set_defaults()  # before JAX starts its backend
     size = tuple(int(s) for s in args.size.split(","))
-    specs = {dt: ModelSpec(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), depthwise_impl=args.depthwise, dtype=dt)
-             for dt in ("float32", "bfloat16")}
+    specs = {
+        dt: ModelSpec(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), depthwise_impl=args.depthwise, dtype=dt)
+        for dt in ("float32", "bfloat16")
+    }
     variables = init_variables(specs["float32"], jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (args.batch, *size, 3))
 
@@ -38,11 +40,15 @@ def main() -> None:
 
     dp = float(jnp.max(jnp.abs(probs(specs["float32"]) - probs(specs["bfloat16"]))))
     g32, g16 = grads(specs["float32"]), grads(specs["bfloat16"])
-    rel = [float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(a) + 1e-12))
-           for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True)]
-    print(f"bf16 vs fp32 ({args.depthwise}, input {size}): max |probability difference| {dp:.2e}; "
-          f"gradient relative L2 difference per tensor: median {np.median(rel):.3f}, max {max(rel):.3f} "
-          f"over {len(rel)} tensors")
+    rel = [
+        float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(a) + 1e-12))
+        for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True)
+    ]
+    print(
+        f"bf16 vs fp32 ({args.depthwise}, input {size}): max |probability difference| {dp:.2e}; "
+        f"gradient relative L2 difference per tensor: median {np.median(rel):.3f}, max {max(rel):.3f} "
+        f"over {len(rel)} tensors"
+    )
 
 
 if __name__ == "__main__":

@@ -53,17 +53,24 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     rows = []
     for impl in args.impls.split(","):
-        proc = subprocess.run([sys.executable, "-c", CHILD, impl, args.shape, args.dtype, args.topology],
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, impl, args.shape, args.dtype, args.topology],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             print(f"{impl}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             return 1
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{impl:>8}: compile {r['compile_wall_s']:7.1f} s wall {r['compile_cpu_s']:7.1f} s CPU "
-              f"({r['compile_cpu_s'] / rows[0]['compile_cpu_s']:5.1f}x {rows[0]['impl']}), XLA flops "
-              f"{r['flops'] / 1e9:.3f} G, bytes {r['bytes'] / 1e9:.3f} G, optimal_seconds {r['optimal_seconds']:.3g}, "
-              f"temporaries {r['temp_mib']:.1f} MiB", flush=True)
+        print(
+            f"{impl:>8}: compile {r['compile_wall_s']:7.1f} s wall {r['compile_cpu_s']:7.1f} s CPU "
+            f"({r['compile_cpu_s'] / rows[0]['compile_cpu_s']:5.1f}x {rows[0]['impl']}), XLA flops "
+            f"{r['flops'] / 1e9:.3f} G, bytes {r['bytes'] / 1e9:.3f} G, optimal_seconds {r['optimal_seconds']:.3g}, "
+            f"temporaries {r['temp_mib']:.1f} MiB",
+            flush=True,
+        )
     return 0
 
 

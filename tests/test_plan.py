@@ -25,8 +25,10 @@ sys.path.insert(0, str(ROOT / "configs"))
 import smoke  # noqa: E402
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]'); "
-                                  "planning compiles for a described TPU slice and needs it")
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU,
+    reason="libtpu not installed (pip install -e '.[tpu]'); planning compiles for a described TPU slice and needs it",
+)
 
 
 def smoke_config(**overrides):
@@ -72,8 +74,12 @@ def test_a_step_that_cannot_fit_is_refused_naming_the_fields(monkeypatch):
     fit.check_fits(compiled, device, c, 2, 2, limit=need["total"])  # exactly enough: fine
     with pytest.raises(fit.DoesNotFitError) as e:
         fit.check_fits(compiled, device, c, 2, 2, limit=need["total"] - 1)
-    for field in ("config.sweep.lanes_per_group", "config.optim.batch_size", "config.model.remat_stages",
-                  "config.model.dtype"):
+    for field in (
+        "config.sweep.lanes_per_group",
+        "config.optim.batch_size",
+        "config.model.remat_stages",
+        "config.model.dtype",
+    ):
         assert field in str(e.value)
     assert "2-lane" in str(e.value)
 
@@ -157,8 +163,7 @@ def test_a_layout_that_cannot_fit_is_reported_as_not_fitting(tpu):
     assert record["lane_groups"] == 3 and record["sweep_hours"] > 0  # 6 lanes in groups of 2
     # The same layout on a chip that has (almost) no memory does not fit.
     tiny_chip = plan.Chip("TPU test", 1e-6, 197, 819)
-    record = plan.plan_layout(c, "v5e:2x2", small_layout(plan, 2), devices, chip=tiny_chip,
-                              log=lambda *a, **k: None)
+    record = plan.plan_layout(c, "v5e:2x2", small_layout(plan, 2), devices, chip=tiny_chip, log=lambda *a, **k: None)
     assert not record["fits"]
     assert plan.best([record]) is None
     assert "NO" in plan.table([record])
@@ -169,9 +174,22 @@ def test_plan_cli_without_libtpu_says_how_to_install(tmp_path):
         pytest.skip("libtpu is installed here")
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "pfq.plan", "--config", str(ROOT / "configs" / "smoke.py"),
-                           "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pfq.plan",
+            "--config",
+            str(ROOT / "configs" / "smoke.py"),
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "pip install -e '.[tpu]'" in proc.stderr
 
 

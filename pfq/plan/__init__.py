@@ -113,9 +113,15 @@ class Layout:
 # libtpu, loaded on a host without a TPU, looks for one and prints warnings about missing TPU VM
 # metadata; these settings (only defaults: a value already set is kept) say that this process only
 # compiles. ALLOW_MULTIPLE_LIBTPU_LOAD lets several planners (or tests) share the host.
-_COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
-                     "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3",
-                     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+_COMPILE_ONLY_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_WORKER_ID": "0",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "TPU_STDERR_LOG_LEVEL": "3",
+    "TPU_MIN_LOG_LEVEL": "3",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
 
 
 def quiet_libtpu() -> None:
@@ -154,11 +160,14 @@ def topology_devices(topology: str) -> list:
     if kind in GPUS:
         jax.devices()  # initialises the backends, which registers the CUDA plugin
         try:
-            desc = topologies.get_topology_desc(platform="cuda", target_config=_gpu_target_config(chip),
-                                                topology=f"1x1x{int(shape or 1)}")
+            desc = topologies.get_topology_desc(
+                platform="cuda", target_config=_gpu_target_config(chip), topology=f"1x1x{int(shape or 1)}"
+            )
         except Exception as e:
-            raise ValueError(f"cannot describe {topology!r}: {e}. Planning for GPUs needs the CUDA plugin "
-                             "(`pip install -e '.[cuda13]'`; no GPU needed); shapes look like h100:8") from None
+            raise ValueError(
+                f"cannot describe {topology!r}: {e}. Planning for GPUs needs the CUDA plugin "
+                "(`pip install -e '.[cuda13]'`; no GPU needed); shapes look like h100:8"
+            ) from None
         return list(desc.devices)
 
     try:
@@ -166,8 +175,10 @@ def topology_devices(topology: str) -> list:
         kwargs = {"chip_config_name": "megacore"} if topology.startswith(("v4:", "v5p:")) else {}
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
     except Exception as e:  # libtpu missing, or a shape this generation does not have
-        raise ValueError(f"cannot describe TPU topology {topology!r}: {e}. Install libtpu with "
-                         "`pip install -e '.[tpu]'`; shapes look like v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4") from None
+        raise ValueError(
+            f"cannot describe TPU topology {topology!r}: {e}. Install libtpu with "
+            "`pip install -e '.[tpu]'`; shapes look like v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4"
+        ) from None
     return list(desc.devices)
 
 
@@ -214,20 +225,40 @@ def analyse(compiled, chip: Chip, extra: dict | None = None) -> dict:
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     total = args + out - alias + temp
     extra = extra or {"flops": 0.0, "bytes": 0.0}
-    record = {"arguments_gib": args / GIB, "outputs_gib": out / GIB, "aliased_gib": alias / GIB,
-              "temp_gib": temp / GIB, "total_gib": total / GIB}
+    record = {
+        "arguments_gib": args / GIB,
+        "outputs_gib": out / GIB,
+        "aliased_gib": alias / GIB,
+        "temp_gib": temp / GIB,
+        "total_gib": total / GIB,
+    }
     if "flops" not in cost:  # XLA:GPU has no cost analysis
-        return {**record, "flops": None, "bytes": None, "roofline_s": None, "bound": None, "xla_s": None,
-                "xla_s_raw": None, "xla_flops": None, "loop_correction_flops": None}
+        return {
+            **record,
+            "flops": None,
+            "bytes": None,
+            "roofline_s": None,
+            "bound": None,
+            "xla_s": None,
+            "xla_s_raw": None,
+            "xla_flops": None,
+            "loop_correction_flops": None,
+        }
     flops = float(cost.get("flops", 0.0)) + extra["flops"]
     nbytes = float(cost.get("bytes accessed", 0.0)) + extra["bytes"]
     compute_s, memory_s = flops / (chip.bf16_tflops * 1e12), nbytes / (chip.hbm_gbps * 1e9)
     xla_s = cost.get("optimal_seconds")
-    return {**record, "flops": flops, "bytes": nbytes, "roofline_s": max(compute_s, memory_s),
-            "bound": "compute" if compute_s >= memory_s else "memory",
-            "xla_s": float(xla_s) if xla_s is not None and float(xla_s) > 0 else None,
-            "xla_s_raw": None if xla_s is None else float(xla_s), "xla_flops": float(cost.get("flops", 0.0)),
-            "loop_correction_flops": extra["flops"]}
+    return {
+        **record,
+        "flops": flops,
+        "bytes": nbytes,
+        "roofline_s": max(compute_s, memory_s),
+        "bound": "compute" if compute_s >= memory_s else "memory",
+        "xla_s": float(xla_s) if xla_s is not None and float(xla_s) > 0 else None,
+        "xla_s_raw": None if xla_s is None else float(xla_s),
+        "xla_flops": float(cost.get("flops", 0.0)),
+        "loop_correction_flops": extra["flops"],
+    }
 
 
 def shifted_loop_correction(spec: ModelSpec, samples_per_chip: int, input_size, chip: Chip, devices: list) -> dict:
@@ -276,37 +307,63 @@ def sweep_groups(config: ConfigDict) -> list[int]:
     return [len(g) for g in lanes_lib.group_lanes(lanes, int(s.get("lanes_per_group", 0)))]
 
 
-def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list, *, headroom: float = 0.1,
-                test_cases: int = 300, chip: Chip | None = None, log=print) -> dict:
+def plan_layout(
+    config: ConfigDict,
+    topology: str,
+    layout: Layout,
+    devices: list,
+    *,
+    headroom: float = 0.1,
+    test_cases: int = 300,
+    chip: Chip | None = None,
+    log=print,
+) -> dict:
     """Compile the train and predict steps of one layout and return its record."""
     chip = chip or chip_of(topology)
     c = layout.apply(config)
     groups = sweep_groups(c)
     size = max(groups)
-    record = {"topology": topology, "chip": chip.name, "chips": len(devices), "hbm_gib": chip.hbm_gib,
-              "layout": layout.label(), **dataclasses.asdict(layout), "lane_groups": len(groups),
-              "lanes": sum(groups), "config_batch": int(c.optim.batch_size), "input_size": list(c.data.input_size)}
+    record = {
+        "topology": topology,
+        "chip": chip.name,
+        "chips": len(devices),
+        "hbm_gib": chip.hbm_gib,
+        "layout": layout.label(),
+        **dataclasses.asdict(layout),
+        "lane_groups": len(groups),
+        "lanes": sum(groups),
+        "config_batch": int(c.optim.batch_size),
+        "input_size": list(c.data.input_size),
+    }
     log(f"[plan] {topology}: compiling train step, {layout.label()} ...", flush=True)
     t0 = time.perf_counter()
     lowered, mesh = lower_train_step(c, devices, size)
     compiled = lowered.compile()
     record["compile_s"] = time.perf_counter() - t0
     lane_axis, data_axis = mesh.shape["lane"], mesh.shape["data"]
-    record.update(mesh=[lane_axis, data_axis], chips_used=lane_axis * data_axis,
-                  lanes_per_chip=size // lane_axis, batch_per_chip=int(c.optim.batch_size) // data_axis)
+    record.update(
+        mesh=[lane_axis, data_axis],
+        chips_used=lane_axis * data_axis,
+        lanes_per_chip=size // lane_axis,
+        batch_per_chip=int(c.optim.batch_size) // data_axis,
+    )
     spec = model_spec_for(c, platform_of(devices))
     samples = record["lanes_per_chip"] * record["batch_per_chip"]
     train = analyse(compiled, chip, shifted_loop_correction(spec, samples, c.data.input_size, chip, devices))
     record["train"] = train
     record["fits"] = train["total_gib"] <= (1 - headroom) * chip.hbm_gib
     flops = "no cost analysis" if train["flops"] is None else f"{train['flops'] / 1e12:.3f} TFLOP/chip"
-    log(f"[plan] {topology}: {layout.label()}: {train['total_gib']:.2f} GiB/chip, {flops}, "
-        f"compiled in {record['compile_s']:.0f} s", flush=True)
+    log(
+        f"[plan] {topology}: {layout.label()}: {train['total_gib']:.2f} GiB/chip, {flops}, "
+        f"compiled in {record['compile_s']:.0f} s",
+        flush=True,
+    )
     t0 = time.perf_counter()
     # Prediction: each chip holds its lanes and scores the whole eval batch (forward only: a third
     # of the forward+backward correction).
-    fwd = shifted_loop_correction(spec, record["lanes_per_chip"] * int(c.eval_batch_size), c.data.input_size,
-                                  chip, devices)
+    fwd = shifted_loop_correction(
+        spec, record["lanes_per_chip"] * int(c.eval_batch_size), c.data.input_size, chip, devices
+    )
     fwd = {k: v / 3 for k, v in fwd.items()}
     predict = analyse(lower_predict_step(c, devices, size).compile(), chip, fwd)
     record["predict"] = predict
@@ -323,8 +380,14 @@ def plan_layout(config: ConfigDict, topology: str, layout: Layout, devices: list
     return record
 
 
-def candidate_layouts(config: ConfigDict, chips: int, depthwise: Iterable[str], remat: Iterable[str],
-                      dtypes: Iterable[str], lanes_per_group: Iterable[int]) -> list[Layout]:
+def candidate_layouts(
+    config: ConfigDict,
+    chips: int,
+    depthwise: Iterable[str],
+    remat: Iterable[str],
+    dtypes: Iterable[str],
+    lanes_per_group: Iterable[int],
+) -> list[Layout]:
     """Every combination asked for; 'config' in remat keeps the config's per-stage setting."""
     stages = lambda r: tuple(remat_mode(m) for m in config.model.remat_stages) if r == "config" else (r,) * 4
     return [Layout(d, stages(r), t, int(g)) for d in depthwise for r in remat for t in dtypes for g in lanes_per_group]
@@ -349,9 +412,11 @@ def best(records: list[dict]) -> dict | None:
 # Output.
 # ----------------------------------------------------------------------------------------------
 def table(records: list[dict]) -> str:
-    head = (f"{'topology':<10} {'layout':<38} {'mesh':>6} {'lanes/chip':>10} {'b/chip':>6} {'GiB/chip':>9} "
-            f"{'(arg+tmp)':>12} {'fits':>5} {'TFLOP/step':>10} {'GB/step':>8} {'roofline':>9} {'xla':>8} "
-            f"{'sweep h':>8} {'compile':>8}")
+    head = (
+        f"{'topology':<10} {'layout':<38} {'mesh':>6} {'lanes/chip':>10} {'b/chip':>6} {'GiB/chip':>9} "
+        f"{'(arg+tmp)':>12} {'fits':>5} {'TFLOP/step':>10} {'GB/step':>8} {'roofline':>9} {'xla':>8} "
+        f"{'sweep h':>8} {'compile':>8}"
+    )
     lines = [head, "-" * len(head)]
     num = lambda v, fmt, scale=1.0: "n/a" if v is None else format(v / scale, fmt)
     for r in records:
@@ -363,5 +428,6 @@ def table(records: list[dict]) -> str:
             f"{r['batch_per_chip']:>6} {t['total_gib']:>6.2f}/{r['hbm_gib']:<3g}"
             f"{t['arguments_gib']:>6.2f}+{t['temp_gib']:<5.2f} {'yes' if r['fits'] else 'NO':>5} "
             f"{num(t['flops'], '.3f', 1e12):>10} {num(t['bytes'], '.1f', 1e9):>8} {roofline:>9} "
-            f"{xla:>8} {num(r['sweep_hours'], '.1f'):>8} {r['compile_s']:>7.0f}s")
+            f"{xla:>8} {num(r['sweep_hours'], '.1f'):>8} {r['compile_s']:>7.0f}s"
+        )
     return "\n".join(lines)

@@ -22,17 +22,27 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pirads_binar
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
 _TOPOLOGY = flags.DEFINE_multi_string("topology", ["v5e:2x4"], "TPU slice, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4.")
-_DEPTHWISE = flags.DEFINE_list("depthwise", ["config"], "Depthwise formulations to compare (direct, fft, shifted; "
-                               "'config': the config's, with 'auto' resolved for TPU).")
+_DEPTHWISE = flags.DEFINE_list(
+    "depthwise",
+    ["config"],
+    "Depthwise formulations to compare (direct, fft, shifted; 'config': the config's, with 'auto' resolved for TPU).",
+)
 _REMAT = flags.DEFINE_list("remat", ["config"], "Remat per stage to compare: config, none, light, full.")
 _DTYPE = flags.DEFINE_list("dtype", ["config"], "Compute dtypes to compare: config, float32, bfloat16.")
-_LANES = flags.DEFINE_list("lanes_per_group", ["auto"], "Lane-group sizes to compare; 'auto': the batch split over "
-                           "all chips, one lane per chip and two lanes per chip; 'config': the config's.")
+_LANES = flags.DEFINE_list(
+    "lanes_per_group",
+    ["auto"],
+    "Lane-group sizes to compare; 'auto': the batch split over "
+    "all chips, one lane per chip and two lanes per chip; 'config': the config's.",
+)
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of HBM kept free when judging whether a layout fits.")
 _TEST_CASES = flags.DEFINE_integer("test_cases", 300, "Test-pool size assumed for the evaluation time estimate.")
 _OUT = flags.DEFINE_string("out", "plan.json", "JSON file: one record per topology x layout.")
-_CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent compilation cache folder "
-                             "(default $PFQ_CACHE/jax or ~/.cache/pfq/jax); 'none' to turn it off.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    "",
+    "Persistent compilation cache folder (default $PFQ_CACHE/jax or ~/.cache/pfq/jax); 'none' to turn it off.",
+)
 
 
 def _resolve(values: list[str], from_config) -> list:
@@ -81,19 +91,26 @@ def main(argv: list[str]) -> int:
         platform = plan.platform_of(devices)
         resolved = list(dict.fromkeys(resolve_impl(d, platform) for d in depthwise))
         for layout in plan.candidate_layouts(config, len(devices), resolved, remat, dtypes, sizes):
-            records.append(plan.plan_layout(config, topology, layout, devices, headroom=_HEADROOM.value,
-                                            test_cases=_TEST_CASES.value))
+            records.append(
+                plan.plan_layout(
+                    config, topology, layout, devices, headroom=_HEADROOM.value, test_cases=_TEST_CASES.value
+                )
+            )
             Path(_OUT.value).write_text(json.dumps(records, indent=1))  # after each compile: they take minutes
     print(plan.table(records))
     for topology, _ in topologies:
         choice = plan.best([r for r in records if r["topology"] == topology])
         if choice is None:
-            print(f"{topology}: no layout fits; try --config.sweep.lanes_per_group smaller, --remat full, "
-                  f"--dtype bfloat16, or a smaller --config.optim.batch_size")
+            print(
+                f"{topology}: no layout fits; try --config.sweep.lanes_per_group smaller, --remat full, "
+                f"--dtype bfloat16, or a smaller --config.optim.batch_size"
+            )
         else:
             hours = "no time estimate" if choice["sweep_hours"] is None else f"~{choice['sweep_hours']:.1f} h sweep"
-            print(f"{topology}: best fitting layout {choice['layout']} ({choice['train']['total_gib']:.2f} GiB/chip, "
-                  f"{hours}, compiler estimate)")
+            print(
+                f"{topology}: best fitting layout {choice['layout']} ({choice['train']['total_gib']:.2f} GiB/chip, "
+                f"{hours}, compiler estimate)"
+            )
     print(f"records: {_OUT.value}")
     return 0
 

@@ -45,10 +45,19 @@ def device_limit(device) -> int | None:
 def step_bytes(compiled) -> dict[str, int]:
     """Per-device bytes of a compiled program from XLA's memory analysis."""
     m = compiled.memory_analysis()
-    args, out, alias, temp = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                              int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
-    return {"arguments": args, "outputs": out, "aliased": alias, "temporaries": temp,
-            "total": args + out - alias + temp}
+    args, out, alias, temp = (
+        int(m.argument_size_in_bytes),
+        int(m.output_size_in_bytes),
+        int(m.alias_size_in_bytes),
+        int(m.temp_size_in_bytes),
+    )
+    return {
+        "arguments": args,
+        "outputs": out,
+        "aliased": alias,
+        "temporaries": temp,
+        "total": args + out - alias + temp,
+    }
 
 
 def enable_compilation_cache() -> None:
@@ -102,4 +111,5 @@ def check_fits(compiled, device, config, num_lanes: int, lanes_per_chip: int, li
         f"config.sweep.lanes_per_group (now {int(config.sweep.get('lanes_per_group', 0))}, {lanes_per_chip} lane(s) "
         f"per device) or config.optim.batch_size (now {int(config.optim.batch_size)}), or set "
         f"config.model.remat_stages (now {tuple(m.remat_stages)}; 'full' keeps least) or "
-        f"config.model.dtype='bfloat16' (now {m.dtype!r}). `python -m pfq.plan` compares these without a device.")
+        f"config.model.dtype='bfloat16' (now {m.dtype!r}). `python -m pfq.plan` compares these without a device."
+    )

@@ -20,8 +20,7 @@ from pfq.train.optim import make_optimizer
 from pfq.train.step import init_state, make_predict_step, make_train_step
 
 
-def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, loss: str,
-                   lane_sh: NamedSharding) -> Callable:
+def jit_train_step(spec: ModelSpec, tx: optax.GradientTransformation, loss: str, lane_sh: NamedSharding) -> Callable:
     """jit(vmap(train_step)) over lanes, donating the state; state and metrics stay lane-sharded."""
     return jax.jit(jax.vmap(make_train_step(spec, tx, loss)), donate_argnums=0, out_shardings=(lane_sh, lane_sh))
 
@@ -34,8 +33,10 @@ def jit_predict_step(spec: ModelSpec) -> Callable:
 def batch_spec(num_lanes: int, batch_size: int, input_size, batch_sh: NamedSharding) -> dict:
     """Shapes of one training batch: (lanes, batch, D, H, W, 3) images and (lanes, batch) labels."""
     shape = (num_lanes, batch_size) + tuple(int(s) for s in input_size) + (3,)
-    return {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
-            "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh)}
+    return {
+        "image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
+        "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,8 +49,9 @@ def abstract_group(spec: ModelSpec, optim, num_lanes: int, lane_sh: NamedShardin
     variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_lanes,) + s.shape, s.dtype), single)
     tx = make_optimizer(optim, single["params"], spec.depths, int(optim.steps))
     state = jax.eval_shape(jax.vmap(lambda v: init_state(v, tx)), variables)
-    keys = jax.eval_shape(jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1)),
-                          jax.ShapeDtypeStruct((num_lanes,), np.uint32))
+    keys = jax.eval_shape(
+        jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1)), jax.ShapeDtypeStruct((num_lanes,), np.uint32)
+    )
     shard = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=lane_sh)
     return tx, jax.tree.map(shard, state), jax.tree.map(shard, keys)
 
@@ -68,8 +70,12 @@ def lower_predict_step(spec: ModelSpec, config, devices: list, num_lanes: int):
     """The predict step of a `num_lanes` group (one eval batch, shared by the lanes), lowered from shapes."""
     mesh = lanes_lib.make_mesh(num_lanes, int(config.optim.batch_size), devices)
     lane_sh = lanes_lib.lane_sharding(mesh)
-    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_lanes,) + s.shape, s.dtype, sharding=lane_sh),
-                             abstract_variables(spec))
-    images = jax.ShapeDtypeStruct((int(config.eval_batch_size),) + tuple(int(s) for s in config.data.input_size)
-                                  + (3,), jnp.float32, sharding=lanes_lib.replicated(mesh))
+    variables = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct((num_lanes,) + s.shape, s.dtype, sharding=lane_sh), abstract_variables(spec)
+    )
+    images = jax.ShapeDtypeStruct(
+        (int(config.eval_batch_size),) + tuple(int(s) for s in config.data.input_size) + (3,),
+        jnp.float32,
+        sharding=lanes_lib.replicated(mesh),
+    )
     return jit_predict_step(spec).lower(variables, images)
