@@ -150,6 +150,11 @@ def _resolve_columns(header: Sequence[str]) -> tuple[dict[str, str], list[Proble
     """Map each image role to the manifest's column name, accepting aliases."""
     present = {h.strip() for h in header}
     resolved, problems = {}, []
+    for name in sorted(present):  # csv.DictReader keeps only the last of two equal names
+        positions = [i + 1 for i, h in enumerate(header) if h.strip() == name]
+        if len(positions) > 1 and name:
+            problems.append(Problem(f"the header names column {name!r} {len(positions)} times (fields "
+                                    f"{', '.join(map(str, positions))})", line=1, column=name))
     for role in IMAGE_COLUMNS:
         found = [a for a in COLUMN_ALIASES[role] if a in present]
         if not found:
@@ -226,7 +231,15 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
             if not value:
                 problems.append(Problem("empty image path", line=line, case_id=case_id, column=column))
                 continue
-            images[role] = (path.parent / value).resolve()
+            if any(ord(ch) < 32 for ch in value):  # a NUL would make the OS cut or refuse the path
+                problems.append(Problem(f"image path {value!r} contains a control character", line=line,
+                                        case_id=case_id, column=column))
+                continue
+            try:
+                images[role] = (path.parent / value).resolve()
+            except (RuntimeError, OSError) as e:  # pathlib raises RuntimeError for a symlink loop
+                problems.append(Problem(f"image path cannot be resolved ({e})", line=line, case_id=case_id,
+                                        column=column, file=value))
         quality = None
         if has_quality:
             try:
