@@ -238,7 +238,8 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
             try:
                 images[role] = (path.parent / value).resolve()
             except (RuntimeError, OSError) as e:  # pathlib raises RuntimeError for a symlink loop
-                problems.append(Problem(f"image path cannot be resolved ({e})", line=line, case_id=case_id,
+                reason = "a symlink loop" if isinstance(e, RuntimeError) else e.strerror
+                problems.append(Problem(f"image path cannot be resolved: {reason}", line=line, case_id=case_id,
                                         column=column, file=value))
         quality = None
         if has_quality:

@@ -139,7 +139,7 @@ def load_image(path: str | Path) -> tuple[nib.Nifti1Image, object]:
             what = "corrupt gzip stream" if compressed else "read error"
             raise NiftiError(f"not a readable NIfTI image ({what}: {e})") from None
     where = "the decompressed data" if compressed else "the file"
-    if len(data) <= offset:
+    if len(data) < offset:
         raise NiftiError(f"vox_offset {offset} is past the end of {where} ({len(data)} bytes)")
     if len(data) < total:
         raise NiftiError(f"truncated: the header claims {nbytes} bytes of voxel data from offset {offset}, "
