@@ -40,6 +40,7 @@ from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
 from pfq.data.manifest import Manifest, ManifestError, read_manifest
 from pfq.data.preprocess import PreprocessConfig
 from pfq.model import ModelSpec, apply, features
+from pfq.safe_open import UnsafeFileError, open_regular
 from pfq.tasks import TASKS, LabelError, get_task
 from pfq.train.workdir import atomic_write_bytes, atomic_write_text
 
@@ -60,7 +61,18 @@ def make_forward(spec: ModelSpec, variables: dict, *, want_features: bool) -> Fo
 
 
 def load_array(path: str | Path, in_chans: int) -> np.ndarray:
-    x = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        with open_regular(path) as f:  # never a FIFO or a device
+            magic = f.read(6)
+    except UnsafeFileError as e:
+        raise ConvertError(str(e)) from None
+    if magic != b"\x93NUMPY":
+        kind = "an .npz archive" if magic.startswith(b"PK") else "not a .npy file"
+        raise ConvertError(f"{path}: {kind}; --array takes one (N, {in_chans}, D, H, W) array saved with np.save")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:  # object arrays, truncated headers
+        raise ConvertError(f"{path}: unreadable .npy ({e})") from None
     if x.ndim != 5 or x.shape[1] != in_chans:
         raise ConvertError(f"{path}: expected an (N, {in_chans}, D, H, W) array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
@@ -68,10 +80,16 @@ def load_array(path: str | Path, in_chans: int) -> np.ndarray:
     return x
 
 
-def iter_array_batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """NCDHW array -> channels-last batches."""
+def iter_array_batches(x: np.ndarray, batch_size: int, name: str = "--array") -> Iterator[np.ndarray]:
+    """NCDHW array -> channels-last batches; a case with NaN/Inf values is refused (a model would
+    turn it into NaN probabilities without a word)."""
     for start in range(0, x.shape[0], batch_size):
-        yield np.asarray(x[start:start + batch_size], dtype=np.float32).transpose(0, 2, 3, 4, 1)
+        batch = np.asarray(x[start:start + batch_size], dtype=np.float32)
+        finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
+        if not finite.all():
+            case = start + int(np.flatnonzero(~finite)[0])
+            raise ConvertError(f"{name}: case {case} holds NaN/Inf values; refusing to predict on it")
+        yield batch.transpose(0, 2, 3, 4, 1)
 
 
 def iter_volume_batches(volumes: CachedVolumes, batch_size: int) -> Iterator[np.ndarray]:
@@ -81,7 +99,7 @@ def iter_volume_batches(volumes: CachedVolumes, batch_size: int) -> Iterator[np.
 
 
 def run_batches(forward: Forward, batches: Iterator[np.ndarray], batch_size: int, *, total: int = 0,
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, width: int = 0) -> np.ndarray:
     """Apply `forward` to NDHWC batches; a short last batch is zero-padded so one compile serves all
     (samples never interact in eval mode: BatchNorm uses running statistics, GRN is per sample)."""
     outs = []
@@ -93,7 +111,7 @@ def run_batches(forward: Forward, batches: Iterator[np.ndarray], batch_size: int
                 x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), np.float32)])
             outs.append(forward(x)[:n])
             bar.update(n)
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)  # width: classes or features
 
 
 def save_array_atomically(path: Path, array: np.ndarray) -> None:
@@ -248,10 +266,23 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
     print(f"wrote {path}: metrics on the {metrics[0]['n'] if metrics else 0} cases with a valid label")
 
 
+def output_problem(path: Path) -> str | None:
+    """Why `path` cannot receive the output (checked before any work), or None."""
+    if path.is_dir():
+        return f"--output {path} is a folder; name a file in it"
+    if not path.parent.is_dir():
+        return f"--output {path}: the folder {path.parent} does not exist"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         print("error: --batch-size must be positive", file=sys.stderr)
+        return 2
+    problem = output_problem(Path(args.output))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         spec, variables, meta = load_model_dir(args.checkpoint)
@@ -260,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict_manifest(args, spec, meta, forward)
         x = load_array(args.array, spec.in_chans)
         batch_size = min(args.batch_size, max(x.shape[0], 1))
-        y = run_batches(forward, iter_array_batches(x, batch_size), batch_size)
+        width = spec.dims[-1] if args.features else spec.num_classes
+        y = run_batches(forward, iter_array_batches(x, batch_size, args.array), batch_size, width=width)
     except (ConvertError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
