@@ -111,6 +111,16 @@ def lane_variables(lane: lanes_lib.Lane, spec: ModelSpec, loaded: dict | None = 
     return variables
 
 
+def adopt_iterator_state(iterator, meta: dict) -> None:
+    """Move the data iterator to a checkpoint's stored position, refusing a position that belongs to
+    another step (element s of the training dataset is step s, so they must agree)."""
+    stored = meta["data_iterator"]
+    position = stored.get("next_index") if isinstance(stored, dict) else None
+    if position is not None and position != meta["step"]:
+        raise ValueError(f"its data_iterator state is at step {position!r:.40}, not {meta['step']}")
+    iterator.set_state(stored)
+
+
 def stack(trees: list) -> object:
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -179,11 +189,13 @@ class Trainer:
         cfg, optim = self.config, self.config.optim
         steps, batch_size = int(optim.steps), int(optim.batch_size)
         start = 0
-        restored = ckpt.restore(state)
+        initial = iterator.get_state()
+        restored = ckpt.restore(state, adopt_meta=lambda meta: adopt_iterator_state(iterator, meta))
         if restored is not None:
             start, state, meta = restored
-            iterator.set_state(meta["data_iterator"])
             log.info("group %d: resumed from step %d", gi, start)
+        else:
+            iterator.set_state(initial)  # a rejected candidate may have moved it
 
         loss = np.full(len(group), np.nan)
         all_diverged = lambda: bool((to_host(state["diverged_step"]) >= 0).all())  # a host sync
