@@ -30,6 +30,7 @@ from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
 from pfq.model import ModelSpec, init_variables
 from pfq.tasks import Task, get_task
+from pfq.train import fingerprint
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
@@ -331,6 +332,9 @@ class Trainer:
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
         self.preflight(lanes, data)
+        data_print = fingerprint.data_fingerprint(data, cfg.data)
+        if not self.overwrite:  # a resume must see the data its run started on
+            fingerprint.check(self.workdir, data_print)
         # Only now, with the inputs known to be usable, is the workdir created, checked or (with
         # --overwrite) cleared; a failure above leaves earlier outputs untouched. The writer holds the
         # workdir's lock from here on, so a second run there stops instead of mixing with this one.
@@ -338,6 +342,8 @@ class Trainer:
             if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer()):
                 log.info("%s was finished by another run meanwhile", self.workdir)
                 return self._finished_rows()
+            if is_writer():
+                fingerprint.record(self.workdir, data_print)
             return self._sweep(lanes, data)
 
     def _finished_rows(self) -> list[dict]:
