@@ -10,11 +10,14 @@ before `ManifestError` is raised, so a user fixes a manifest in one pass. Format
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pfq.safe_open import UnsafeFileError, open_regular
 
 IMAGE_COLUMNS: tuple[str, ...] = ("t2w", "highb", "adc")
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {"t2w": ("t2w",), "highb": ("highb", "hbv", "dwi"),
@@ -169,7 +172,7 @@ def _resolve_columns(header: Sequence[str]) -> tuple[dict[str, str], list[Proble
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """Header and (CSV line number, row) pairs; a BOM and CRLF line ends are accepted."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.TextIOWrapper(open_regular(path), newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h for h in (reader.fieldnames or [])]
         rows = []
@@ -186,10 +189,11 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
     (None, problems) when the file cannot be read as a table at all."""
     path = Path(path)
     rule = quality_rule(quality_scale, quality_threshold)
-    if not path.is_file():
-        return None, [Problem("manifest file not found", file=str(path))]
     try:
         header, rows = _read_rows(path)
+    except UnsafeFileError as e:
+        reason = "manifest file not found" if e.reason == "file not found" else f"manifest is {e.reason}"
+        return None, [Problem(reason, file=str(path))]
     except UnicodeDecodeError as e:
         return None, [Problem(f"manifest is not UTF-8 text ({e.reason} at byte {e.start})", file=str(path))]
     except csv.Error as e:

@@ -28,7 +28,7 @@ from pfq.data.preprocess import PreprocessConfig
 from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
-from pfq.model import ModelSpec, init_variables
+from pfq.model import ModelSpec, abstract_variables, init_variables
 from pfq.tasks import Task, get_task
 from pfq.train import fingerprint
 from pfq.train import lanes as lanes_lib
@@ -44,6 +44,10 @@ log = logging.getLogger("pfq.train")
 
 class SweepDivergedError(RuntimeError):
     """Every lane of the sweep diverged; their state is saved, no results are written."""
+
+
+class ModelBuildError(ValueError):
+    """The config cannot make a trainable model (found by tracing it before anything is written)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,6 +309,31 @@ class Trainer:
                                       f"cases: {e}") from None
         for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
             self._inits[init] = load_init(init, self.spec)
+        self.preflight_model(max(len(g) for g in lanes_lib.group_lanes(lanes)))
+
+    def preflight_model(self, num_lanes: int) -> None:
+        """Trace the model, optimiser, train step and predict step on abstract inputs (shapes only:
+        about a second, nothing compiled or allocated), so that a config that cannot make a model
+        (an input too small for the downsampling, an unknown dtype or loss) stops here, before
+        `--overwrite` discards anything."""
+        cfg, optim = self.config, self.config.optim
+        lanes_axis = lambda s: jax.ShapeDtypeStruct((num_lanes,) + tuple(s.shape), s.dtype)
+        try:
+            single = abstract_variables(self.spec)
+            tx = make_optimizer(optim, single["params"], self.spec.depths, int(optim.steps))
+            state = jax.eval_shape(jax.vmap(lambda v: init_state(v, tx)), jax.tree.map(lanes_axis, single))
+            shape = (num_lanes, int(optim.batch_size)) + tuple(int(n) for n in cfg.data.input_size) + (3,)
+            batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
+                     "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32)}
+            keys = jax.eval_shape(jax.vmap(jax.random.key), jax.ShapeDtypeStruct((num_lanes,), jnp.uint32))
+            jax.eval_shape(jax.vmap(make_train_step(self.spec, tx, optim.loss)), state, batch, keys)
+            images = jax.ShapeDtypeStruct((int(cfg.eval_batch_size),) + shape[2:], jnp.float32)
+            jax.eval_shape(jax.vmap(make_predict_step(self.spec), in_axes=(0, None)),
+                           {"params": state["params"], "batch_stats": state["batch_stats"]}, images)
+        except Exception as e:  # shape, dtype and name errors surface while tracing
+            text = " ".join(str(e).split())[:400]
+            raise ModelBuildError(f"config.model / config.data.input_size / config.optim: no model can be built "
+                                  f"and trained for this config ({type(e).__name__}: {text})") from None
 
     def export_models(self, outcome: GroupOutcome) -> None:
         """Each finished lane's final model in the converter's format (`models/<lane>`), so it can be
