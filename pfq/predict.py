@@ -268,6 +268,8 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
 
 def output_problem(path: Path) -> str | None:
     """Why `path` cannot receive the output (checked before any work), or None."""
+    if "\x00" in str(path):
+        return f"--output {str(path)!r} contains a NUL byte"
     if path.is_dir():
         return f"--output {path} is a folder; name a file in it"
     if not path.parent.is_dir():

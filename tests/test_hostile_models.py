@@ -268,3 +268,21 @@ def test_finite_weights_and_inputs_still_convert_and_predict(good_model, tmp_pat
     np.save(tmp_path / "x.npy", np.ones((3, 3, 32, 32, 32), np.float32))
     assert _predict(good_model, tmp_path / "x.npy", tmp_path / "y.npy") == 0
     assert np.load(tmp_path / "y.npy").shape == (3, 2)
+
+
+def test_nul_bytes_in_paths_are_clear_errors(good_model, tmp_path, capsys):
+    """A NUL byte cannot be in a file name; every entry point says so instead of a ValueError traceback."""
+    from pfq.train.__main__ import workdir_problem
+    from pfq.train.trainer import load_init
+
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 32, 32, 32), np.float32))
+    assert convert_main([str(tmp_path / "w\x00.pth"), str(tmp_path / "out")]) == 2
+    assert convert_main(["--to-torch", str(good_model) + "\x00", str(tmp_path / "o.safetensors")]) == 2
+    assert _predict(good_model, tmp_path / "x\x00.npy", tmp_path / "y.npy") == 2
+    assert _predict(good_model, tmp_path / "x.npy", tmp_path / "y\x00.npy") == 2
+    err = capsys.readouterr().err
+    assert err.count("NUL byte") == 4 and "Traceback" not in err, err
+    with pytest.raises(ConvertError, match="NUL byte"):
+        load_init(str(good_model) + "\x00", SPEC)
+    assert "NUL byte" in workdir_problem(tmp_path / "run\x00")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]

@@ -116,6 +116,8 @@ def metadata_problems(meta: Any) -> list[str]:
 
 def read_metadata(src_dir: str | Path) -> dict[str, Any]:
     """`pfq_model.json`, checked: a JSON object with the model's structural fields."""
+    if "\x00" in str(src_dir):
+        raise ConvertError(f"{str(src_dir)!r}: the path contains a NUL byte")
     path = Path(src_dir) / METADATA_FILE
     if not Path(src_dir).is_dir():
         raise ConvertError(f"{src_dir}: not a pfq model directory (not a folder)")

@@ -75,6 +75,8 @@ def _unraisable(hook_args) -> None:
 
 def workdir_problem(workdir: Path) -> str | None:
     """Why `workdir` can never hold a run (a file, or under a file), checked before anything else."""
+    if "\x00" in str(workdir):
+        return f"--workdir {str(workdir)!r} contains a NUL byte"
     for path in (workdir, *workdir.absolute().parents):
         if path.exists() or path.is_symlink():
             if path.is_dir():
