@@ -197,7 +197,7 @@ def test_damaged_model_directory_is_a_clear_error(name, entry, tmp_path, capsys)
         elif entry == "pfq.predict":
             np.save(tmp_path / "x.npy", np.ones((1, 3, 32, 32, 32), np.float32))
             status = predict.main(["--checkpoint", str(path), "--array", str(tmp_path / "x.npy"),
-                                   "--output", str(out / "y.npy")])
+                                   "--output", str(tmp_path / "y.npy")])
             err = capsys.readouterr().err
         else:
             try:
@@ -206,7 +206,7 @@ def test_damaged_model_directory_is_a_clear_error(name, entry, tmp_path, capsys)
             except ConvertError as e:  # what the sweep reports with exit status 2
                 status, err = 2, str(e)
     _check(status, err, fragment, "model")
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "y.npy").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from studykit import read_rows, save_nifti, small_sweep_config, snapshot, write_
 from pfq.data.study import load_study_data
 from pfq.tasks import get_task
 from pfq.train import fingerprint
+from pfq.train.workdir import WorkdirError
 
 
 def edit_rows(change: Callable[[list[dict]], list[dict]]) -> Callable[[Path], None]:
@@ -69,20 +70,28 @@ def interrupted(small_study, volume_cache, tmp_path, monkeypatch) -> tuple[Path,
 
 
 @pytest.mark.parametrize("name", list(CHANGES))
-def test_a_resume_on_changed_data_is_refused_naming_the_change(name, interrupted, capsys):
-    from pfq.train.__main__ import run_sweep
-
+def test_a_resume_on_changed_data_is_refused_naming_the_change(name, interrupted):
     root, workdir, config = interrupted
     change, expect = CHANGES[name]
     change(root)
+    data = load_study_data(config, get_task(config.task), progress=False)
+    with pytest.raises(WorkdirError, match="holds a run on other data") as caught:
+        fingerprint.check(workdir, fingerprint.data_fingerprint(data, config.data))
+    for fragment in expect:
+        assert fragment in str(caught.value), f"{fragment!r} not in {caught.value}"
+
+
+def test_the_sweep_refuses_with_exit_2_and_touches_nothing(interrupted, capsys):
+    """The same check through the sweep entry point: before anything in the workdir is written."""
+    from pfq.train.__main__ import run_sweep
+
+    root, workdir, config = interrupted
+    set_cell(3, "pirads", "5")(root)
     before = snapshot(workdir)
     status = run_sweep(config, workdir, progress=False)
     err = capsys.readouterr().err
-    print(err)
     assert status == 2 and err.startswith("error: ") and "Traceback" not in err, err
-    assert "holds a run on other data" in err
-    for fragment in expect:
-        assert fragment in err, f"{fragment!r} not in {err}"
+    assert "case 'c003'" in err and "label 0 -> 1" in err
     assert snapshot(workdir) == before
 
 
