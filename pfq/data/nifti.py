@@ -131,7 +131,10 @@ def load_image(path: str | Path) -> tuple[nib.Nifti1Image, object]:
         try:
             head = read_bounded(stream, 540)
             klass = _header_class(head)
-            header = klass.from_fileobj(io.BytesIO(head), check=False)
+            try:
+                header = klass.from_fileobj(io.BytesIO(head), check=False)
+            except Exception as e:  # nibabel raises its own types for headers it cannot parse
+                raise NiftiError(f"not a readable NIfTI image ({type(e).__name__}: {e})") from None
             offset, nbytes = check_header(header, None if compressed else size)
             total = offset + nbytes
             data = head[:total] if total <= len(head) else head + read_bounded(stream, total - len(head))
