@@ -19,7 +19,8 @@ import numpy as np
 
 from pfq.data.cache import VolumeCache, default_cache_root
 from pfq.data.preprocess import PreprocessConfig
-from pfq.train.workdir import WorkdirError, atomic_write_text
+from pfq.io import atomic_write_text
+from pfq.train.workdir import WorkdirError
 
 FINGERPRINT_FILE = "data.json"
 FORMAT = 1
