@@ -10,11 +10,14 @@ before `ManifestError` is raised, so a user fixes a manifest in one pass. Format
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pfq.safe_open import UnsafeFileError, open_regular
 
 IMAGE_COLUMNS: tuple[str, ...] = ("t2w", "highb", "adc")
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {"t2w": ("t2w",), "highb": ("highb", "hbv", "dwi"),
@@ -145,6 +148,11 @@ def _resolve_columns(header: Sequence[str]) -> tuple[dict[str, str], list[Proble
     """Map each image role to the manifest's column name, accepting aliases."""
     present = {h.strip() for h in header}
     resolved, problems = {}, []
+    for name in sorted(present):  # csv.DictReader keeps only the last of two equal names
+        positions = [i + 1 for i, h in enumerate(header) if h.strip() == name]
+        if len(positions) > 1 and name:
+            problems.append(Problem(f"the header names column {name!r} {len(positions)} times (fields "
+                                    f"{', '.join(map(str, positions))})", line=1, column=name))
     for role in IMAGE_COLUMNS:
         found = [a for a in COLUMN_ALIASES[role] if a in present]
         if not found:
@@ -159,7 +167,7 @@ def _resolve_columns(header: Sequence[str]) -> tuple[dict[str, str], list[Proble
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """Header and (CSV line number, row) pairs; a BOM and CRLF line ends are accepted."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.TextIOWrapper(open_regular(path), newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h for h in (reader.fieldnames or [])]
         rows = []
@@ -176,10 +184,11 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
     (None, problems) when the file cannot be read as a table at all."""
     path = Path(path)
     rule = quality_rule(quality_scale, quality_threshold)
-    if not path.is_file():
-        return None, [Problem("manifest file not found", file=str(path))]
     try:
         header, rows = _read_rows(path)
+    except UnsafeFileError as e:
+        reason = "manifest file not found" if e.reason == "file not found" else f"manifest is {e.reason}"
+        return None, [Problem(reason, file=str(path))]
     except UnicodeDecodeError as e:
         return None, [Problem(f"manifest is not UTF-8 text ({e.reason} at byte {e.start})", file=str(path))]
     except csv.Error as e:
@@ -221,7 +230,16 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
             if not value:
                 problems.append(Problem("empty image path", line=line, case_id=case_id, column=column))
                 continue
-            images[role] = (path.parent / value).resolve()
+            if any(ord(ch) < 32 for ch in value):  # a NUL would make the OS cut or refuse the path
+                problems.append(Problem(f"image path {value!r} contains a control character", line=line,
+                                        case_id=case_id, column=column))
+                continue
+            try:
+                images[role] = (path.parent / value).resolve()
+            except (RuntimeError, OSError) as e:  # pathlib raises RuntimeError for a symlink loop
+                reason = "a symlink loop" if isinstance(e, RuntimeError) else e.strerror
+                problems.append(Problem(f"image path cannot be resolved: {reason}", line=line, case_id=case_id,
+                                        column=column, file=value))
         quality = None
         if has_quality:
             try:

@@ -1,8 +1,9 @@
 """NIfTI volumes -> model input: (D, H, W, 3) float32, channels [T2w, high-b, ADC].
 
 Steps for one case, in order:
-1. Read each file with nibabel, apply its scaling (scl_slope/inter) and cast to float32; reject files
-   that are missing, not NIfTI, not 3-D, non-finite, all zero, or with absurd voxel spacing.
+1. Read each file (regular files only, its header checked before the data: `pfq.data.nifti`),
+   apply its scaling (scl_slope/inter) and cast to float32; reject files that are missing, not
+   NIfTI, not 3-D, non-finite, all zero, or with absurd voxel spacing.
 2. Output grid: T2w's grid reoriented to the closest canonical orientation (RAS+), optionally
    resampled to a target spacing (`PreprocessConfig.spacing`, (D, H, W) mm).
 3. Each channel onto that grid: a channel on T2w's grid is only flipped/permuted (exact); one on
@@ -21,13 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel.openers import ImageOpener
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from scipy import ndimage
 
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
+from pfq.data.nifti import NiftiError, load_image
+from pfq.safe_open import UnsafeFileError
 
 # Bump when the preprocessing output changes for the same inputs and config: it keys the cache.
 PREPROCESS_VERSION = 2
@@ -92,7 +93,7 @@ class Volume:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
-def _header_affine(image, path: Path) -> tuple[np.ndarray, bool]:
+def _header_affine(image, raw) -> tuple[np.ndarray, bool]:
     header = image.header
     codes = int(header.get_sform(coded=True)[1]), int(header.get_qform(coded=True)[1])
     affine = np.asarray(image.affine, dtype=np.float64)
@@ -100,8 +101,6 @@ def _header_affine(image, path: Path) -> tuple[np.ndarray, bool]:
         return affine, True
     # No usable orientation: keep the stored axes, take spacing from pixdim as written (nibabel's
     # loader silently turns a zero pixdim into 1 mm, which would hide a broken header).
-    with ImageOpener(str(path)) as f:
-        raw = type(header).from_fileobj(f, check=False)
     zooms = [float(z) for z in raw["pixdim"][1:4]]
     return np.diag(zooms + [1.0]), False
 
@@ -109,22 +108,16 @@ def _header_affine(image, path: Path) -> tuple[np.ndarray, bool]:
 def read_volume(path: Path | str) -> Volume:
     """One NIfTI file, checked. Raises `VolumeError` naming the file and what is wrong."""
     path = Path(path)
-    if not path.exists():
-        raise VolumeError(path, "file not found")
-    if not path.is_file():
-        raise VolumeError(path, "not a regular file")
-    try:
-        image = nib.load(str(path))
-    except Exception as e:  # nibabel raises many types for corrupt input
-        raise VolumeError(path, f"not a readable NIfTI image ({type(e).__name__}: {e})") from None
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(path, f"{type(image).__name__} is not NIfTI-1/2; convert it to .nii or .nii.gz")
+    try:  # regular files only, header checked before any voxel data is read (`pfq.data.nifti`)
+        image, raw_header = load_image(path)
+    except (UnsafeFileError, NiftiError) as e:
+        raise VolumeError(path, e.reason) from None
     shape = tuple(image.shape)
     while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1) is a 3-D volume
         shape = shape[:-1]
     if len(shape) != 3:
         raise VolumeError(path, f"expected a 3-D volume, got a {len(shape)}-D image of shape {tuple(image.shape)}")
-    affine, oriented = _header_affine(image, path)
+    affine, oriented = _header_affine(image, raw_header)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     low, high = SPACING_RANGE_MM
     if not (np.isfinite(spacing).all() and low <= spacing.min() and spacing.max() <= high):
