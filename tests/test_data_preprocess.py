@@ -153,6 +153,14 @@ def test_crop_or_pad_centres():
     assert not y[:, 0].any() and not y[:, 7].any()
 
 
+@pytest.mark.parametrize("n, size", [(10, 5), (10, 4), (11, 5), (11, 4), (17, 16), (224, 223), (6, 6)])
+def test_centre_crop_starts_where_monai_does(n, size):
+    # MONAI's CenterSpatialCrop (upstream's): centre n // 2, start centre - size // 2. This differs from
+    # (n - size) // 2 exactly when n is even and size odd.
+    x = np.arange(n, dtype=np.float32)
+    assert crop_or_pad(x, (size,))[0] == n // 2 - size // 2
+
+
 def test_load_case_output(tmp_path):
     cells = write_case(tmp_path, "a", shape=SHAPE)
     case = read_manifest(write_manifest(tmp_path / "m.csv", [{**cells, "quality": "4"}])).cases[0]

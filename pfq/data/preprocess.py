@@ -30,7 +30,7 @@ from scipy import ndimage
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
 
 # Bump when the preprocessing output changes for the same inputs and config: it keys the cache.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 SPACING_RANGE_MM = (0.05, 20.0)  # per voxel axis; outside this the header is wrong, not the anatomy
 GRID_ATOL = 1e-3  # affines closer than this (mm) are the same grid; scanners write float noise
 
@@ -281,13 +281,15 @@ def znormalise(volume: np.ndarray, stats: tuple[float, float] | None = None) -> 
 
 
 def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Centre crop where larger, zero-pad (centred) where smaller, per leading axis."""
+    """Centre crop where larger, zero-pad (centred) where smaller, per leading axis. As MONAI's
+    `CenterSpatialCrop` / `SpatialPad` (upstream's): a crop starts at n//2 - size//2 (one voxel later
+    than (n - size)//2 when n is even and size odd); padding puts (size - n)//2 zeros before."""
     size = tuple(int(n) for n in size)
     out = np.zeros(size + volume.shape[len(size):], dtype=volume.dtype)
     src, dst = [], []
     for n, target in zip(volume.shape, size, strict=False):
         if n >= target:
-            start = (n - target) // 2
+            start = n // 2 - target // 2
             src.append(slice(start, start + target))
             dst.append(slice(0, target))
         else:
