@@ -7,9 +7,14 @@ Steps for one case, in order:
    resampled to a target spacing (`PreprocessConfig.spacing`, (D, H, W) mm).
 3. Each channel onto that grid: a channel on T2w's grid is only flipped/permuted (exact); one on
    another grid (shape or affine) is resampled through the two affines (trilinear, zero outside its
-   field of view). Folding both into one affine map interpolates each voxel at most once.
+   field of view). Folding both into one affine map interpolates each voxel at most once. A target
+   spacing that T2w already has (to within header float noise) resamples nothing. Exact zeros are
+   background, not signal: interpolation averages the non-zero neighbours only and an output voxel
+   stays zero unless they carry at least half of its weight, so resampling neither smears the
+   background into the tissue nor adds a rim of near-zero voxels to the normalisation below.
 4. File voxel axes (i, j, k) -> (D, H, W) = (k, j, i), like upstream.
-5. Per-channel z-normalisation over non-zero voxels, then centre crop / zero pad to the input size.
+5. Per-channel z-normalisation over non-zero voxels, then centre crop / zero pad to the input size
+   (MONAI's centre: a crop starts at n//2 - size//2).
 
 Upstream ProFound does not reorient or resample; with `spacing=None` and data already on one RAS
 grid, steps 2-3 are the identity and the result matches upstream's.
@@ -206,7 +211,10 @@ def output_grid(ref: Volume, spacing_dhw: Sequence[float] | None) -> tuple[tuple
     shape = tuple(shape)
     if spacing_dhw is None:
         return shape, affine, ornt
-    factor = np.asarray(spacing_dhw, dtype=np.float64)[::-1] / np.linalg.norm(affine[:3, :3], axis=0)
+    current, target = np.linalg.norm(affine[:3, :3], axis=0), np.asarray(spacing_dhw, dtype=np.float64)[::-1]
+    if np.all(np.abs(target - current) * np.asarray(shape) <= GRID_ATOL):
+        return shape, affine, ornt  # already at that spacing (headers store it as float32): no resampling
+    factor = target / current
     shape = tuple(max(1, int(np.floor(n / f + 0.5))) for n, f in zip(shape, factor, strict=True))
     step = np.eye(4)
     step[:3, :3] = np.diag(factor)
@@ -250,11 +258,23 @@ def _resample_general(data: np.ndarray, matrix: np.ndarray, offset: np.ndarray, 
 
 
 def _onto(volume: Volume, source_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Trilinear resampling of `volume` onto the grid (`shape`, `affine`); zero outside its field of view."""
+    """Trilinear resampling of `volume` onto the grid (`shape`, `affine`); zero outside its field of view.
+
+    Exact zeros (background) are carried as a mask: an output voxel is the weighted mean of its
+    non-zero source neighbours where those hold at least half of the interpolation weight, else zero."""
     m = np.linalg.inv(source_affine) @ affine  # output voxel -> source voxel
     if _is_diagonal(m[:3, :3]):  # axis-aligned grids (the usual case): separable and fast
-        return resample_separable(volume.data, np.diag(m[:3, :3]), m[:3, 3], shape)
-    return _resample_general(volume.data, m[:3, :3], m[:3, 3], shape)
+        def resample(x):
+            return resample_separable(x, np.diag(m[:3, :3]), m[:3, 3], shape)
+    else:
+        def resample(x):
+            return _resample_general(x, m[:3, :3], m[:3, 3], shape)
+    out = resample(volume.data)
+    if volume.data.all():  # no background inside the field of view
+        return out
+    weight = resample((volume.data != 0).astype(np.float32))
+    keep = weight >= 0.5
+    return np.divide(out, weight, out=np.zeros_like(out), where=keep)
 
 
 def nonzero_stats(volume: np.ndarray) -> tuple[float, float] | None:
@@ -303,11 +323,13 @@ def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
 def _aligned_ijk(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | None) -> list[np.ndarray]:
     ref = volumes["t2w"]
     shape, affine, ornt = output_grid(ref, spacing_dhw)
+    native_shape, native_affine, _ = output_grid(ref, None)
+    resampled = shape != native_shape or not np.array_equal(affine, native_affine)
     channels = []
     for role in IMAGE_COLUMNS:
         vol = volumes[role]
         same = _same_grid(vol, ref)
-        if same and spacing_dhw is None:
+        if same and not resampled:
             channels.append(apply_orientation(vol.data, ornt))  # flips/permutations only: exact
         else:
             channels.append(_onto(vol, ref.affine if same else vol.affine, shape, affine))
