@@ -28,6 +28,9 @@ def base_config() -> ConfigDict:
     c.data.test_fraction = 0.4  # of each (label, quality) stratum; ignored if the manifest has `split`
     c.data.split_seed = 0
     c.data.augment = True
+    # "pfq": the fields below; "upstream": upstream ProFound's finetuning transforms and probabilities
+    # (pfq/data/augment_upstream.py; the real-size configs use it).
+    c.data.augment_preset = "pfq"
     # Rotation and zoom keep a small model from memorising a few hundred cases (measured on phantoms).
     c.data.augment_rotate_deg = 10.0  # in-plane rotation U(-a, a) degrees when augmenting; 0: off
     c.data.augment_zoom = 0.1  # in-plane zoom 1 + U(-a, a) when augmenting; 0: off
@@ -98,6 +101,7 @@ def paper_config(task: str) -> ConfigDict:
     c.data.spacing = (1.0, 0.5, 0.5)
     c.data.test_fraction = 0.3
     c.data.workers = 4
+    c.data.augment_preset = "upstream"
     c.model.size = "tiny"
     c.model.depths, c.model.dims = (), ()
     c.model.drop_path = 0.1
@@ -133,10 +137,12 @@ def validate_config(c: ConfigDict) -> None:
     if len(c.data.input_size) != 3:
         raise ValueError(f"config.data.input_size must be (D, H, W), got {tuple(c.data.input_size)}")
     from pfq.data.manifest import quality_rule
+    from pfq.data.pipeline import AugmentConfig
     from pfq.data.preprocess import PreprocessConfig
 
     try:
         quality_rule(c.data.quality_scale, c.data.quality_threshold)
         PreprocessConfig.from_config(c.data)
+        AugmentConfig.from_config(c.data)
     except ValueError as e:
         raise ValueError(f"config.data: {e}") from None
