@@ -23,8 +23,9 @@ def plain(shape=SHAPE, **changes) -> au.UpstreamDraw:
     """No transform fires; the crop sits where the padding put the volume."""
     padded = au.padded_shape(shape, shape)
     start = tuple((p - n) // 2 for p, n in zip(padded, shape, strict=True))
-    fields = dict(angles=None, zoom=None, crop_start=start, flip=False, scale=None, shift=None, bias_coeffs=None,
-                  sigma=None)
+    fields = dict(
+        angles=None, zoom=None, crop_start=start, flip=False, scale=None, shift=None, bias_coeffs=None, sigma=None
+    )
     return au.UpstreamDraw(**{**fields, **changes})
 
 
@@ -35,11 +36,15 @@ def volume(shape=SHAPE, channels=3, seed=0) -> np.ndarray:
 def test_draw_probabilities_and_ranges_are_upstreams():
     n = 4000
     draws = [au.draw(np.random.default_rng(i), SHAPE) for i in range(n)]
-    rates = {"rotate": (0.3, [d.angles is not None for d in draws]), "zoom": (0.3, [d.zoom is not None for d in draws]),
-             "flip": (0.5, [d.flip for d in draws]), "scale": (0.8, [d.scale is not None for d in draws]),
-             "shift": (0.8, [d.shift is not None for d in draws]),
-             "bias": (0.2, [d.bias_coeffs is not None for d in draws]),
-             "smooth": (1.0, [d.sigma is not None for d in draws])}
+    rates = {
+        "rotate": (0.3, [d.angles is not None for d in draws]),
+        "zoom": (0.3, [d.zoom is not None for d in draws]),
+        "flip": (0.5, [d.flip for d in draws]),
+        "scale": (0.8, [d.scale is not None for d in draws]),
+        "shift": (0.8, [d.shift is not None for d in draws]),
+        "bias": (0.2, [d.bias_coeffs is not None for d in draws]),
+        "smooth": (1.0, [d.sigma is not None for d in draws]),
+    }
     for name, (p, fired) in rates.items():
         assert abs(np.mean(fired) - p) <= 4.5 * np.sqrt(p * (1 - p) / n) + 1e-12, name
     angles = np.array([d.angles for d in draws if d.angles is not None])
@@ -98,8 +103,10 @@ def test_bias_field_is_monais_legendre_sum():
     coeffs = tuple(rng.uniform(0, 0.1, 20))
     terms = [(i, j, k) for i in range(4) for j in range(4 - i) for k in range(4 - i - j)]
     x, y, z = (np.linspace(-1, 1, n) for n in shape)
-    expected = sum(c * eval_legendre(i, x)[:, None, None] * eval_legendre(j, y)[None, :, None]
-                   * eval_legendre(k, z)[None, None, :] for c, (i, j, k) in zip(coeffs, terms, strict=True))
+    expected = sum(
+        c * eval_legendre(i, x)[:, None, None] * eval_legendre(j, y)[None, :, None] * eval_legendre(k, z)[None, None, :]
+        for c, (i, j, k) in zip(coeffs, terms, strict=True)
+    )
     np.testing.assert_allclose(au.bias_field(shape, coeffs), expected, atol=1e-6)
     v = volume(shape)
     out = au.apply(v, plain(shape, bias_coeffs=coeffs))

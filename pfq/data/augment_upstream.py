@@ -18,10 +18,11 @@ non-zero voxels and a centre crop to 80 x 300 x 300), in order, with its probabi
 
 Here they act on the cached, already cropped input (`PreprocessConfig.input_size`), so where
 upstream's rotation, zoom and random crop reach into the tissue around its larger crop, these see
-the input's replicated edge (rotation, zoom) or zeros (padding) instead (declared in docs/data.md). Rotation, zoom, padding and crop are one coordinate map, so a voxel is interpolated
-once (upstream interpolates twice when both rotation and zoom are drawn). Every draw comes from the
-generator passed in; all parameters are drawn whether or not their transform fires, so one draw
-does not shift the others.
+the input's replicated edge (rotation, zoom) or zeros (padding) instead (declared in docs/data.md).
+Rotation, zoom, padding and crop are one coordinate map, so a voxel is interpolated once (upstream
+interpolates twice when both rotation and zoom are drawn). Every draw comes from the generator
+passed in; all parameters are drawn whether or not their transform fires, so one draw does not
+shift the others.
 """
 
 from __future__ import annotations
@@ -93,9 +94,16 @@ def draw(rng: np.random.Generator, shape: tuple[int, int, int]) -> UpstreamDraw:
     angles = angles if fires[0] else None
     padded = padded_shape(canvas_shape(shape, angles), shape)
     start = tuple(int(rng.integers(0, p - s + 1)) for p, s in zip(padded, shape, strict=True))
-    return UpstreamDraw(angles=angles, zoom=zoom if fires[1] else None, crop_start=start, flip=bool(fires[2]),
-                        scale=scale if fires[3] else None, shift=shift if fires[4] else None,
-                        bias_coeffs=coeffs if fires[5] else None, sigma=sigma if fires[6] else None)
+    return UpstreamDraw(
+        angles=angles,
+        zoom=zoom if fires[1] else None,
+        crop_start=start,
+        flip=bool(fires[2]),
+        scale=scale if fires[3] else None,
+        shift=shift if fires[4] else None,
+        bias_coeffs=coeffs if fires[5] else None,
+        sigma=sigma if fires[6] else None,
+    )
 
 
 def geometry(volume: np.ndarray, d: UpstreamDraw) -> np.ndarray:
@@ -111,8 +119,9 @@ def geometry(volume: np.ndarray, d: UpstreamDraw) -> np.ndarray:
         dst = [slice(s.start - f, s.stop - f) for s, f in zip(src, first, strict=True)]
         out[tuple(dst)] = volume[tuple(src)]
         return out
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) + f for n, f in zip(shape, first, strict=True)],
-                                indexing="ij")).reshape(3, -1)  # canvas coordinates of every output voxel
+    grid = np.stack(
+        np.meshgrid(*[np.arange(n, dtype=np.float64) + f for n, f in zip(shape, first, strict=True)], indexing="ij")
+    ).reshape(3, -1)  # canvas coordinates of every output voxel
     inside = np.all((grid >= 0) & (grid <= np.asarray(canvas)[:, None] - 1), axis=0)
     centre = (np.asarray(canvas, dtype=np.float64)[:, None] - 1) / 2
     if d.zoom is not None:  # zoom about the canvas centre; edge padding where it zooms out
