@@ -9,7 +9,8 @@ and everything is resampled to 1.0 x 0.5 x 0.5 mm (the real-size configs' spacin
 - volumes/s preprocessed from NIfTI (decode, reorient, resample, z-normalise, crop/pad);
 - volumes/s read from the cache (memory-mapped .npy, page cache warm: the files were just written);
 - the lane pipeline (Grain, default augmentation, default workers) producing lane-stacked batches
-  from the cache: milliseconds per step (also without augmentation, to show its cost), and the
+  from the cache: milliseconds per step (also without augmentation, to show its cost, and with the
+  `upstream` preset that the real-size configs use), and the
   fraction of time the loop waits for input when each step is simulated by a sleep of
   --real-step-ms (a sleep leaves the cores to the pipeline, as an accelerator step does).
 
@@ -124,6 +125,7 @@ def part_a(folder: Path, args) -> dict:
     dataset = lane_dataset(AugmentConfig.from_config(data))
     produce = seconds_per_step(dataset)
     produce_plain = seconds_per_step(lane_dataset(AugmentConfig(enabled=False)))
+    produce_upstream = seconds_per_step(lane_dataset(AugmentConfig(preset="upstream")))  # the real-size configs'
     sleep_s = args.real_step_ms / 1000
     it = to_iterator(dataset, workers=workers)
     wait, per_step = input_wait(it, args.steps, lambda b: time.sleep(sleep_s))
@@ -132,6 +134,7 @@ def part_a(folder: Path, args) -> dict:
             "cache_speedup": round(cached / nifti, 1), "real_lanes_x_batch": [lanes, batch],
             "real_pipeline_ms_per_step": round(produce * 1000, 1),
             "real_pipeline_ms_per_step_no_augment": round(produce_plain * 1000, 1),
+            "real_pipeline_ms_per_step_upstream_augment": round(produce_upstream * 1000, 1),
             "real_step_sleep_ms": args.real_step_ms,
             "real_input_wait_fraction": round(wait, 4), "real_workers": workers}
 
@@ -200,7 +203,10 @@ def main() -> None:
         print(f"real size lane pipeline ({args.lanes} lanes x batch {args.batch}, augmenting, "
               f"{figures['real_workers']} workers): "
               f"{figures['real_pipeline_ms_per_step']:.0f} ms/step "
-              f"({figures['real_pipeline_ms_per_step_no_augment']:.0f} without augmentation); input wait "
+              f"({figures['real_pipeline_ms_per_step_no_augment']:.0f} without augmentation, "
+              f"{figures['real_pipeline_ms_per_step_upstream_augment']:.0f} with the upstream preset, "
+              f"{figures['real_pipeline_ms_per_step_upstream_augment'] / figures['real_pipeline_ms_per_step']:.1f}x); "
+              "input wait "
               f"{100 * figures['real_input_wait_fraction']:.1f}% with a {args.real_step_ms:.0f} ms (sleep) step")
         if not args.skip_model:
             (Path(tmp) / "b").mkdir()

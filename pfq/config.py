@@ -28,8 +28,9 @@ def base_config() -> ConfigDict:
     c.data.test_fraction = 0.4  # of each (label, quality) stratum; ignored if the manifest has `split`
     c.data.split_seed = 0
     c.data.augment = True
-    # "pfq": the fields below; "upstream": upstream ProFound's finetuning transforms and probabilities
-    # (pfq/data/augment_upstream.py; the real-size configs use it).
+    # "pfq": flip, per-channel gain/offset, noise, and the rotation and zoom below; "upstream": upstream
+    # ProFound's finetuning transforms and probabilities (pfq/data/augment_upstream.py; the real-size
+    # configs use it, and it ignores the two fields below).
     c.data.augment_preset = "pfq"
     # Rotation and zoom keep a small model from memorising a few hundred cases (measured on phantoms).
     c.data.augment_rotate_deg = 10.0  # in-plane rotation U(-a, a) degrees when augmenting; 0: off
