@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -103,7 +104,7 @@ class VolumeCache:
     def _usable(self, path: Path) -> bool:
         """An entry that opens as the expected array (anything else is rebuilt)."""
         try:
-            array = np.load(path, mmap_mode="r")
+            array = open_volume(path)
         except (OSError, ValueError):
             return False
         return array.dtype == np.float32 and array.shape == tuple(self.config.input_size) + (len(IMAGE_COLUMNS),)
@@ -174,7 +175,7 @@ class CacheEntry:
 
 def _npy_shape(path: Path) -> tuple[int, ...] | None:
     try:
-        return np.load(path, mmap_mode="r").shape
+        return open_volume(path).shape
     except (OSError, ValueError):
         return None
 
@@ -222,6 +223,19 @@ def select_for_pruning(entries: Sequence[CacheEntry], *, now: float, older_than_
     return chosen
 
 
+# CPython 3.11's AST constructor keeps its recursion depth in shared state, so `np.load`'s header
+# parse (`ast.literal_eval`) can fail with "SystemError: AST constructor recursion depth mismatch"
+# when Grain's reader threads open volumes concurrently (seen in a default run on a loaded host).
+# Opening is cheap (the header and an mmap); reading the voxels stays concurrent.
+_OPEN_LOCK = threading.Lock()
+
+
+def open_volume(path: Path | str) -> np.ndarray:
+    """Memory-maps one cached `.npy`, with the header parse serialised across threads."""
+    with _OPEN_LOCK:
+        return np.load(path, mmap_mode="r")
+
+
 def _ensure_one(args: tuple[Path, PreprocessConfig, CaseRecord]) -> tuple[Path | None, list[Problem]]:
     root, config, case = args
     try:
@@ -249,4 +263,4 @@ class CachedVolumes:
         if now - self._touched.get(index, -self.TOUCH_EVERY_S) >= self.TOUCH_EVERY_S:
             _mark_used(Path(path))  # so that `prune` keeps what a long sweep still reads
             self._touched[index] = now
-        return np.load(path, mmap_mode="r")
+        return open_volume(path)
