@@ -18,6 +18,9 @@ Part B, the default CPU config (ProFound-Conv atto, 32 x 64 x 64, 6 lanes x batc
 the fraction of a training run's time spent waiting for input, with the real vmapped, jitted train
 step on the CPU (it competes with the pipeline for the same cores, as in a real CPU run).
 
+First, the CPU time per real-size volume of each augmentation preset (`pfq`, the default, and
+`upstream`, the real-size configs'), on the same volumes and draws (`--augment-only`: just this).
+
 The last line is one JSON object with every figure.
 """
 
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pfq.config import base_config  # noqa: E402
 from pfq.data.cache import CachedVolumes, VolumeCache  # noqa: E402
 from pfq.data.manifest import read_manifest  # noqa: E402
-from pfq.data.pipeline import AugmentConfig, to_iterator, train_dataset  # noqa: E402
+from pfq.data.pipeline import AugmentConfig, augment, to_iterator, train_dataset  # noqa: E402
 from pfq.data.preprocess import PreprocessConfig, load_case  # noqa: E402
 
 
@@ -139,6 +142,20 @@ def part_a(folder: Path, args) -> dict:
             "real_input_wait_fraction": round(wait, 4), "real_workers": workers}
 
 
+def augment_cpu(args) -> dict:
+    """CPU seconds per real-size volume of each augmentation preset, on the same volumes and draws
+    (process time, so that other jobs on the machine inflate it little)."""
+    volumes = [np.random.default_rng(i).normal(size=(64, 224, 224, 3)).astype(np.float32) for i in range(2)]
+    out = {}
+    for preset in ("pfq", "upstream"):
+        config = AugmentConfig.from_config(base_config().data) if preset == "pfq" else AugmentConfig(preset=preset)
+        t = time.process_time()
+        for i in range(args.augment_draws):
+            augment(volumes[i % 2], np.random.default_rng(i), config)
+        out[f"augment_cpu_s_per_volume_{preset}"] = round((time.process_time() - t) / args.augment_draws, 3)
+    return out
+
+
 def part_b(folder: Path, args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -193,8 +210,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="Grain workers at real size (default: the config's)")
     p.add_argument("--model-steps", type=int, default=4, help="timed default-config train steps")
     p.add_argument("--skip-model", action="store_true", help="skip part B (no model compile)")
+    p.add_argument("--augment-draws", type=int, default=20, help="volumes augmented per preset (CPU time)")
+    p.add_argument("--augment-only", action="store_true", help="only the augmentation presets' CPU time")
     args = p.parse_args()
-    figures = {}
+    figures = augment_cpu(args)
+    print(f"real-size augmentation, CPU s per volume: pfq preset {figures['augment_cpu_s_per_volume_pfq']:.2f}, "
+          f"upstream preset {figures['augment_cpu_s_per_volume_upstream']:.2f} "
+          f"({figures['augment_cpu_s_per_volume_upstream'] / figures['augment_cpu_s_per_volume_pfq']:.1f}x)")
+    if args.augment_only:
+        print(json.dumps(figures))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "a").mkdir()
         figures.update(part_a(Path(tmp) / "a", args))
