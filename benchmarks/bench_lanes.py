@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from pfq import xla_flags
 from pfq.model import ModelSpec, init_variables
 from pfq.train.optim import make_optimizer
 from pfq.train.step import init_state, make_train_step
@@ -87,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     main()

@@ -33,15 +33,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pfq import evaluate
+from pfq import evaluate, xla_flags
 from pfq.convert.errors import ConvertError
 from pfq.convert.store import has_head, load_model_dir
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
 from pfq.data.manifest import Manifest, ManifestError, read_manifest
 from pfq.data.preprocess import PreprocessConfig
+from pfq.io import atomic_write_bytes, atomic_write_text
 from pfq.model import ModelSpec, apply, features
 from pfq.tasks import TASKS, LabelError, get_task
-from pfq.train.workdir import atomic_write_bytes, atomic_write_text
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -270,4 +270,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     sys.exit(main())

@@ -25,6 +25,7 @@ import pytest
 from studykit import KILLED, cli_env, run_train, small_sweep_config, train_command
 
 from pfq import faults
+from pfq.results import read_results
 
 OUTPUTS = ("results.csv", "predictions.csv")
 
@@ -149,8 +150,9 @@ def test_a_finished_sweep_is_not_rerun_or_overwritten(small_reference, tmp_path,
     monkeypatch.setattr(trainer_module, "load_study_data", no_data)
     trainer = trainer_module.Trainer(config, workdir, progress=False)
     rows = trainer.run()
-    with open(workdir / "results.csv", newline="") as f:
-        assert rows == list(csv.DictReader(f))
+    # results.csv read back, typed like the trainer's own rows (json: NaN == NaN)
+    assert json.dumps(rows) == json.dumps(read_results(workdir / "results.csv"))
+    assert isinstance(rows[0]["seed"], int) and isinstance(rows[0]["test_hq_ratio"], float)
     assert trainer.compile_count == 0
     assert {p.name: p.stat().st_mtime_ns for p in workdir.iterdir() if p.is_file()} == stamps
 

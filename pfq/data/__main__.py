@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pfq import xla_flags
 from pfq.config import base_config
 
 
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":  # the phantom generator owns its arguments
         try:
-            from pfq.data.phantoms import synth_main
+            from pfq.data.phantom_set import synth_main
         except ImportError as e:
             print(f"error: the phantom generator is not available ({e})", file=sys.stderr)
             return 2
@@ -230,4 +231,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     sys.exit(main())

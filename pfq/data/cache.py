@@ -23,7 +23,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pfq import io as pfq_io
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
 from pfq.data.preprocess import CaseError, PreprocessConfig, load_case
-from pfq.faults import maybe_fail
 
 HASH_CHUNK = 1 << 22
 
@@ -45,20 +44,9 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("PFQ_CACHE", Path.home() / ".cache" / "pfq")) / "volumes"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(file)` into a temporary sibling, fsync, then rename over `path`."""
+def _write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        maybe_fail("cache_write")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    pfq_io.atomic_write_with(path, write, fault="cache_write")
 
 
 def file_sha256(path: Path) -> str:
@@ -90,7 +78,7 @@ class VolumeCache:
         except OSError:
             pass
         digest = file_sha256(path)
-        _atomic_write(record, lambda f: f.write(digest.encode()))
+        _write(record, lambda f: f.write(digest.encode()))
         return digest
 
     def key(self, case: CaseRecord) -> str:
@@ -132,7 +120,7 @@ class VolumeCache:
         if key is None:  # the files became readable while loading: hash them now
             key = self.key(case)
             path = self.entry(key)
-        _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+        _write(path, lambda f: np.save(f, array, allow_pickle=False))
         return path
 
     def prepare(self, cases: Sequence[CaseRecord], *, workers: int = 0, progress: bool = True,
@@ -194,15 +182,7 @@ def cache_entries(root: Path | str) -> list[CacheEntry]:
 
 def stale_temporaries(root: Path | str, *, older_than_s: float = 3600.0, now: float | None = None) -> list[Path]:
     """Temporary files that killed writers left behind (a live writer's are younger than an hour)."""
-    now = time.time() if now is None else now
-    found = []
-    for path in Path(root).glob("*/*/.*.tmp"):
-        try:
-            if now - path.stat().st_mtime > older_than_s:
-                found.append(path)
-        except OSError:
-            continue
-    return found
+    return pfq_io.stale_temporaries(root, "*/*/*", older_than_s=older_than_s, now=now)
 
 
 def select_for_pruning(entries: Sequence[CacheEntry], *, now: float, older_than_days: float | None = None,

@@ -19,6 +19,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from pfq import xla_flags
 from pfq.config import validate_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
@@ -118,4 +119,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     app.run(main)

@@ -28,7 +28,9 @@ from pfq.data.preprocess import PreprocessConfig
 from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
+from pfq.io import atomic_write_text
 from pfq.model import ModelSpec, init_variables
+from pfq.results import read_results
 from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
@@ -36,7 +38,6 @@ from pfq.train.checkpoint import GroupCheckpointer
 from pfq.train.distributed import global_array_from_box, is_writer, local_box, to_host
 from pfq.train.optim import make_optimizer
 from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
-from pfq.train.workdir import atomic_write_text
 
 log = logging.getLogger("pfq.train")
 
@@ -329,8 +330,7 @@ class Trainer:
             return self._sweep(lanes, data)
 
     def _finished_rows(self) -> list[dict]:
-        with open(self.workdir / "results.csv", newline="") as f:
-            return list(csv.DictReader(f))
+        return read_results(self.workdir / "results.csv")
 
     def _sweep(self, lanes: list, data: StudyData) -> list[dict]:
         cfg = self.config
