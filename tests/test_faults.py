@@ -242,7 +242,6 @@ def compiled_programs(jax_cache, volume_cache, monkeypatch):
 
 def poison(monkeypatch, choose) -> list:
     """Make `choose(data)`'s cases NaN after loading (the loader itself refuses NaN voxels)."""
-    from pfq.data.pipeline import InMemoryVolumes
     from pfq.train import trainer as trainer_module
 
     real, chosen = trainer_module.load_study_data, []
@@ -252,7 +251,7 @@ def poison(monkeypatch, choose) -> list:
         volumes = np.stack([np.asarray(data.source[i]) for i in range(len(data.source))])
         chosen[:] = [int(i) for i in choose(data)]
         volumes[chosen] = np.nan
-        data.source = InMemoryVolumes(volumes)
+        data.source = volumes
         return data
 
     monkeypatch.setattr(trainer_module, "load_study_data", load)

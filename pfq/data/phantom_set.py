@@ -199,8 +199,8 @@ def phantom_manifest(phantoms, progress: bool = True) -> pathlib.Path:
     complete copy exists: in `phantoms.dir`, or else in the cache folder keyed by the parameters."""
     params = {"cases": int(phantoms.cases), "seed": int(phantoms.seed), "shape": list(phantoms.shape),
               "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction),
-              "lesion_scale": float(phantoms.get("lesion_scale", 1.0))}
-    if phantoms.get("dir"):
+              "lesion_scale": float(phantoms.lesion_scale)}
+    if phantoms.dir:
         out = pathlib.Path(phantoms.dir)
     else:
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]

@@ -53,14 +53,14 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     """
     data = config.data
     path = Path(data.manifest) if data.manifest else phantom_manifest(config.phantoms, progress)
-    report = validate_manifest(path, task=task, quality_scale=data.get("quality_scale", "piqual_v1"),
-                               quality_threshold=data.get("quality_threshold"), check_images=False)
+    report = validate_manifest(path, task=task, quality_scale=data.quality_scale,
+                               quality_threshold=data.quality_threshold, check_images=False)
     if report.manifest is None:
         raise ManifestError(path, report.problems)
     manifest, problems = report.manifest, list(report.problems)
-    cache = VolumeCache(data.get("cache_dir") or default_cache_root(), PreprocessConfig.from_config(data))
+    cache = VolumeCache(data.cache_dir or default_cache_root(), PreprocessConfig.from_config(data))
     cases = [c for c in manifest.cases if len(c.images) == 3]
-    paths, image_problems = cache.prepare(cases, workers=int(data.get("prepare_workers", 0)), progress=progress,
+    paths, image_problems = cache.prepare(cases, workers=int(data.prepare_workers), progress=progress,
                                           desc="preprocessing (cached)")
     problems += image_problems
     if problems:

@@ -1,0 +1,6 @@
+"""The configs shipped with pfq, loadable by name (`python -m pfq.train --config smoke`):
+
+default        the study in miniature on the built-in phantoms, sized for 2 CPU cores
+smoke          the default pipeline at toy size, for tests (seconds)
+pirads_binary  the paper's PI-RADS >=4 experiment at the real size (pirads_4class, isup, cspca: its variants)
+"""
