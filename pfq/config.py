@@ -83,6 +83,9 @@ def base_config() -> ConfigDict:
     c.sweep.inits = ("scratch",)  # or converted checkpoint directories
     c.sweep.train_sizes = (400,)
     c.sweep.seeds = (0, 1)
+    # Lanes trained together by one compiled step (per init); 0: all of them. Smaller groups need
+    # less device memory and train one after another (`python -m pfq.plan` sizes this).
+    c.sweep.lanes_per_group = 0
     c.sweep.test_size = 0  # 0: the largest size every test ratio can be drawn at
     c.sweep.test_draws = 5
     c.sweep.test_seed = 0
@@ -129,6 +132,9 @@ def paper_config(task: str) -> ConfigDict:
     c.sweep.inits = ("scratch",)  # add converted checkpoint directories on the command line
     c.sweep.train_sizes = (50, 100, 200)
     c.sweep.seeds = (0, 1, 2, 3, 4)
+    # 75 lanes per init do not fit any TPU slice at once; groups of 8 put one lane (batch 4) on each
+    # chip of an 8-chip slice (v5e:2x4, v6e:2x4). Check a slice with `python -m pfq.plan`.
+    c.sweep.lanes_per_group = 8
     c.optim.update({"steps": 3000, "batch_size": 4, "lr": 5e-4, "warmup_steps": 300, "layer_decay": 0.8})
     c.checkpoint.every_steps = 250
     c.update({"eval_batch_size": 8, "log_every": 50})
@@ -242,6 +248,7 @@ FIELDS: dict[str, Rule] = {
     "sweep.inits": _rule("strs", (bool, "'scratch' or a converted checkpoint directory")),
     "sweep.train_sizes": _rule("ints", _POSITIVE),
     "sweep.seeds": _rule("ints", _SEED),
+    "sweep.lanes_per_group": _rule("int", _NON_NEGATIVE),  # 0: all lanes in one group
     "sweep.test_size": _rule("int", _NON_NEGATIVE),  # 0: the largest size every test ratio can be drawn at
     "sweep.test_draws": _rule("int", _POSITIVE),
     "sweep.test_seed": _rule("int", _SEED),

@@ -11,7 +11,8 @@ Formulations (benchmarks/bench_depthwise.py measures them against PyTorch):
   direct      XLA grouped convolution; the reference.
   fft         real FFTs with a hand-written VJP (below); the CPU default.
   fft_autodiff  the first FFT prototype, differentiated by JAX; kept for comparison only.
-  shifted     scan over the (depth, row) kernel offsets of shifted, channel-scaled sums; no FFT.
+  shifted     scan over the (depth, row) kernel offsets of shifted, channel-scaled sums, with a
+              hand-written VJP; no FFT, no grouped conv. The TPU choice (see resolve_impl).
 
 On this project's 2-core CPU, fft was the fastest at every stage shape of ProFound-Conv tiny
 (2.4-5x PyTorch's faster layout; direct 0.02-0.05x, shifted 0.14-0.37x), hence the CPU default.
@@ -221,16 +222,19 @@ def depthwise_fft_autodiff(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Sum of kd*kh*kw shifted, channel-scaled copies: no FFT and memory-light, but XLA's CPU
-    code for it (and its autodiff) is slow; a fallback for backends without good FFTs.
-    A scan over the kd*kh (depth, row) offsets with the kw column shifts unrolled keeps the
-    compiled program small."""
-    kd, kh, kw = kernel.shape[:3]
-    pads = [(0, 0)] + [((k - 1) // 2, (k - 1) // 2) for k in (kd, kh, kw)] + [(0, 0)]
+# How many (depth, row) offsets each scan iteration of the shifted formulation does.
+SHIFTED_UNROLL: int | bool = 1
+
+
+def _shifted_sum(x: jax.Array, k: jax.Array) -> jax.Array:
+    """'SAME' cross-correlation as kd*kh*kw shifted, channel-scaled copies of x: a scan over the
+    kd*kh (depth, row) offsets with the kw column shifts unrolled keeps the compiled program small.
+    k: (kd, kh, kw, C)."""
+    kd, kh, kw = k.shape[:3]
+    pads = [(0, 0)] + [((s - 1) // 2, (s - 1) // 2) for s in (kd, kh, kw)] + [(0, 0)]
     xp = jnp.pad(x, pads)
     d, h, w = x.shape[1:4]
-    k = kernel[:, :, :, 0, :].astype(x.dtype).reshape(kd * kh, kw, -1)
+    k = k.astype(x.dtype).reshape(kd * kh, kw, -1)
 
     def over_offsets(acc, ab):
         rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
@@ -240,8 +244,47 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
             acc = acc + rows[:, :, :, c:c + w, :] * kab[c]
         return acc, None
 
-    acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh))
+    acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh), unroll=SHIFTED_UNROLL)
     return acc
+
+
+@jax.custom_vjp
+def depthwise_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Sum of kd*kh*kw shifted, channel-scaled copies: no FFT, no grouped convolution, and only
+    elementwise multiply-adds on channels-last data. XLA's CPU code for it is slow, but it is the
+    formulation the TPU compiler handles best: one convolution's forward and backward compiled
+    ~25x faster than `direct`'s grouped convolution (whose code XLA:TPU makes very long) and needs
+    no FFT (BENCHMARKS.md, "Accelerators"). The hand-written VJP keeps only x and the kernel for the
+    backward (autodiff through the scan saved every shifted slice: ~300x the activation):
+    dx is the same sum over dy with the kernel flipped, and each kernel tap's gradient is a
+    reduction of dy times the matching shifted x."""
+    return _shifted_sum(x, kernel[:, :, :, 0, :])
+
+
+def _shifted_fwd(x: jax.Array, kernel: jax.Array):
+    return depthwise_shifted(x, kernel), (x, kernel)
+
+
+def _shifted_bwd(res, dy: jax.Array):
+    x, kernel = res
+    k = kernel[:, :, :, 0, :]
+    dx = _shifted_sum(dy, k[::-1, ::-1, ::-1])
+    kd, kh, kw = k.shape[:3]
+    pads = [(0, 0)] + [((s - 1) // 2, (s - 1) // 2) for s in (kd, kh, kw)] + [(0, 0)]
+    xp = jnp.pad(x, pads)
+    d, h, w = x.shape[1:4]
+    dyf = dy.astype(jnp.float32)
+
+    def tap_grads(_, ab):
+        rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
+                                     (x.shape[0], d, h, xp.shape[3], x.shape[4])).astype(jnp.float32)
+        return None, jnp.stack([jnp.sum(rows[:, :, :, c:c + w, :] * dyf, axis=(0, 1, 2, 3)) for c in range(kw)])
+
+    _, dk = jax.lax.scan(tap_grads, None, jnp.arange(kd * kh), unroll=SHIFTED_UNROLL)  # (kd*kh, kw, C)
+    return dx.astype(x.dtype), dk.reshape(kd, kh, kw, 1, -1).astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_shifted_fwd, _shifted_bwd)
 
 
 IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
@@ -253,15 +296,18 @@ IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """'auto' picks by backend: FFT on CPU (measured fastest there), XLA's grouped conv on GPU/TPU,
-    where cuDNN and the TPU compiler have native depthwise kernels."""
+    """'auto' picks by backend: FFT on CPU (measured fastest there); shifted sums on TPU, whose
+    7x7x7 convolution XLA:TPU compiles ~25x faster than the grouped convolution and ~140x faster
+    than the FFT, with the fewest temporaries (compiled ahead of time for a described v5e;
+    BENCHMARKS.md, "Accelerators"; run time on a real TPU not measured); XLA's grouped conv (cuDNN)
+    on GPU, not measured."""
     if impl != "auto":
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown depthwise implementation {impl!r}; choose from "
                              f"{sorted(IMPLEMENTATIONS)} or 'auto'")
         return impl
     backend = backend or jax.default_backend()
-    return "fft" if backend == "cpu" else "direct"
+    return {"cpu": "fft", "tpu": "shifted"}.get(backend, "direct")
 
 
 def depthwise_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,

@@ -41,9 +41,10 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from pfq.data.preprocess import VolumeError
     from pfq.data.stratify import StratificationError
     from pfq.tasks import LabelError
+    from pfq.train.fit import DoesNotFitError
     from pfq.train.workdir import WorkdirError
 
-    return ManifestError, VolumeError, StratificationError, WorkdirError, ConvertError, LabelError
+    return ManifestError, VolumeError, StratificationError, WorkdirError, ConvertError, LabelError, DoesNotFitError
 
 
 def fail(message: str, status: int) -> int:

@@ -47,14 +47,18 @@ def make_lanes(finetune_hq_ratios, inits, train_sizes, seeds) -> list[Lane]:
     return lanes
 
 
-def group_lanes(lanes: list[Lane]) -> list[list[Lane]]:
+def group_lanes(lanes: list[Lane], max_size: int = 0) -> list[list[Lane]]:
     """Lanes that share one compiled program: everything but data and seeds is equal within a
     group. Scratch and pretrained lanes have identical shapes, but they are kept apart so a
-    pretrained group can be initialised from one checkpoint."""
+    pretrained group can be initialised from one checkpoint. `max_size` > 0 splits each init's
+    lanes into groups of at most that many (trained one after another), so that a group fits in
+    the devices' memory (`python -m pfq.plan` sizes it)."""
     groups: dict[str, list[Lane]] = {}
     for lane in lanes:
         groups.setdefault(lane.init, []).append(lane)
-    return list(groups.values())
+    if max_size <= 0:
+        return list(groups.values())
+    return [g[i:i + max_size] for g in groups.values() for i in range(0, len(g), max_size)]
 
 
 def make_mesh(num_lanes: int, batch_size: int, devices=None) -> Mesh:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -32,12 +31,13 @@ from pfq.io import atomic_write_text
 from pfq.model import ModelSpec, init_variables
 from pfq.results import read_results
 from pfq.tasks import Task, get_task
+from pfq.train import fit, program
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
 from pfq.train.distributed import global_batch, is_writer, local_box, to_host
 from pfq.train.optim import make_optimizer
-from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
+from pfq.train.step import DIVERGED_REASONS, init_state
 
 log = logging.getLogger("pfq.train")
 
@@ -191,12 +191,10 @@ class Trainer:
         if start < steps and start > 0 and all_diverged():
             log.warning("group %d: every lane had diverged by step %d; not training further", gi, start)
         elif start < steps:
-            shape = (len(group), batch_size) + tuple(cfg.data.input_size) + (3,)
-            batch_spec = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
-                          "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh)}
+            batch_spec = program.batch_spec(len(group), batch_size, cfg.data.input_size, batch_sh)
             t0 = time.perf_counter()
-            step_fn = jax.jit(jax.vmap(make_train_step(self.spec, tx, optim.loss)), donate_argnums=0,
-                              out_shardings=(lane_sh, lane_sh)).lower(state, batch_spec, keys).compile()
+            jitted = program.jit_train_step(self.spec, tx, optim.loss, lane_sh)
+            step_fn = jitted.lower(state, batch_spec, keys).compile()
             self.compile_count += 1
             log.info("group %d: compiled the %d-lane step in %.1f s", gi, len(group), time.perf_counter() - t0)
             bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
@@ -225,7 +223,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def predict_pool(self, outcome: GroupOutcome, data: StudyData) -> np.ndarray:
         """(lanes, len(test_pool), classes) probabilities."""
-        predict = jax.jit(jax.vmap(make_predict_step(self.spec), in_axes=(0, None)))
+        predict = program.jit_predict_step(self.spec)
         variables = {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]}
 
         def forward(x: np.ndarray) -> np.ndarray:
@@ -275,6 +273,7 @@ class Trainer:
             if is_writer():
                 workdir_lib.remove_stale_temporaries(self.workdir)  # of a report interrupted last time
             return self._finished_rows()
+        fit.refuse_what_does_not_fit(cfg, self.spec)  # before any data is loaded or the workdir touched
         data = load_study_data(cfg, self.task, progress=self.progress)
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
@@ -293,10 +292,11 @@ class Trainer:
 
     def _sweep(self, lanes: list, data: StudyData, plan: evaluate.ScoringPlan) -> list[dict]:
         cfg = self.config
+        groups = lanes_lib.group_lanes(lanes, int(cfg.sweep.get("lanes_per_group", 0)))
         log.info("%d lanes in %d group(s); train pool %d, test pool %d", len(lanes),
-                 len(lanes_lib.group_lanes(lanes)), len(data.train_pool), len(data.test_pool))
+                 len(groups), len(data.train_pool), len(data.test_pool))
         rows, prediction_rows, diverged = [], [], []
-        for gi, group in enumerate(lanes_lib.group_lanes(lanes)):
+        for gi, group in enumerate(groups):
             outcome = self.train_group(gi, group, data)
             diverged += [f"{lane.name} at step {int(outcome.diverged_step[li])} "
                          f"({DIVERGED_REASONS[int(outcome.diverged_reason[li])]})"
@@ -317,7 +317,7 @@ class Trainer:
         write_csv(self.workdir / "results.csv", rows)
         atomic_write_text(self.workdir / "run.json", json.dumps(
             {"complete": True, "compile_count": self.compile_count, "lanes": len(lanes),
-             "lane_groups": len(lanes_lib.group_lanes(lanes))}, indent=2))
+             "lane_groups": len(groups)}, indent=2))
         return rows
 
 

@@ -1,0 +1,123 @@
+"""`python -m pfq.plan --config FILE [--config.x.y=v ...] --topology v5e:2x4 [--topology ...]`
+
+Compiles the sweep's train and predict steps for each TPU topology and candidate layout on this
+(CPU-only) host, prints a table and writes one JSON record per topology x layout (see
+`pfq.plan` for how every figure is made). Needs libtpu: `pip install -e '.[tpu]'`.
+
+Exit status: 0 done (even if nothing fits: the table says so); 2 a bad config, topology or option.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pirads_binary.py"
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
+_TOPOLOGY = flags.DEFINE_multi_string("topology", ["v5e:2x4"], "TPU slice, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4.")
+_DEPTHWISE = flags.DEFINE_list(
+    "depthwise",
+    ["config"],
+    "Depthwise formulations to compare (direct, fft, shifted; 'config': the config's, with 'auto' resolved for TPU).",
+)
+_REMAT = flags.DEFINE_list("remat", ["config"], "Remat per stage to compare: config, none, light, full.")
+_DTYPE = flags.DEFINE_list("dtype", ["config"], "Compute dtypes to compare: config, float32, bfloat16.")
+_LANES = flags.DEFINE_list(
+    "lanes_per_group",
+    ["auto"],
+    "Lane-group sizes to compare; 'auto': the batch split over "
+    "all chips, one lane per chip and two lanes per chip; 'config': the config's.",
+)
+_HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of HBM kept free when judging whether a layout fits.")
+_TEST_CASES = flags.DEFINE_integer("test_cases", 300, "Test-pool size assumed for the evaluation time estimate.")
+_OUT = flags.DEFINE_string("out", "plan.json", "JSON file: one record per topology x layout.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    "",
+    "Persistent compilation cache folder (default $PFQ_CACHE/jax or ~/.cache/pfq/jax); 'none' to turn it off.",
+)
+
+
+def _resolve(values: list[str], from_config) -> list:
+    return list(dict.fromkeys(from_config if v == "config" else v for v in values))
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from pfq import plan
+    from pfq.config import validate_config
+    from pfq.model.depthwise import resolve_impl
+
+    plan.quiet_libtpu()
+    logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'": expected here
+    config = _CONFIG.value
+    try:
+        validate_config(config)
+        if not plan.libtpu_available() and not all(t.startswith(plan.GPUS) for t in _TOPOLOGY.value):
+            raise ValueError("libtpu is not installed; `pip install -e '.[tpu]'` (works on a CPU-only machine)")
+        plan.enable_compilation_cache(_CACHE.value)
+        depthwise = _resolve(_DEPTHWISE.value, config.model.depthwise)
+        for d in depthwise:
+            resolve_impl(d, "tpu")  # a known name (or 'auto', resolved per topology below)
+        remat = _resolve(_REMAT.value, "config")
+        dtypes = _resolve(_DTYPE.value, config.model.dtype)
+        for r in remat:
+            if r not in ("config", "none", "light", "full"):
+                raise ValueError(f"--remat: unknown mode {r!r}; use config, none, light or full")
+        for t in dtypes:
+            if t not in ("float32", "bfloat16"):
+                raise ValueError(f"--dtype: {t!r}; use float32 or bfloat16")
+        topologies = [(t, plan.topology_devices(t)) for t in _TOPOLOGY.value]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    records = []
+    for topology, devices in topologies:
+        if _LANES.value == ["auto"]:
+            sizes = plan.default_lane_groups(config, len(devices))
+        else:
+            try:
+                sizes = [int(config.sweep.get("lanes_per_group", 0)) if v == "config" else int(v) for v in _LANES.value]
+            except ValueError:
+                print(f"error: --lanes_per_group: integers, 'config' or 'auto', got {_LANES.value}", file=sys.stderr)
+                return 2
+        platform = plan.platform_of(devices)
+        resolved = list(dict.fromkeys(resolve_impl(d, platform) for d in depthwise))
+        for layout in plan.candidate_layouts(config, len(devices), resolved, remat, dtypes, sizes):
+            records.append(
+                plan.plan_layout(
+                    config, topology, layout, devices, headroom=_HEADROOM.value, test_cases=_TEST_CASES.value
+                )
+            )
+            Path(_OUT.value).write_text(json.dumps(records, indent=1))  # after each compile: they take minutes
+    print(plan.table(records))
+    for topology, _ in topologies:
+        choice = plan.best([r for r in records if r["topology"] == topology])
+        if choice is None:
+            print(
+                f"{topology}: no layout fits; try --config.sweep.lanes_per_group smaller, --remat full, "
+                f"--dtype bfloat16, or a smaller --config.optim.batch_size"
+            )
+        else:
+            hours = "no time estimate" if choice["sweep_hours"] is None else f"~{choice['sweep_hours']:.1f} h sweep"
+            print(
+                f"{topology}: best fitting layout {choice['layout']} ({choice['train']['total_gib']:.2f} GiB/chip, "
+                f"{hours}, compiler estimate)"
+            )
+    print(f"records: {_OUT.value}")
+    return 0
+
+
+if __name__ == "__main__":
+    if not os.environ.get("JAX_PLATFORMS"):  # planning only compiles: never start an accelerator backend
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    app.run(main)
