@@ -280,3 +280,24 @@ def label_problems(manifest: Manifest, task) -> tuple[np.ndarray, list[Problem]]
                                     case_id=case.case_id, column=task.column))
             labels.append(-1)
     return np.asarray(labels, dtype=np.int32), problems
+
+
+def domain_problems(manifest: Manifest, skip: tuple[tuple[int, str], ...] = ()) -> list[Problem]:
+    """A problem per non-empty cell of a known label column (`pfq.tasks.LABEL_DOMAINS`: pirads,
+    isup, gleason, case_csPCa) outside its column's domain; empty cells are fine (not every case
+    has every label). `skip`: (line, column) cells already reported."""
+    from pfq.tasks import LABEL_DOMAINS
+
+    problems = []
+    for case in manifest.cases:
+        for column, (check, domain) in LABEL_DOMAINS.items():
+            raw = case.raw.get(column, "")
+            if not raw or (case.line, column) in skip:
+                continue
+            try:
+                check(raw)
+            except ValueError as e:
+                problems.append(Problem(f"invalid {column} value ({domain}): {e}", line=case.line,
+                                        case_id=case.case_id, column=column))
+    return problems
+

@@ -8,9 +8,14 @@ Steps for one case, in order:
    resampled to a target spacing (`PreprocessConfig.spacing`, (D, H, W) mm).
 3. Each channel onto that grid: a channel on T2w's grid is only flipped/permuted (exact); one on
    another grid (shape or affine) is resampled through the two affines (trilinear, zero outside its
-   field of view). Folding both into one affine map interpolates each voxel at most once.
+   field of view). Folding both into one affine map interpolates each voxel at most once. A target
+   spacing that T2w already has (to within header float noise) resamples nothing. Exact zeros are
+   background, not signal: interpolation averages the non-zero neighbours only and an output voxel
+   stays zero unless they carry at least half of its weight, so resampling neither smears the
+   background into the tissue nor adds a rim of near-zero voxels to the normalisation below.
 4. File voxel axes (i, j, k) -> (D, H, W) = (k, j, i), like upstream.
-5. Per-channel z-normalisation over non-zero voxels, then centre crop / zero pad to the input size.
+5. Per-channel z-normalisation over non-zero voxels, then centre crop / zero pad to the input size
+   (MONAI's centre: a crop starts at n//2 - size//2).
 
 Upstream ProFound does not reorient or resample; with `spacing=None` and data already on one RAS
 grid, steps 2-3 are the identity and the result matches upstream's.
@@ -31,7 +36,7 @@ from pfq.data.nifti import NiftiError, load_image
 from pfq.safe_open import UnsafeFileError
 
 # Bump when the preprocessing output changes for the same inputs and config: it keys the cache.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 SPACING_RANGE_MM = (0.05, 20.0)  # per voxel axis; outside this the header is wrong, not the anatomy
 GRID_ATOL = 1e-3  # affines closer than this (mm) are the same grid; scanners write float noise
 
@@ -199,7 +204,10 @@ def output_grid(ref: Volume, spacing_dhw: Sequence[float] | None) -> tuple[tuple
     shape = tuple(shape)
     if spacing_dhw is None:
         return shape, affine, ornt
-    factor = np.asarray(spacing_dhw, dtype=np.float64)[::-1] / np.linalg.norm(affine[:3, :3], axis=0)
+    current, target = np.linalg.norm(affine[:3, :3], axis=0), np.asarray(spacing_dhw, dtype=np.float64)[::-1]
+    if np.all(np.abs(target - current) * np.asarray(shape) <= GRID_ATOL):
+        return shape, affine, ornt  # already at that spacing (headers store it as float32): no resampling
+    factor = target / current
     shape = tuple(max(1, int(np.floor(n / f + 0.5))) for n, f in zip(shape, factor, strict=True))
     step = np.eye(4)
     step[:3, :3] = np.diag(factor)
@@ -243,11 +251,23 @@ def _resample_general(data: np.ndarray, matrix: np.ndarray, offset: np.ndarray, 
 
 
 def _onto(volume: Volume, source_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Trilinear resampling of `volume` onto the grid (`shape`, `affine`); zero outside its field of view."""
+    """Trilinear resampling of `volume` onto the grid (`shape`, `affine`); zero outside its field of view.
+
+    Exact zeros (background) are carried as a mask: an output voxel is the weighted mean of its
+    non-zero source neighbours where those hold at least half of the interpolation weight, else zero."""
     m = np.linalg.inv(source_affine) @ affine  # output voxel -> source voxel
     if _is_diagonal(m[:3, :3]):  # axis-aligned grids (the usual case): separable and fast
-        return resample_separable(volume.data, np.diag(m[:3, :3]), m[:3, 3], shape)
-    return _resample_general(volume.data, m[:3, :3], m[:3, 3], shape)
+        def resample(x):
+            return resample_separable(x, np.diag(m[:3, :3]), m[:3, 3], shape)
+    else:
+        def resample(x):
+            return _resample_general(x, m[:3, :3], m[:3, 3], shape)
+    out = resample(volume.data)
+    if volume.data.all():  # no background inside the field of view
+        return out
+    weight = resample((volume.data != 0).astype(np.float32))
+    keep = weight >= 0.5
+    return np.divide(out, weight, out=np.zeros_like(out), where=keep)
 
 
 def nonzero_stats(volume: np.ndarray) -> tuple[float, float] | None:
@@ -274,13 +294,15 @@ def znormalise(volume: np.ndarray, stats: tuple[float, float] | None = None) -> 
 
 
 def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Centre crop where larger, zero-pad (centred) where smaller, per leading axis."""
+    """Centre crop where larger, zero-pad (centred) where smaller, per leading axis. As MONAI's
+    `CenterSpatialCrop` / `SpatialPad` (upstream's): a crop starts at n//2 - size//2 (one voxel later
+    than (n - size)//2 when n is even and size odd); padding puts (size - n)//2 zeros before."""
     size = tuple(int(n) for n in size)
     out = np.zeros(size + volume.shape[len(size):], dtype=volume.dtype)
     src, dst = [], []
     for n, target in zip(volume.shape, size, strict=False):
         if n >= target:
-            start = (n - target) // 2
+            start = n // 2 - target // 2
             src.append(slice(start, start + target))
             dst.append(slice(0, target))
         else:
@@ -294,11 +316,13 @@ def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
 def _aligned_ijk(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | None) -> list[np.ndarray]:
     ref = volumes["t2w"]
     shape, affine, ornt = output_grid(ref, spacing_dhw)
+    native_shape, native_affine, _ = output_grid(ref, None)
+    resampled = shape != native_shape or not np.array_equal(affine, native_affine)
     channels = []
     for role in IMAGE_COLUMNS:
         vol = volumes[role]
         same = _same_grid(vol, ref)
-        if same and spacing_dhw is None:
+        if same and not resampled:
             channels.append(apply_orientation(vol.data, ornt))  # flips/permutations only: exact
         else:
             channels.append(_onto(vol, ref.affine if same else vol.affine, shape, affine))
