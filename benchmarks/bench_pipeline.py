@@ -9,13 +9,17 @@ and everything is resampled to 1.0 x 0.5 x 0.5 mm (the real-size configs' spacin
 - volumes/s preprocessed from NIfTI (decode, reorient, resample, z-normalise, crop/pad);
 - volumes/s read from the cache (memory-mapped .npy, page cache warm: the files were just written);
 - the lane pipeline (Grain, default augmentation, default workers) producing lane-stacked batches
-  from the cache: milliseconds per step (also without augmentation, to show its cost), and the
+  from the cache: milliseconds per step (also without augmentation, to show its cost, and with the
+  `upstream` preset that the real-size configs use), and the
   fraction of time the loop waits for input when each step is simulated by a sleep of
   --real-step-ms (a sleep leaves the cores to the pipeline, as an accelerator step does).
 
 Part B, the default CPU config (ProFound-Conv atto, 32 x 64 x 64, 6 lanes x batch 8, workers 0):
 the fraction of a training run's time spent waiting for input, with the real vmapped, jitted train
 step on the CPU (it competes with the pipeline for the same cores, as in a real CPU run).
+
+First, the CPU time per real-size volume of each augmentation preset (`pfq`, the default, and
+`upstream`, the real-size configs'), on the same volumes and draws (`--augment-only`: just this).
 
 The last line is one JSON object with every figure.
 """
@@ -39,7 +43,7 @@ from pfq import xla_flags  # noqa: E402
 from pfq.config import base_config  # noqa: E402
 from pfq.data.cache import CachedVolumes, VolumeCache  # noqa: E402
 from pfq.data.manifest import read_manifest  # noqa: E402
-from pfq.data.pipeline import AugmentConfig, to_iterator, train_dataset  # noqa: E402
+from pfq.data.pipeline import AugmentConfig, augment, to_iterator, train_dataset  # noqa: E402
 from pfq.data.preprocess import PreprocessConfig, load_case  # noqa: E402
 
 
@@ -125,6 +129,7 @@ def part_a(folder: Path, args) -> dict:
     dataset = lane_dataset(AugmentConfig.from_config(data))
     produce = seconds_per_step(dataset)
     produce_plain = seconds_per_step(lane_dataset(AugmentConfig(enabled=False)))
+    produce_upstream = seconds_per_step(lane_dataset(AugmentConfig(preset="upstream")))  # the real-size configs'
     sleep_s = args.real_step_ms / 1000
     it = to_iterator(dataset, workers=workers)
     wait, per_step = input_wait(it, args.steps, lambda b: time.sleep(sleep_s))
@@ -133,8 +138,23 @@ def part_a(folder: Path, args) -> dict:
             "cache_speedup": round(cached / nifti, 1), "real_lanes_x_batch": [lanes, batch],
             "real_pipeline_ms_per_step": round(produce * 1000, 1),
             "real_pipeline_ms_per_step_no_augment": round(produce_plain * 1000, 1),
+            "real_pipeline_ms_per_step_upstream_augment": round(produce_upstream * 1000, 1),
             "real_step_sleep_ms": args.real_step_ms,
             "real_input_wait_fraction": round(wait, 4), "real_workers": workers}
+
+
+def augment_cpu(args) -> dict:
+    """CPU seconds per real-size volume of each augmentation preset, on the same volumes and draws
+    (process time, so that other jobs on the machine inflate it little)."""
+    volumes = [np.random.default_rng(i).normal(size=(64, 224, 224, 3)).astype(np.float32) for i in range(2)]
+    out = {}
+    for preset in ("pfq", "upstream"):
+        config = AugmentConfig.from_config(base_config().data) if preset == "pfq" else AugmentConfig(preset=preset)
+        t = time.process_time()
+        for i in range(args.augment_draws):
+            augment(volumes[i % 2], np.random.default_rng(i), config)
+        out[f"augment_cpu_s_per_volume_{preset}"] = round((time.process_time() - t) / args.augment_draws, 3)
+    return out
 
 
 def part_b(folder: Path, args) -> dict:
@@ -191,8 +211,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="Grain workers at real size (default: the config's)")
     p.add_argument("--model-steps", type=int, default=4, help="timed default-config train steps")
     p.add_argument("--skip-model", action="store_true", help="skip part B (no model compile)")
+    p.add_argument("--augment-draws", type=int, default=20, help="volumes augmented per preset (CPU time)")
+    p.add_argument("--augment-only", action="store_true", help="only the augmentation presets' CPU time")
     args = p.parse_args()
-    figures = {}
+    figures = augment_cpu(args)
+    print(f"real-size augmentation, CPU s per volume: pfq preset {figures['augment_cpu_s_per_volume_pfq']:.2f}, "
+          f"upstream preset {figures['augment_cpu_s_per_volume_upstream']:.2f} "
+          f"({figures['augment_cpu_s_per_volume_upstream'] / figures['augment_cpu_s_per_volume_pfq']:.1f}x)")
+    if args.augment_only:
+        print(json.dumps(figures))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "a").mkdir()
         figures.update(part_a(Path(tmp) / "a", args))
@@ -201,7 +229,10 @@ def main() -> None:
         print(f"real size lane pipeline ({args.lanes} lanes x batch {args.batch}, augmenting, "
               f"{figures['real_workers']} workers): "
               f"{figures['real_pipeline_ms_per_step']:.0f} ms/step "
-              f"({figures['real_pipeline_ms_per_step_no_augment']:.0f} without augmentation); input wait "
+              f"({figures['real_pipeline_ms_per_step_no_augment']:.0f} without augmentation, "
+              f"{figures['real_pipeline_ms_per_step_upstream_augment']:.0f} with the upstream preset, "
+              f"{figures['real_pipeline_ms_per_step_upstream_augment'] / figures['real_pipeline_ms_per_step']:.1f}x); "
+              "input wait "
               f"{100 * figures['real_input_wait_fraction']:.1f}% with a {args.real_step_ms:.0f} ms (sleep) step")
         if not args.skip_model:
             (Path(tmp) / "b").mkdir()

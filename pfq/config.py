@@ -47,6 +47,10 @@ def base_config() -> ConfigDict:
     c.data.test_fraction = 0.4  # of each (label, quality) stratum; ignored if the manifest has `split`
     c.data.split_seed = 0
     c.data.augment = True
+    # "pfq": flip, per-channel gain/offset, noise, and the rotation and zoom below; "upstream": upstream
+    # ProFound's finetuning transforms and probabilities (pfq/data/augment_upstream.py; the real-size
+    # configs use it, and it ignores the two fields below).
+    c.data.augment_preset = "pfq"
     # Rotation and zoom keep a small model from memorising a few hundred cases (measured on phantoms).
     c.data.augment_rotate_deg = 10.0  # in-plane rotation U(-a, a) degrees when augmenting; 0: off
     c.data.augment_zoom = 0.1  # in-plane zoom 1 + U(-a, a) when augmenting; 0: off
@@ -120,6 +124,7 @@ def paper_config(task: str) -> ConfigDict:
     c.data.spacing = (1.0, 0.5, 0.5)
     c.data.test_fraction = 0.3
     c.data.workers = 4
+    c.data.augment_preset = "upstream"
     c.model.size = "tiny"
     c.model.depths, c.model.dims = (), ()
     c.model.drop_path = 0.1
@@ -222,6 +227,7 @@ FIELDS: dict[str, Rule] = {
     "data.test_fraction": _rule("float", _between(0, 1, open_lo=True, open_hi=True)),
     "data.split_seed": _rule("int", _SEED),
     "data.augment": _rule("bool"),
+    "data.augment_preset": _rule("str", choices=lambda: ("pfq", "upstream")),
     "data.augment_rotate_deg": _rule("float", _between(0, 180)),
     "data.augment_zoom": _rule("float", _between(0, 1, open_hi=True)),
     "data.balance": _rule("bool"),

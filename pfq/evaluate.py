@@ -12,6 +12,8 @@ resamples; the tests check that the two agree.
 Conventions (shared by both paths, as upstream ProFound): a case is called positive when its positive
 probability is > 0.5 (the two-class argmax); the operating-point metrics take the best value on the
 empirical ROC curve, e.g. `spec_at_sens80` = max specificity over thresholds with sensitivity >= 0.8.
+Cohen's kappa comes twice, under names that say which: `kappa_unweighted` (what upstream's tables
+call "qwk") and `kappa_quadratic` (quadratic weights).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ OPERATING_POINTS = (0.8, 0.9)
 THRESHOLD = 0.5
 BINARY_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity") + tuple(
     f"{kind}{int(t * 100)}" for t in OPERATING_POINTS for kind in ("spec_at_sens", "sens_at_spec"))
-MULTICLASS_METRICS = ("auc", "accuracy", "qwk", "macro_f1")
+MULTICLASS_METRICS = ("auc", "accuracy", "kappa_unweighted", "kappa_quadratic", "macro_f1")
+KAPPA_WEIGHTS = {"kappa_unweighted": None, "kappa_quadratic": "quadratic"}  # scikit-learn's `weights`
 PIRADS_CUTS = ((1, "ge3"), (2, "ge4"))  # 4-class PI-RADS: class = PI-RADS - 2, so >=3 is class >= 1
 NAN = float("nan")
 
@@ -106,23 +109,24 @@ def binary_metrics(y: np.ndarray, p_pos: np.ndarray) -> dict[str, float]:
 
 
 def multiclass_metrics(y: np.ndarray, probs: np.ndarray, task_name: str = "") -> dict[str, float]:
-    """Accuracy, one-vs-rest macro AUC over the classes present in y, quadratic weighted kappa, macro F1
-    over the classes present in y or the predictions (as scikit-learn's default, and upstream); for
-    4-class PI-RADS also the binary metrics of PI-RADS >= 3 and >= 4 (summed class probabilities)."""
+    """Accuracy, one-vs-rest macro AUC over the classes present in y, Cohen's kappa unweighted and
+    quadratic-weighted, macro F1 over the classes present in y or the predictions (as scikit-learn's
+    default, and upstream); for 4-class PI-RADS also the binary metrics of PI-RADS >= 3 and >= 4
+    (summed class probabilities)."""
     y = np.asarray(y).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     num_classes = probs.shape[1]
     pred = probs.argmax(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # kappa of a constant rater: nan, said once in the CSV
-        qwk = float(skm.cohen_kappa_score(y, pred, weights="quadratic", labels=np.arange(num_classes)))
     present = np.unique(y)
     out = {
         "auc": float(np.mean([skm.roc_auc_score(y == k, probs[:, k]) for k in present])) if len(present) > 1 else NAN,
         "accuracy": float((pred == y).mean()),
-        "qwk": qwk,
-        "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
     }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kappa of a constant rater: nan, said once in the CSV
+        for name, weights in KAPPA_WEIGHTS.items():
+            out[name] = float(skm.cohen_kappa_score(y, pred, weights=weights, labels=np.arange(num_classes)))
+    out["macro_f1"] = float(skm.f1_score(y, pred, average="macro", zero_division=0))
     if task_name == "pirads_4class":
         for cut, suffix in PIRADS_CUTS:
             binary = binary_metrics((y >= cut).astype(int), probs[:, cut:].sum(1))
@@ -225,9 +229,9 @@ def weighted_multiclass_metrics(y: np.ndarray, probs: np.ndarray, weights: np.nd
     f1_den = true_count + pred_count  # 2tp + fp + fn; zero for a class neither present nor predicted
     used = f1_den > 0
     grid = np.arange(num_classes)
-    quadratic = (grid[:, None] - grid[None, :]) ** 2.0
-    observed = (confusion * quadratic).sum((1, 2))
-    expected = _safe_div((true_count[:, :, None] * pred_count[:, None, :] * quadratic).sum((1, 2)), total)
+    disagreement = {"kappa_unweighted": (grid[:, None] != grid[None, :]).astype(np.float64),
+                    "kappa_quadratic": (grid[:, None] - grid[None, :]) ** 2.0}
+    chance = true_count[:, :, None] * pred_count[:, None, :]
     class_auc = np.stack([weighted_auc((y == k).astype(int), probs[:, k], weights) for k in range(num_classes)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # all-NaN rows: fewer than two classes present
@@ -235,9 +239,10 @@ def weighted_multiclass_metrics(y: np.ndarray, probs: np.ndarray, weights: np.nd
     out = {
         "auc": auc,
         "accuracy": _safe_div(tp.sum(1), total),
-        "qwk": 1.0 - _safe_div(observed, expected),
-        "macro_f1": _safe_div(_safe_div(2 * tp, f1_den, 0.0).sum(1), used.sum(1)),
     }
+    for name, w in disagreement.items():  # kappa = 1 - observed / chance-expected weighted disagreement
+        out[name] = 1.0 - _safe_div((confusion * w).sum((1, 2)), _safe_div((chance * w).sum((1, 2)), total))
+    out["macro_f1"] = _safe_div(_safe_div(2 * tp, f1_den, 0.0).sum(1), used.sum(1))
     if task_name == "pirads_4class":
         for cut, suffix in PIRADS_CUTS:
             binary = weighted_binary_metrics((y >= cut).astype(int), probs[:, cut:].sum(1), weights)

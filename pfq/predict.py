@@ -41,6 +41,7 @@ from pfq.data.manifest import Manifest, ManifestError, label_problems, read_mani
 from pfq.data.preprocess import PreprocessConfig
 from pfq.io import atomic_write_bytes, atomic_write_text
 from pfq.model import ModelSpec, apply, features
+from pfq.safe_open import UnsafeFileError, open_regular
 from pfq.tasks import TASKS, get_task
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -60,12 +61,31 @@ def make_forward(spec: ModelSpec, variables: dict, *, want_features: bool) -> Fo
 
 
 def load_array(path: str | Path, in_chans: int) -> np.ndarray:
-    x = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        with open_regular(path) as f:  # never a FIFO or a device
+            magic = f.read(6)
+    except UnsafeFileError as e:
+        raise ConvertError(str(e)) from None
+    if magic != b"\x93NUMPY":
+        kind = "an .npz archive" if magic.startswith(b"PK") else "not a .npy file"
+        raise ConvertError(f"{path}: {kind}; --array takes one (N, {in_chans}, D, H, W) array saved with np.save")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:  # object arrays, truncated headers
+        raise ConvertError(f"{path}: unreadable .npy ({e})") from None
     if x.ndim != 5 or x.shape[1] != in_chans:
         raise ConvertError(f"{path}: expected an (N, {in_chans}, D, H, W) array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         raise ConvertError(f"{path}: expected floating-point volumes, got {x.dtype}")
     return x
+
+
+def check_finite_cases(x: np.ndarray, name: str) -> None:
+    """Refuse an input with NaN/Inf values, naming the first such case (a model would turn it into
+    NaN outputs without a word); reads a memory-mapped array one case at a time."""
+    for index in range(x.shape[0]):
+        if not np.isfinite(np.asarray(x[index])).all():
+            raise ConvertError(f"{name}: case {index} holds NaN/Inf values; refusing to predict on it")
 
 
 class ArrayVolumes:
@@ -227,10 +247,25 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
     print(f"wrote {path}: metrics on the {metrics[0]['n'] if metrics else 0} cases with a valid label")
 
 
+def output_problem(path: Path) -> str | None:
+    """Why `path` cannot receive the output (checked before any work), or None."""
+    if "\x00" in str(path):
+        return f"--output {str(path)!r} contains a NUL byte"
+    if path.is_dir():
+        return f"--output {path} is a folder; name a file in it"
+    if not path.parent.is_dir():
+        return f"--output {path}: the folder {path.parent} does not exist"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         print("error: --batch-size must be positive", file=sys.stderr)
+        return 2
+    problem = output_problem(Path(args.output))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         spec, variables, meta = load_model_dir(args.checkpoint)
@@ -239,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             return _predict_manifest(args, spec, meta, forward)
         x = load_array(args.array, spec.in_chans)
         batch_size = min(args.batch_size, max(x.shape[0], 1))
+        check_finite_cases(x, args.array)
         y = evaluate.predict(forward, ArrayVolumes(x), np.arange(x.shape[0]), batch_size)
+        if y.shape[0] == 0:  # no cases: still one column per class (or feature)
+            y = np.zeros((0, spec.dims[-1] if args.features else spec.num_classes), np.float32)
     except (ConvertError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

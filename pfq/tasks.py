@@ -36,6 +36,24 @@ def _yes_no(raw: str) -> int:
     raise LabelError(f"{raw!r} is not YES/NO or 1/0")
 
 
+def _gleason_score(raw: str) -> int:
+    """A Gleason score: the sum (2-10) or 'primary+secondary' with each pattern 1-5."""
+    parts = str(raw).split("+")
+    if len(parts) == 2:
+        return sum(_integer_in(p.strip(), 1, 5) for p in parts)
+    return _integer_in(raw, 2, 10)
+
+
+# What the known label columns can hold, whichever task (if any) reads them: `validate` checks every
+# non-empty cell of these columns always; a task's own mapping (`Task.to_class`) may accept less.
+LABEL_DOMAINS: dict[str, tuple[Callable[[str], int], str]] = {
+    "pirads": (lambda r: _integer_in(r, 1, 5), "PI-RADS 1-5"),
+    "isup": (lambda r: _integer_in(r, 0, 5), "ISUP grade group 0-5 (0: no cancer)"),
+    "gleason": (_gleason_score, "Gleason score: the sum 2-10 or 'primary+secondary'"),
+    "case_csPCa": (_yes_no, "YES/NO or 1/0"),
+}
+
+
 @dataclass(frozen=True)
 class Task:
     name: str

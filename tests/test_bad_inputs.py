@@ -115,6 +115,35 @@ def init_from(**kwargs) -> Callable[[Path], dict]:
     return lambda root: {"sweep.inits": ("scratch", str(model_dir(root, **kwargs)))}
 
 
+def symlink_loop(root: Path) -> dict:
+    (root / "images" / "loop_a.nii").symlink_to(root / "images" / "loop_b.nii")
+    (root / "images" / "loop_b.nii").symlink_to(root / "images" / "loop_a.nii")
+    return set_cell(6, "t2w", "images/loop_a.nii")(root)
+
+
+def second_adc_column(root: Path) -> dict:
+    lines = (root / "manifest.csv").read_text().splitlines()
+    lines = [lines[0] + ",adc"] + [line + ",images/c000_adc.nii.gz" for line in lines[1:]]
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return {}
+
+
+def manifest_fifo(root: Path) -> dict:
+    import os
+
+    (root / "manifest.csv").unlink()
+    os.mkfifo(root / "manifest.csv")
+    return {}
+
+
+def init_damaged(damage: Callable[[Path], None]) -> Callable[[Path], dict]:
+    def edit(root: Path) -> dict:
+        path = model_dir(root)
+        damage(path)
+        return {"sweep.inits": ("scratch", str(path))}
+    return edit
+
+
 @dataclass
 class Bad:
     edit: Callable[[Path], dict]
@@ -191,6 +220,26 @@ CORPUS: dict[str, Bad] = {
                                              ("config.sweep.inits", "pretrained", "head")),
     "not a model directory": Bad(lambda root: {"sweep.inits": (str(root / "images"),)},
                                  ("config.sweep.inits", "images", "not a pfq model directory")),
+    # hostile files and manifests on the training path (the in-process corpus is tests/test_hostile_inputs.py)
+    "image is /dev/zero": Bad(set_cell(5, "adc", "/dev/zero"), ("line 7", "case 'c005'", "column 'adc'",
+                                                              "character device")),
+    "image is a symlink loop": Bad(symlink_loop, ("line 8", "case 'c006'", "column 't2w'", "symlink loop")),
+    "complex64 image": Bad(replace_image(13, "highb", lambda p: save_nifti(p, noise().astype(np.complex64))),
+                           ("case 'c013'", "column 'highb'", "complex")),
+    "two adc columns": Bad(second_adc_column, ("line 1", "column 'adc'", "2 times")),
+    "manifest is a FIFO": Bad(manifest_fifo, ("manifest.csv", "FIFO")),
+    "every row split train": Bad(edit_rows(lambda rows: [dict(r, split="train") for r in rows]),
+                                 ("column 'split'", "every row says 'train'", "test pool would be empty")),
+    "every row split test": Bad(edit_rows(lambda rows: [dict(r, split="test") for r in rows]),
+                                ("column 'split'", "every row says 'test'", "finetuning pool would be empty")),
+    # configs that cannot build a model (found by tracing it before --overwrite discards anything)
+    "input too small for the model": Bad(overrides(data__input_size=(8, 8, 8)), ("input_size",)),
+    "unknown model dtype": Bad(overrides(model__dtype="float17"), ("float17",)),
+    # damaged initial checkpoints
+    "init without variables/": Bad(init_damaged(lambda path: shutil.rmtree(path / "variables")),
+                                   ("config.sweep.inits", "no variables/ folder")),
+    "init pfq_model.json a list": Bad(init_damaged(lambda path: (path / "pfq_model.json").write_text("[1, 2]")),
+                                      ("config.sweep.inits", "pfq_model.json", "JSON list")),
     # the workdir
     "workdir of another run": Bad(lambda root: {}, ("holds a run with a different config", "sweep.seeds"),
                                   overwrite=False, workdir_config={"sweep": {"seeds": [0, 1, 2]}}),
@@ -240,7 +289,7 @@ def test_bad_input_is_a_named_error_and_earlier_outputs_survive(name, study_copy
     for fragment in bad.expect:
         assert fragment in err, f"{fragment!r} not in: {err}"
     assert snapshot(workdir) == before, "earlier outputs changed"
-    assert len(CORPUS) >= 20
+    assert len(CORPUS) >= 40
 
 
 def test_cli_prints_one_clean_error_and_exits_2(study_copy, jax_cache, volume_cache, tmp_path):
@@ -273,3 +322,34 @@ def test_bom_crlf_spaces_and_non_ascii_paths_work(small_study, small_reference, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("results.csv", "predictions.csv"):
         assert (workdir / name).read_bytes() == (small_reference / name).read_bytes(), name
+
+
+def test_workdir_that_is_a_file_is_exit_2_before_anything(study_copy, volume_cache, tmp_path, monkeypatch, capsys):
+    """Not the 'rerun to resume' status 1 of an interrupted run: a bad argument, named."""
+    from pfq.train.__main__ import run_sweep
+
+    monkeypatch.setenv("PFQ_CACHE", str(volume_cache))
+    config = small_sweep_config(study_copy / "manifest.csv")
+    (tmp_path / "a_file").write_text("mine\n")
+    for workdir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        assert run_sweep(config, workdir, progress=False, overwrite=True) == 2
+        err = capsys.readouterr().err
+        assert "not a folder" in err and "a_file" in err and "rerun" not in err, err
+    assert (tmp_path / "a_file").read_text() == "mine\n"
+
+
+def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path):
+    """`--overwrite` removes every output of the previous run (figures of any metric, exported
+    models, checkpoints moved aside) and nothing that pfq did not write."""
+    from pfq.train.workdir import prepare
+
+    workdir = tmp_path / "work"
+    earlier_outputs(workdir, {"seed": 1})
+    for name in ("heatmap_kappa.png", "mismatch_auc_isup.png", "label_efficiency_auc.png", "data.json",
+                 "models/r0-scratch-n20-s0/pfq_model.json", "checkpoints/group0.unreadable/4-x/meta",
+                 "notes.txt"):
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).write_text("earlier\n")
+    assert prepare(workdir, json.dumps({"seed": 2}), overwrite=True) is False
+    left = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    assert left == ["config.json", "notes.txt"], left

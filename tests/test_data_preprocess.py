@@ -153,6 +153,14 @@ def test_crop_or_pad_centres():
     assert not y[:, 0].any() and not y[:, 7].any()
 
 
+@pytest.mark.parametrize("n, size", [(10, 5), (10, 4), (11, 5), (11, 4), (17, 16), (224, 223), (6, 6)])
+def test_centre_crop_starts_where_monai_does(n, size):
+    # MONAI's CenterSpatialCrop (upstream's): centre n // 2, start centre - size // 2. This differs from
+    # (n - size) // 2 exactly when n is even and size odd.
+    x = np.arange(n, dtype=np.float32)
+    assert crop_or_pad(x, (size,))[0] == n // 2 - size // 2
+
+
 def test_load_case_output(tmp_path):
     cells = write_case(tmp_path, "a", shape=SHAPE)
     case = read_manifest(write_manifest(tmp_path / "m.csv", [{**cells, "quality": "4"}])).cases[0]
@@ -196,3 +204,57 @@ def test_preprocessing_normalises_over_the_whole_volume_then_crops(tmp_path):
     channels = aligned_channels(read_case(case), config.spacing)
     expected = np.stack([crop_or_pad(znormalise(c), config.input_size) for c in channels], -1)
     np.testing.assert_allclose(load_case(case, config), expected, atol=1e-5)
+
+
+def _zero_background_case(folder, foreground, seed=0):
+    """A case written by nibabel itself: an ellipsoid of tissue on an exactly zero background, on an
+    oblique grid whose stored axes are permuted and flipped against RAS (so reorienting is not a
+    diagonal map). Returns the case and the tissue values."""
+    import nibabel as nib
+
+    shape = (40, 36, 12)
+    axes = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    tissue = sum(a * a for a in axes) < 0.8
+    values = foreground(np.random.default_rng(seed), shape)
+    data = np.where(tissue, values, 0).astype(np.float32)
+    t, u = np.deg2rad(20), 0.3
+    rot = (np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+           @ np.array([[1, 0, 0], [0, np.cos(u), -np.sin(u)], [0, np.sin(u), np.cos(u)]]))
+    affine = np.eye(4)
+    affine[:3, :3] = (rot @ np.diag([0.6, 0.6, 3.0]))[:, [1, 0, 2]] * [1, -1, 1]
+    affine[:3, 3] = [-12.0, 7.0, 30.0]
+    cells = {}
+    for role in ("t2w", "highb", "adc"):
+        nib.save(nib.Nifti1Image(data, affine), folder / f"{role}.nii.gz")
+        cells[role] = f"{role}.nii.gz"
+    case = read_manifest(write_manifest(folder / "m.csv", [{**cells, "quality": "hq"}])).cases[0]
+    return case, data[tissue]
+
+
+def test_target_spacing_the_image_already_has_resamples_nothing(tmp_path):
+    # The header stores the spacing as float32 (0.6 reads back as 0.59999999 / 0.60000002): asking for
+    # the image's own spacing must give exactly the native result, zero background included.
+    case, _ = _zero_background_case(tmp_path, lambda rng, shape: rng.normal(300.0, 77.0, shape))
+    volumes = read_case(case)
+    own = tuple(float(s) for s in volumes["t2w"].spacing[::-1])
+    assert own != (3.0, 0.6, 0.6)
+    native = load_case(case, PreprocessConfig(input_size=(12, 36, 40)))
+    np.testing.assert_array_equal(load_case(case, PreprocessConfig(input_size=(12, 36, 40), spacing=own)), native)
+    np.testing.assert_array_equal(load_case(case, PreprocessConfig(input_size=(12, 36, 40),
+                                                                   spacing=(3.0, 0.6, 0.6))), native)
+
+
+def test_resampling_carries_the_zero_background(tmp_path):
+    # Genuinely resampled (0.6 -> 0.45 mm in-plane, oblique): tissue of one value stays that value up
+    # to its edge and the background stays exactly zero, so nothing between enters the non-zero
+    # normalisation; textured tissue keeps its non-zero mean.
+    case, _ = _zero_background_case(tmp_path, lambda rng, shape: np.full(shape, 100.0))
+    [t2w, *_] = aligned_channels(read_case(case), (3.0, 0.45, 0.45))
+    tissue = t2w[t2w != 0]
+    np.testing.assert_allclose(tissue, 100.0, rtol=1e-5)
+    expected_voxels = np.count_nonzero(read_case(case)["t2w"].data) * (0.6 / 0.45) ** 2
+    assert abs(len(tissue) / expected_voxels - 1) < 0.05
+
+    case, values = _zero_background_case(tmp_path, lambda rng, shape: rng.normal(300.0, 77.0, shape))
+    [t2w, *_] = aligned_channels(read_case(case), (3.0, 0.45, 0.45))
+    assert abs(t2w[t2w != 0].mean() - values.mean()) < 2.0

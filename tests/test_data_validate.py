@@ -201,3 +201,35 @@ def test_phantom_set_validates_and_loads(tmp_path):
     config.data.input_size = (16, 32, 32)
     data = load_study_data(config, TASK, progress=False)
     assert data.source[0].shape == (16, 32, 32, 3) and data.is_hq.sum() == 4
+
+
+@pytest.mark.parametrize("changes, column, fragment", [
+    ({"pirads": "9"}, "pirads", "PI-RADS 1-5"),
+    ({"pirads": "3.5"}, "pirads", "not an integer in"),
+    ({"isup": "6"}, "isup", "ISUP grade group 0-5"),
+    ({"gleason": "11"}, "gleason", "Gleason score"),
+    ({"gleason": "3+6"}, "gleason", "Gleason score"),
+    ({"case_csPCa": "maybe"}, "case_csPCa", "YES/NO"),
+])
+def test_known_label_columns_are_checked_without_a_task(tmp_path, base, changes, column, fragment, capsys):
+    columns = ["case_id", "t2w", "highb", "adc", "pirads", "isup", "gleason", "case_csPCa", "quality"]
+    good = {"pirads": "4", "isup": "", "gleason": "3+4", "case_csPCa": "YES"}  # empty cells are fine
+    rows = [row(base, **good), row(base, case_id="b", **{**good, "gleason": "7", **changes})]
+    path = write_manifest(tmp_path / "m.csv", rows, columns)
+    [problem] = validate_manifest(path, check_images=False).problems
+    assert (problem.line, problem.case_id, problem.column) == (3, "b", column)
+    assert fragment in problem.message
+    assert main(["validate", str(path), "--no-images", "--no-progress"]) == 1
+    assert f"line 3, case 'b', column '{column}'" in capsys.readouterr().out
+
+
+def test_a_tasks_column_is_reported_once_and_other_columns_still_checked(tmp_path, base):
+    columns = ["case_id", "t2w", "highb", "adc", "pirads", "isup", "quality"]
+    rows = [row(base, pirads="9", isup="2"), row(base, case_id="b", pirads="1", isup="7")]
+    path = write_manifest(tmp_path / "m.csv", rows, columns)
+    found = [(p.line, p.column, p.message) for p in validate_manifest(path, task=TASK, check_images=False).problems]
+    assert [f[:2] for f in found] == [(2, "pirads"), (3, "isup")]
+    assert "invalid label for task pirads_ge4" in found[0][2]
+    # pirads_4class accepts PI-RADS 2-5 only: 1 is in the column's domain but not the task's.
+    found = validate_manifest(path, task=get_task("pirads_4class"), check_images=False).problems
+    assert [(p.line, p.column) for p in found] == [(2, "pirads"), (3, "pirads"), (3, "isup")]

@@ -75,7 +75,9 @@ def test_multiclass_metrics_hand_computed():
     assert got["macro_f1"] == pytest.approx(0.5)
     # QWK, weights (i-j)^2. Observed disagreement: (1->2) + (2->1) = 2. Expected: true and predicted
     # counts are both [1, 1, 2]: sum_ij (i-j)^2 t_i p_j / n = (1 + 8 + 1 + 2 + 8 + 2) / 4 = 5.5.
-    assert got["qwk"] == pytest.approx(1 - 2 / 5.5)
+    assert got["kappa_quadratic"] == pytest.approx(1 - 2 / 5.5)
+    # Unweighted kappa (upstream's "qwk"): observed agreement 2/4; chance agreement (1 + 1 + 4) / 16.
+    assert got["kappa_unweighted"] == pytest.approx((0.5 - 6 / 16) / (1 - 6 / 16))
     # One-vs-rest AUC: class 0 -> 1; class 1: 0.3 beats 0.2, 0.2, loses to 0.5 -> 2/3; class 2:
     # 0.6 beats 0.1, ties 0.6 (1.5); 0.4 beats 0.1 (1) -> 2.5/4. Macro: (1 + 2/3 + 0.625) / 3.
     assert got["auc"] == pytest.approx((1 + 2 / 3 + 0.625) / 3)
@@ -87,7 +89,8 @@ def test_multiclass_auc_equals_sklearn_ovr_and_skips_absent_classes():
     probs = rng.dirichlet(np.ones(6), 60)
     got = ev.multiclass_metrics(y, probs)
     assert got["auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr"))
-    assert got["qwk"] == pytest.approx(skm.cohen_kappa_score(y, probs.argmax(1), weights="quadratic"))
+    assert got["kappa_quadratic"] == pytest.approx(skm.cohen_kappa_score(y, probs.argmax(1), weights="quadratic"))
+    assert got["kappa_unweighted"] == pytest.approx(skm.cohen_kappa_score(y, probs.argmax(1)))
     # Class 5 neither present nor predicted: left out of macro F1 (as upstream) and of the AUC.
     y2 = np.array([0, 0, 1, 1])
     p2 = np.array([[0.6, 0.3, 0.1, 0, 0, 0], [0.3, 0.6, 0.1, 0, 0, 0], [0.2, 0.7, 0.1, 0, 0, 0],
@@ -95,6 +98,29 @@ def test_multiclass_auc_equals_sklearn_ovr_and_skips_absent_classes():
     got2 = ev.multiclass_metrics(y2, p2)
     assert got2["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # class 0: 2/(2+0+1); class 1: 4/(4+1+0)
     assert got2["auc"] == pytest.approx(1.0)
+
+
+def _upstream_style_kappa(y: np.ndarray, pred: np.ndarray) -> float:
+    """Upstream's reported "qwk": weights 1 off the diagonal, over the rating range seen in y and pred."""
+    low, high = min(y.min(), pred.min()), max(y.max(), pred.max())
+    k = high - low + 1
+    observed = np.zeros((k, k))
+    np.add.at(observed, (y - low, pred - low), 1.0 / len(y))
+    expected = np.outer(np.bincount(y - low, minlength=k), np.bincount(pred - low, minlength=k)) / len(y) ** 2
+    off = 1.0 - np.eye(k)
+    return 1.0 - (off * observed).sum() / (off * expected).sum()
+
+
+def test_unweighted_kappa_is_upstreams_qwk_and_differs_from_quadratic():
+    rng = np.random.default_rng(3)
+    gaps = []
+    for _ in range(20):
+        y = rng.integers(0, 4, 40)
+        probs = rng.dirichlet(np.ones(4), 40)
+        got = ev.multiclass_metrics(y, probs)
+        assert got["kappa_unweighted"] == pytest.approx(_upstream_style_kappa(y, probs.argmax(1)), abs=1e-12)
+        gaps.append(abs(got["kappa_quadratic"] - got["kappa_unweighted"]))
+    assert max(gaps) > 0.05  # the two kappas are not interchangeable on random predictions
 
 
 def test_pirads_4class_binarised_hand_computed():

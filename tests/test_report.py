@@ -168,6 +168,20 @@ def test_summary_table_accepts_trainer_rows():
     assert "init=scratch, train size=16" in text and "±" in text
 
 
+def test_report_shows_either_kappa(tmp_path):
+    # Multi-class results carry Cohen's kappa twice; the report can be built on either.
+    from pfq.evaluate import metric_names
+
+    rows = synthetic_rows(inits=("scratch",), sizes=(16,), seeds=(0, 1), task="isup")
+    for r in rows:
+        r["kappa_unweighted"], r["kappa_quadratic"] = r["auc"] - 0.3, r["auc"] - 0.1
+    workdir = write_results(tmp_path, rows)
+    assert {"kappa_unweighted", "kappa_quadratic"} <= set(metric_names(6)) & set(report.metric_columns(rows))
+    for metric in ("kappa_unweighted", "kappa_quadratic"):
+        assert report.main([str(workdir), "--metric", metric]) == 0
+        assert f"Metric: **{metric}**" in (workdir / "report.md").read_text()
+
+
 def test_results_csv_reads_back_as_the_trainers_rows(tmp_path):
     rows = synthetic_rows(diverged={(CKPT, 0.5, 64, 1)})
     back = read_results(write_results(tmp_path, rows) / "results.csv")

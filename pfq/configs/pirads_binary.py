@@ -6,9 +6,9 @@
 
 ProFound-Conv tiny at 64x224x224 (1.0x0.5x0.5 mm), finetune and test HQ ratios {0, .25, .5, .75, 1},
 pretrained (a converted checkpoint directory; see tools/convert_weights.py) and scratch, label budgets
-{50, 100, 200}, 5 seeds, layer-wise lr decay and drop-path as upstream finetuning. The pool must hold
-enough HQ and LQ cases for the largest budget at ratio 0 and at ratio 1 (validation says which
-stratum is short). Variants: pirads_4class, isup, cspca.
+{50, 100, 200}, 5 seeds, layer-wise lr decay, drop-path and augmentation (data.augment_preset="upstream")
+as upstream finetuning. The pool must hold enough HQ and LQ cases for the largest budget at ratio 0
+and at ratio 1 (validation says which stratum is short). Variants: pirads_4class, isup, cspca.
 """
 
 from pfq.config import paper_config

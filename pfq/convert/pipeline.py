@@ -12,7 +12,7 @@ from pfq.convert.formats import FORMAT_NAMES, to_dense
 from pfq.convert.infer import infer_spec
 from pfq.convert.layout import BN_COUNTER, export_state, import_state
 from pfq.convert.reader import read_source
-from pfq.convert.store import has_head, load_model_dir, save_model_dir
+from pfq.convert.store import check_finite, has_head, load_model_dir, save_model_dir
 from pfq.io import atomic_path
 from pfq.model import ModelSpec
 
@@ -35,6 +35,7 @@ def convert_checkpoint(src: str | Path, *, size: str | None = None, in_chans: in
     variables = import_state(spec, dense.state, dense.with_head)
     if not dense.with_head:
         variables = {"params": {"encoder": variables["params"]["encoder"]}, "batch_stats": {}}
+    check_finite(variables, str(src))
     metadata: dict[str, Any] = {
         "source_format": dense.source_format,
         "source_format_name": FORMAT_NAMES[dense.source_format],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from pfq.convert import torch_zip
 from pfq.convert.errors import ConvertError
+from pfq.safe_open import UnsafeFileError, open_regular
 
 _MAX_SAFETENSORS_HEADER = 100 << 20
 
@@ -31,7 +33,7 @@ class SourceFile:
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -63,11 +65,12 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 def read_source(path: str | Path) -> SourceFile:
     path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"{path}: no such file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open_regular(path) as f:  # never a FIFO or a device, which would block or never end
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(512)
+    except UnsafeFileError as e:
+        raise ConvertError(str(e)) from None
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         container, tree = "torch-zip", torch_zip.load(path)
     elif _looks_like_safetensors(head, size):

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from pfq.convert.errors import ConvertError, UnsafeCheckpointError
+from pfq.safe_open import open_regular
 
 MAX_PICKLE_BYTES = 512 << 20  # data.pkl of a weights file is a few hundred KiB
 MAX_DEFLATE_RATIO = 1000  # refuse zip bombs among compressed members
@@ -33,6 +34,8 @@ MAX_DEFLATE_RATIO = 1000  # refuse zip bombs among compressed members
 MAX_READ_FACTOR, MIN_READ_BUDGET = 4, 64 << 20
 _LOCAL_HEADER = 30  # fixed part of a zip local file header
 _KEY_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+MAX_INT_BITS = 64  # every integer a weights file holds (sizes, strides, epochs) fits in 64 bits
 
 # Legacy (non-zip) torch.save output starts with a protocol-2 pickle of this magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -94,12 +97,23 @@ class _Archive:
         self.path = path
         self.size = path.stat().st_size
         try:
-            self.zf = zipfile.ZipFile(path)
+            self.zf = zipfile.ZipFile(open_regular(path))
         except zipfile.BadZipFile as e:
             raise ConvertError(f"{path}: not a readable zip archive ({e}); the file may be truncated") from e
+        except UnicodeDecodeError as e:  # a member flagged UTF-8 whose name is not
+            raise UnsafeCheckpointError(f"{path}: a zip member name is flagged UTF-8 but is not valid UTF-8 "
+                                        f"({e.reason} at byte {e.start})") from None
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"{path}: not a readable zip archive ({e})") from None
         self.members = {}
         for info in self.zf.infolist():
             _check_member_name(info.filename)
+            if info.flag_bits & 0x1:
+                raise UnsafeCheckpointError(f"{path}: zip member {info.filename!r} is encrypted; a weights file "
+                                            "never is")
+            if info.compress_type not in _READABLE_METHODS:
+                raise ConvertError(f"{path}: zip member {info.filename!r} uses compression method "
+                                   f"{info.compress_type}; torch writes stored (0) or deflated (8) members only")
             if info.filename in self.members:
                 raise UnsafeCheckpointError(f"{path}: duplicate zip member {info.filename!r}")
             end = info.header_offset + _LOCAL_HEADER + len(info.filename.encode()) + info.compress_size
@@ -219,8 +233,10 @@ class TensorRef:
 
 
 def _as_int(x: Any, what: str) -> int:
+    if type(x) is int and x.bit_length() > MAX_INT_BITS:  # also keeps later messages printable
+        raise UnsafeCheckpointError(f"tensor {what} is an integer of {x.bit_length()} bits, over {MAX_INT_BITS}")
     if type(x) is not int or x < 0:
-        raise UnsafeCheckpointError(f"tensor {what} must be a non-negative int, got {x!r}")
+        raise UnsafeCheckpointError(f"tensor {what} must be a non-negative int, got {x!r:.80}")
     return x
 
 
@@ -339,6 +355,9 @@ def _check_tree(obj: Any) -> None:
     stack, seen = [obj], set()
     while stack:
         x = stack.pop()
+        if type(x) is int and x.bit_length() > MAX_INT_BITS:
+            raise UnsafeCheckpointError(f"checkpoint holds an integer of {x.bit_length()} bits; a weights file's "
+                                        f"integers fit in {MAX_INT_BITS}")
         if isinstance(x, _INERT_LEAVES) or id(x) in seen:  # the memo can make shared or cyclic refs
             continue
         seen.add(id(x))
@@ -361,7 +380,7 @@ def is_legacy_torch(head: bytes) -> bool:
 def load(path: str | Path) -> Any:
     """Read a torch zip checkpoint into plain Python data with `TensorRef` leaves."""
     path = Path(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(512)
     if is_legacy_torch(head):
         raise ConvertError(f"{path}: legacy (pre-zip) torch serialization is not read, as it cannot be "
@@ -370,10 +389,12 @@ def load(path: str | Path) -> Any:
     data = archive.read_pickle()
     try:
         obj = _RestrictedUnpickler(bytes(data), archive).load()
-    except ConvertError:
-        raise
+        _check_tree(obj)
+    except ConvertError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e.args[0] if e.args else e}", e.problems) from None
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
-            KeyError, RecursionError) as e:
-        raise ConvertError(f"{path}: malformed checkpoint pickle: {type(e).__name__}: {e}") from e
-    _check_tree(obj)
+            KeyError, RecursionError, MemoryError) as e:
+        raise ConvertError(f"{path}: malformed checkpoint pickle: {type(e).__name__}: {str(e)[:300]}") from e
     return obj

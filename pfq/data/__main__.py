@@ -87,12 +87,14 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check every row of a manifest before training",
                          description="Check every row: files exist and are readable 3-D NIfTI, finite, non-empty, "
-                                     "sane spacing, grids compatible or resamplable, labels valid for the task, "
+                                     "sane spacing, grids compatible or resamplable, known label columns within their "
+                                     "domains, labels valid for the task, "
                                      "quality valid, case ids unique. Prints one line per problem; exit status 1 "
                                      "if there is any.")
     val.add_argument("manifest", type=Path)
-    val.add_argument("--task", default=None, help="check the labels this task reads (e.g. pirads_ge4); "
-                                                  "default: labels are not checked")
+    val.add_argument("--task", default=None, help="also check that every row has a label this task accepts "
+                                                  "(e.g. pirads_ge4); known label columns (pirads, isup, "
+                                                  "gleason, case_csPCa) are checked against their domains always")
     _add_quality_args(val)
     val.add_argument("--no-quality", action="store_true", help="the manifest has no quality column")
     val.add_argument("--no-images", action="store_true", help="check the CSV only, do not open images")
@@ -189,7 +191,7 @@ def _validate(args) -> int:
     if task is not None:
         summary += f"; {task.name} classes {dict(sorted(Counter(int(x) for x in report.labels).items()))}"
     else:
-        summary += "; labels not checked (pass --task)"
+        summary += "; known label columns within their domains (pass --task to check a task's labels)"
     print(summary)
     return 0
 

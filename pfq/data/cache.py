@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from pfq import io as pfq_io
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
 from pfq.data.preprocess import CaseError, PreprocessConfig, load_case
+from pfq.safe_open import UnsafeFileError, open_regular
 
 HASH_CHUNK = 1 << 22
 
@@ -51,7 +52,7 @@ def _write(path: Path, write) -> None:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # never a FIFO or /dev/zero, which would block or never end
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -101,7 +102,7 @@ class VolumeCache:
         """The case's entry if it is cached, else None (also None when a file is missing)."""
         try:
             path = self.entry(self.key(case))
-        except (OSError, KeyError):
+        except (OSError, KeyError, UnsafeFileError):
             return None
         return path if path.exists() and self._usable(path) else None
 
@@ -109,7 +110,7 @@ class VolumeCache:
         """The case's entry, preprocessing and writing it if needed. Raises `CaseError`."""
         try:
             key = self.key(case)
-        except (OSError, KeyError):
+        except (OSError, KeyError, UnsafeFileError):
             key = None  # a file is missing or unreadable: load_case names it
         if key is not None:
             path = self.entry(key)

@@ -10,11 +10,14 @@ before `ManifestError` is raised, so a user fixes a manifest in one pass. Format
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pfq.safe_open import UnsafeFileError, open_regular
 
 IMAGE_COLUMNS: tuple[str, ...] = ("t2w", "highb", "adc")
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {"t2w": ("t2w",), "highb": ("highb", "hbv", "dwi"),
@@ -145,6 +148,11 @@ def _resolve_columns(header: Sequence[str]) -> tuple[dict[str, str], list[Proble
     """Map each image role to the manifest's column name, accepting aliases."""
     present = {h.strip() for h in header}
     resolved, problems = {}, []
+    for name in sorted(present):  # csv.DictReader keeps only the last of two equal names
+        positions = [i + 1 for i, h in enumerate(header) if h.strip() == name]
+        if len(positions) > 1 and name:
+            problems.append(Problem(f"the header names column {name!r} {len(positions)} times (fields "
+                                    f"{', '.join(map(str, positions))})", line=1, column=name))
     for role in IMAGE_COLUMNS:
         found = [a for a in COLUMN_ALIASES[role] if a in present]
         if not found:
@@ -159,7 +167,7 @@ def _resolve_columns(header: Sequence[str]) -> tuple[dict[str, str], list[Proble
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """Header and (CSV line number, row) pairs; a BOM and CRLF line ends are accepted."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.TextIOWrapper(open_regular(path), newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h for h in (reader.fieldnames or [])]
         rows = []
@@ -177,10 +185,11 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
     blank quality cells are allowed (quality None: to be graded from the images)."""
     path = Path(path)
     rule = quality_rule(quality_scale, quality_threshold)
-    if not path.is_file():
-        return None, [Problem("manifest file not found", file=str(path))]
     try:
         header, rows = _read_rows(path)
+    except UnsafeFileError as e:
+        reason = "manifest file not found" if e.reason == "file not found" else f"manifest is {e.reason}"
+        return None, [Problem(reason, file=str(path))]
     except UnicodeDecodeError as e:
         return None, [Problem(f"manifest is not UTF-8 text ({e.reason} at byte {e.start})", file=str(path))]
     except csv.Error as e:
@@ -222,7 +231,16 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
             if not value:
                 problems.append(Problem("empty image path", line=line, case_id=case_id, column=column))
                 continue
-            images[role] = (path.parent / value).resolve()
+            if any(ord(ch) < 32 for ch in value):  # a NUL would make the OS cut or refuse the path
+                problems.append(Problem(f"image path {value!r} contains a control character", line=line,
+                                        case_id=case_id, column=column))
+                continue
+            try:
+                images[role] = (path.parent / value).resolve()
+            except (RuntimeError, OSError) as e:  # pathlib raises RuntimeError for a symlink loop
+                reason = "a symlink loop" if isinstance(e, RuntimeError) else e.strerror
+                problems.append(Problem(f"image path cannot be resolved: {reason}", line=line, case_id=case_id,
+                                        column=column, file=value))
         quality = None
         if has_quality and (require_quality or raw.get("quality")):  # not required: blank cells are ungraded
             try:
@@ -263,3 +281,24 @@ def label_problems(manifest: Manifest, task) -> tuple[np.ndarray, list[Problem]]
                                     case_id=case.case_id, column=task.column))
             labels.append(-1)
     return np.asarray(labels, dtype=np.int32), problems
+
+
+def domain_problems(manifest: Manifest, skip: tuple[tuple[int, str], ...] = ()) -> list[Problem]:
+    """A problem per non-empty cell of a known label column (`pfq.tasks.LABEL_DOMAINS`: pirads,
+    isup, gleason, case_csPCa) outside its column's domain; empty cells are fine (not every case
+    has every label). `skip`: (line, column) cells already reported."""
+    from pfq.tasks import LABEL_DOMAINS
+
+    problems = []
+    for case in manifest.cases:
+        for column, (check, domain) in LABEL_DOMAINS.items():
+            raw = case.raw.get(column, "")
+            if not raw or (case.line, column) in skip:
+                continue
+            try:
+                check(raw)
+            except ValueError as e:
+                problems.append(Problem(f"invalid {column} value ({domain}): {e}", line=case.line,
+                                        case_id=case.case_id, column=column))
+    return problems
+

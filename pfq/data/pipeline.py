@@ -21,6 +21,8 @@ import grain
 import numpy as np
 from scipy import ndimage
 
+from pfq.data.augment_upstream import augment_upstream
+
 # Tags that keep the seeded random streams of different purposes apart.
 _ORDER, _BALANCE, _AUGMENT, _SLOTS = 0xDA7A, 0xBA1, 0xA06, 0x5107
 _QUALITY_TAG = {True: 0x4A, False: 0x1A}
@@ -37,9 +39,13 @@ class VolumeSource(Protocol):
 # ----------------------------------------------------------------------------------------------
 # Augmentation: a random map drawn from the lane's (seed, position) stream.
 # ----------------------------------------------------------------------------------------------
+AUGMENT_PRESETS = ("pfq", "upstream")  # upstream: upstream ProFound's transforms (pfq.data.augment_upstream)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     enabled: bool = True
+    preset: str = "pfq"  # "upstream" ignores the fields below
     flip_w: bool = True  # left-right flip: the W axis is the patient's left-right
     intensity_scale: float = 0.1  # per-channel gain 1 + U(-a, a)
     intensity_shift: float = 0.1  # per-channel offset U(-a, a) (inputs are z-normalised)
@@ -47,11 +53,15 @@ class AugmentConfig:
     rotate_deg: float = 0.0  # in-plane (H, W) rotation U(-a, a) degrees; 0: off
     zoom: float = 0.0  # in-plane zoom 1 + U(-a, a); 0: off
 
+    def __post_init__(self) -> None:
+        if self.preset not in AUGMENT_PRESETS:
+            raise ValueError(f"augment_preset must be one of {AUGMENT_PRESETS}, got {self.preset!r}")
+
     @classmethod
     def from_config(cls, data) -> AugmentConfig:
         """From a run config's `data` section."""
-        return cls(enabled=bool(data.augment), rotate_deg=float(data.augment_rotate_deg),
-                   zoom=float(data.augment_zoom))
+        return cls(enabled=bool(data.augment), preset=str(data.augment_preset),
+                   rotate_deg=float(data.augment_rotate_deg), zoom=float(data.augment_zoom))
 
 
 def rotate_zoom(volume: np.ndarray, degrees: float, scale: float) -> np.ndarray:
@@ -70,6 +80,8 @@ def rotate_zoom(volume: np.ndarray, degrees: float, scale: float) -> np.ndarray:
 def augment(volume: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
     if not config.enabled:
         return volume
+    if config.preset == "upstream":
+        return augment_upstream(volume, rng)
     channels = volume.shape[-1]
     flip = config.flip_w and rng.random() < 0.5
     gain = (1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale, channels)).astype(np.float32)

@@ -1,15 +1,21 @@
 """NIfTI volumes -> model input: (D, H, W, 3) float32, channels [T2w, high-b, ADC].
 
 Steps for one case, in order:
-1. Read each file with nibabel, apply its scaling (scl_slope/inter) and cast to float32; reject files
-   that are missing, not NIfTI, not 3-D, non-finite, all zero, or with absurd voxel spacing.
+1. Read each file (regular files only, its header checked before the data: `pfq.data.nifti`),
+   apply its scaling (scl_slope/inter) and cast to float32; reject files that are missing, not
+   NIfTI, not 3-D, non-finite, all zero, or with absurd voxel spacing.
 2. Output grid: T2w's grid reoriented to the closest canonical orientation (RAS+), optionally
    resampled to a target spacing (`PreprocessConfig.spacing`, (D, H, W) mm).
 3. Each channel onto that grid: a channel on T2w's grid is only flipped/permuted (exact); one on
    another grid (shape or affine) is resampled through the two affines (trilinear, zero outside its
-   field of view). Folding both into one affine map interpolates each voxel at most once.
+   field of view). Folding both into one affine map interpolates each voxel at most once. A target
+   spacing that T2w already has (to within header float noise) resamples nothing. Exact zeros are
+   background, not signal: interpolation averages the non-zero neighbours only and an output voxel
+   stays zero unless they carry at least half of its weight, so resampling neither smears the
+   background into the tissue nor adds a rim of near-zero voxels to the normalisation below.
 4. File voxel axes (i, j, k) -> (D, H, W) = (k, j, i), like upstream.
-5. Per-channel z-normalisation over non-zero voxels, then centre crop / zero pad to the input size.
+5. Per-channel z-normalisation over non-zero voxels, then centre crop / zero pad to the input size
+   (MONAI's centre: a crop starts at n//2 - size//2).
 
 Upstream ProFound does not reorient or resample; with `spacing=None` and data already on one RAS
 grid, steps 2-3 are the identity and the result matches upstream's.
@@ -21,16 +27,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel.openers import ImageOpener
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from scipy import ndimage
 
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
+from pfq.data.nifti import NiftiError, load_image
+from pfq.safe_open import UnsafeFileError
 
 # Bump when the preprocessing output changes for the same inputs and config: it keys the cache.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 SPACING_RANGE_MM = (0.05, 20.0)  # per voxel axis; outside this the header is wrong, not the anatomy
 GRID_ATOL = 1e-3  # affines closer than this (mm) are the same grid; scanners write float noise
 
@@ -92,7 +98,7 @@ class Volume:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
-def _header_affine(image, path: Path) -> tuple[np.ndarray, bool]:
+def _header_affine(image, raw) -> tuple[np.ndarray, bool]:
     header = image.header
     codes = int(header.get_sform(coded=True)[1]), int(header.get_qform(coded=True)[1])
     affine = np.asarray(image.affine, dtype=np.float64)
@@ -100,8 +106,6 @@ def _header_affine(image, path: Path) -> tuple[np.ndarray, bool]:
         return affine, True
     # No usable orientation: keep the stored axes, take spacing from pixdim as written (nibabel's
     # loader silently turns a zero pixdim into 1 mm, which would hide a broken header).
-    with ImageOpener(str(path)) as f:
-        raw = type(header).from_fileobj(f, check=False)
     zooms = [float(z) for z in raw["pixdim"][1:4]]
     return np.diag(zooms + [1.0]), False
 
@@ -109,22 +113,16 @@ def _header_affine(image, path: Path) -> tuple[np.ndarray, bool]:
 def read_volume(path: Path | str) -> Volume:
     """One NIfTI file, checked. Raises `VolumeError` naming the file and what is wrong."""
     path = Path(path)
-    if not path.exists():
-        raise VolumeError(path, "file not found")
-    if not path.is_file():
-        raise VolumeError(path, "not a regular file")
-    try:
-        image = nib.load(str(path))
-    except Exception as e:  # nibabel raises many types for corrupt input
-        raise VolumeError(path, f"not a readable NIfTI image ({type(e).__name__}: {e})") from None
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(path, f"{type(image).__name__} is not NIfTI-1/2; convert it to .nii or .nii.gz")
+    try:  # regular files only, header checked before any voxel data is read (`pfq.data.nifti`)
+        image, raw_header = load_image(path)
+    except (UnsafeFileError, NiftiError) as e:
+        raise VolumeError(path, e.reason) from None
     shape = tuple(image.shape)
     while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1) is a 3-D volume
         shape = shape[:-1]
     if len(shape) != 3:
         raise VolumeError(path, f"expected a 3-D volume, got a {len(shape)}-D image of shape {tuple(image.shape)}")
-    affine, oriented = _header_affine(image, path)
+    affine, oriented = _header_affine(image, raw_header)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     low, high = SPACING_RANGE_MM
     if not (np.isfinite(spacing).all() and low <= spacing.min() and spacing.max() <= high):
@@ -206,7 +204,10 @@ def output_grid(ref: Volume, spacing_dhw: Sequence[float] | None) -> tuple[tuple
     shape = tuple(shape)
     if spacing_dhw is None:
         return shape, affine, ornt
-    factor = np.asarray(spacing_dhw, dtype=np.float64)[::-1] / np.linalg.norm(affine[:3, :3], axis=0)
+    current, target = np.linalg.norm(affine[:3, :3], axis=0), np.asarray(spacing_dhw, dtype=np.float64)[::-1]
+    if np.all(np.abs(target - current) * np.asarray(shape) <= GRID_ATOL):
+        return shape, affine, ornt  # already at that spacing (headers store it as float32): no resampling
+    factor = target / current
     shape = tuple(max(1, int(np.floor(n / f + 0.5))) for n, f in zip(shape, factor, strict=True))
     step = np.eye(4)
     step[:3, :3] = np.diag(factor)
@@ -250,11 +251,23 @@ def _resample_general(data: np.ndarray, matrix: np.ndarray, offset: np.ndarray, 
 
 
 def _onto(volume: Volume, source_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Trilinear resampling of `volume` onto the grid (`shape`, `affine`); zero outside its field of view."""
+    """Trilinear resampling of `volume` onto the grid (`shape`, `affine`); zero outside its field of view.
+
+    Exact zeros (background) are carried as a mask: an output voxel is the weighted mean of its
+    non-zero source neighbours where those hold at least half of the interpolation weight, else zero."""
     m = np.linalg.inv(source_affine) @ affine  # output voxel -> source voxel
     if _is_diagonal(m[:3, :3]):  # axis-aligned grids (the usual case): separable and fast
-        return resample_separable(volume.data, np.diag(m[:3, :3]), m[:3, 3], shape)
-    return _resample_general(volume.data, m[:3, :3], m[:3, 3], shape)
+        def resample(x):
+            return resample_separable(x, np.diag(m[:3, :3]), m[:3, 3], shape)
+    else:
+        def resample(x):
+            return _resample_general(x, m[:3, :3], m[:3, 3], shape)
+    out = resample(volume.data)
+    if volume.data.all():  # no background inside the field of view
+        return out
+    weight = resample((volume.data != 0).astype(np.float32))
+    keep = weight >= 0.5
+    return np.divide(out, weight, out=np.zeros_like(out), where=keep)
 
 
 def nonzero_stats(volume: np.ndarray) -> tuple[float, float] | None:
@@ -281,13 +294,15 @@ def znormalise(volume: np.ndarray, stats: tuple[float, float] | None = None) -> 
 
 
 def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Centre crop where larger, zero-pad (centred) where smaller, per leading axis."""
+    """Centre crop where larger, zero-pad (centred) where smaller, per leading axis. As MONAI's
+    `CenterSpatialCrop` / `SpatialPad` (upstream's): a crop starts at n//2 - size//2 (one voxel later
+    than (n - size)//2 when n is even and size odd); padding puts (size - n)//2 zeros before."""
     size = tuple(int(n) for n in size)
     out = np.zeros(size + volume.shape[len(size):], dtype=volume.dtype)
     src, dst = [], []
     for n, target in zip(volume.shape, size, strict=False):
         if n >= target:
-            start = (n - target) // 2
+            start = n // 2 - target // 2
             src.append(slice(start, start + target))
             dst.append(slice(0, target))
         else:
@@ -301,11 +316,13 @@ def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
 def _aligned_ijk(volumes: dict[str, Volume], spacing_dhw: Sequence[float] | None) -> list[np.ndarray]:
     ref = volumes["t2w"]
     shape, affine, ornt = output_grid(ref, spacing_dhw)
+    native_shape, native_affine, _ = output_grid(ref, None)
+    resampled = shape != native_shape or not np.array_equal(affine, native_affine)
     channels = []
     for role in IMAGE_COLUMNS:
         vol = volumes[role]
         same = _same_grid(vol, ref)
-        if same and spacing_dhw is None:
+        if same and not resampled:
             channels.append(apply_orientation(vol.data, ornt))  # flips/permutations only: exact
         else:
             channels.append(_onto(vol, ref.affine if same else vol.affine, shape, affine))

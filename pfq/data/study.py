@@ -11,7 +11,7 @@ import numpy as np
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
 from pfq.data.grade import Grading, grade
 from pfq.data.iqm import manifest_iqms
-from pfq.data.manifest import Manifest, ManifestError
+from pfq.data.manifest import Manifest, ManifestError, Problem
 from pfq.data.phantom_set import phantom_manifest
 from pfq.data.pipeline import VolumeSource
 from pfq.data.preprocess import PreprocessConfig
@@ -44,7 +44,14 @@ def split_by_column(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
     if problems:
         raise ManifestError(manifest.path, problems)
     splits_arr = np.array(splits)
-    return np.flatnonzero(splits_arr == "train"), np.flatnonzero(splits_arr == "test")
+    train, test = np.flatnonzero(splits_arr == "train"), np.flatnonzero(splits_arr == "test")
+    for pool, name, missing in ((train, "finetuning", "train"), (test, "test", "test")):
+        if len(pool) == 0:
+            only = "test" if missing == "train" else "train"
+            raise ManifestError(manifest.path, [Problem(
+                f"every row says {only!r}, so the {name} pool would be empty; mark some rows {missing!r} or drop "
+                "the column", column="split")])
+    return train, test
 
 
 def load_study_data(config, task: Task, progress: bool = True) -> StudyData:

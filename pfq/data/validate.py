@@ -1,7 +1,8 @@
 """Manifest validation: every row checked before anything trains.
 
 Checks: the CSV's structure (columns, unique case ids, quality values on the configured scale, the
-`split` column), labels valid for the task, and every image: exists, readable NIfTI, 3-D, finite,
+`split` column), the known label columns' domains (PI-RADS 1-5, ISUP 0-5, Gleason scores, YES/NO
+csPCa; always, task or not), labels valid for the task, and every image: exists, readable NIfTI, 3-D, finite,
 not all zero, sane voxel spacing, and high-b/ADC on T2w's grid or resamplable onto it. Image checks
 are the same functions preprocessing runs (`pfq.data.preprocess`), so a manifest that validates
 preprocesses, and training (which goes through the cache) refuses the same rows.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pfq.data.manifest import Manifest, Problem, label_problems, parse_manifest
+from pfq.data.manifest import Manifest, Problem, domain_problems, label_problems, parse_manifest
 from pfq.data.preprocess import CaseError, grid_problems, read_case
 
 
@@ -69,16 +70,18 @@ def image_problems(cases: Sequence, *, workers: int = 0, progress: bool = False)
 def validate_manifest(path: Path | str, *, task=None, quality_scale: str = "piqual_v1",
                       quality_threshold: float | None = None, require_quality: bool = True,
                       check_images: bool = True, workers: int = 0, progress: bool = False) -> Report:
-    """Every problem of a manifest, in line order. `task` is a `pfq.tasks.Task` (or None: no labels)."""
+    """Every problem of a manifest, in line order. `task` is a `pfq.tasks.Task` (or None: the known
+    label columns' domains are still checked)."""
     manifest, problems = parse_manifest(path, quality_threshold=quality_threshold, quality_scale=quality_scale,
                                         require_quality=require_quality,
                                         label_column=task.column if task is not None else None)
     if manifest is None:
         return Report(None, problems)
-    labels = None
+    labels, found = None, []
     if task is not None:
         labels, found = label_problems(manifest, task)
         problems += found
+    problems += domain_problems(manifest, skip=tuple((p.line, p.column) for p in found))
     problems += split_problems(manifest)
     if check_images:
         checkable = [c for c in manifest.cases if len(c.images) == 3]  # rows without paths are reported above

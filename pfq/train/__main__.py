@@ -42,9 +42,11 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from pfq.data.stratify import StratificationError
     from pfq.tasks import LabelError
     from pfq.train.fit import DoesNotFitError
+    from pfq.train.trainer import ModelBuildError
     from pfq.train.workdir import WorkdirError
 
-    return ManifestError, VolumeError, StratificationError, WorkdirError, ConvertError, LabelError, DoesNotFitError
+    return (ManifestError, VolumeError, StratificationError, WorkdirError, ConvertError, LabelError,
+            ModelBuildError, DoesNotFitError)
 
 
 def fail(message: str, status: int) -> int:
@@ -72,6 +74,19 @@ def _unraisable(hook_args) -> None:
         sys.__unraisablehook__(hook_args)
 
 
+def workdir_problem(workdir: Path) -> str | None:
+    """Why `workdir` can never hold a run (a file, or under a file), checked before anything else."""
+    if "\x00" in str(workdir):
+        return f"--workdir {str(workdir)!r} contains a NUL byte"
+    for path in (workdir, *workdir.absolute().parents):
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return None
+            what = "is" if path == workdir else f"lies under {path}, which is"
+            return f"--workdir {workdir} {what} not a folder; name a folder (it is created if missing)"
+    return None
+
+
 def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = False) -> int:
     """Everything after flag parsing; returns the exit status (see the module docstring)."""
     from pfq.train.distributed import is_writer
@@ -79,6 +94,9 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
+    problem = workdir_problem(workdir)
+    if problem:
+        return fail(problem, 2)
     try:
         validate_config(config)
         trainer = Trainer(config, workdir, progress=progress, overwrite=overwrite)  # task and model from the config

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,12 @@ class GroupCheckpointer:
         folder = self.directory / str(step)
         return [f"item {item!r} is missing ({folder / item})" for item in ITEMS if not (folder / item).is_dir()]
 
-    def restore(self, like_state: Any) -> tuple[int, Any, dict] | None:
+    def restore(self, like_state: Any, adopt_meta: Callable[[dict], None] | None = None
+                ) -> tuple[int, Any, dict] | None:
         """Newest readable checkpoint restored onto `like_state`'s shapes and shardings; a checkpoint
-        that fails to read is reported, moved aside and the next older one tried."""
+        that fails to read is reported, moved aside and the next older one tried. `adopt_meta(meta)`
+        (e.g. setting the data iterator's state) runs on each candidate's metadata; if it raises,
+        the checkpoint counts as damaged too."""
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state)
         unreadable = []
@@ -82,6 +86,8 @@ class GroupCheckpointer:
                     if not isinstance(meta, dict) or meta.get("step") != step or "data_iterator" not in meta:
                         problems.append(f"item 'meta' does not describe step {step}: {meta!r:.200}")
                     else:
+                        if adopt_meta is not None:
+                            adopt_meta(meta)
                         result = step, restored["state"], meta
                 except Exception as e:  # a truncated or partial checkpoint: fall back to an older one
                     problems.append(_brief(e))

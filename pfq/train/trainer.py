@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -28,22 +29,26 @@ from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
 from pfq.io import atomic_write_text
-from pfq.model import ModelSpec, init_variables
+from pfq.model import ModelSpec, abstract_variables, init_variables
 from pfq.results import read_results
 from pfq.tasks import Task, get_task
-from pfq.train import fit, program
+from pfq.train import fingerprint, fit, program
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
 from pfq.train.distributed import global_batch, is_writer, local_box, to_host
 from pfq.train.optim import make_optimizer
-from pfq.train.step import DIVERGED_REASONS, init_state
+from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
 
 log = logging.getLogger("pfq.train")
 
 
 class SweepDivergedError(RuntimeError):
     """Every lane of the sweep diverged; their state is saved, no results are written."""
+
+
+class ModelBuildError(ValueError):
+    """The config cannot make a trainable model (found by tracing it before anything is written)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +115,16 @@ def lane_variables(lane: lanes_lib.Lane, spec: ModelSpec, loaded: dict | None = 
         ckpt_vars = loaded if loaded is not None else load_init(lane.init, spec)
         variables["params"]["encoder"] = ckpt_vars["params"]["encoder"]
     return variables
+
+
+def adopt_iterator_state(iterator, meta: dict) -> None:
+    """Move the data iterator to a checkpoint's stored position, refusing a position that belongs to
+    another step (element s of the training dataset is step s, so they must agree)."""
+    stored = meta["data_iterator"]
+    position = stored.get("next_index") if isinstance(stored, dict) else None
+    if position is not None and position != meta["step"]:
+        raise ValueError(f"its data_iterator state is at step {position!r:.40}, not {meta['step']}")
+    iterator.set_state(stored)
 
 
 def stack(trees: list) -> object:
@@ -180,11 +195,13 @@ class Trainer:
         cfg, optim = self.config, self.config.optim
         steps, batch_size = int(optim.steps), int(optim.batch_size)
         start = 0
-        restored = ckpt.restore(state)
+        initial = iterator.get_state()
+        restored = ckpt.restore(state, adopt_meta=lambda meta: adopt_iterator_state(iterator, meta))
         if restored is not None:
             start, state, meta = restored
-            iterator.set_state(meta["data_iterator"])
             log.info("group %d: resumed from step %d", gi, start)
+        else:
+            iterator.set_state(initial)  # a rejected candidate may have moved it
 
         loss = np.full(len(group), np.nan)
         all_diverged = lambda: bool((to_host(state["diverged_step"]) >= 0).all())  # a host sync
@@ -238,7 +255,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def preflight(self, lanes: list[lanes_lib.Lane], data: StudyData) -> evaluate.ScoringPlan:
         """Every check that can fail on the inputs, before anything in the workdir is written or
-        discarded: each lane's finetuning set, the test subsets (returned), the initial checkpoints."""
+        discarded: each lane's finetuning set, the test subsets (returned), the initial checkpoints,
+        and the model the config describes (`preflight_model`)."""
         for lane in lanes:
             lane_training_set(lane, data, self.task.num_classes)
         try:
@@ -249,7 +267,32 @@ class Trainer:
                                       f"cases: {e}") from None
         for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
             self._inits[init] = load_init(init, self.spec)
+        self.preflight_model(max(len(g) for g in lanes_lib.group_lanes(lanes, int(self.config.sweep.lanes_per_group))))
         return plan
+
+    def preflight_model(self, num_lanes: int) -> None:
+        """Trace the model, optimiser, train step and predict step on abstract inputs (shapes only:
+        about a second, nothing compiled or allocated), so that a config that cannot make a model
+        (an input too small for the downsampling, an unknown dtype or loss) stops here, before
+        `--overwrite` discards anything."""
+        cfg, optim = self.config, self.config.optim
+        lanes_axis = lambda s: jax.ShapeDtypeStruct((num_lanes,) + tuple(s.shape), s.dtype)
+        try:
+            single = abstract_variables(self.spec)
+            tx = make_optimizer(optim, single["params"], self.spec.depths, int(optim.steps))
+            state = jax.eval_shape(jax.vmap(lambda v: init_state(v, tx)), jax.tree.map(lanes_axis, single))
+            shape = (num_lanes, int(optim.batch_size)) + tuple(int(n) for n in cfg.data.input_size) + (3,)
+            batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
+                     "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32)}
+            keys = jax.eval_shape(jax.vmap(jax.random.key), jax.ShapeDtypeStruct((num_lanes,), jnp.uint32))
+            jax.eval_shape(jax.vmap(make_train_step(self.spec, tx, optim.loss)), state, batch, keys)
+            images = jax.ShapeDtypeStruct((int(cfg.eval_batch_size),) + shape[2:], jnp.float32)
+            jax.eval_shape(jax.vmap(make_predict_step(self.spec), in_axes=(0, None)),
+                           {"params": state["params"], "batch_stats": state["batch_stats"]}, images)
+        except Exception as e:  # shape, dtype and name errors surface while tracing
+            text = " ".join(str(e).split())[:400]
+            raise ModelBuildError(f"config.model / config.data.input_size / config.optim: no model can be built "
+                                  f"and trained for this config ({type(e).__name__}: {text})") from None
 
     def export_models(self, outcome: GroupOutcome) -> None:
         """Each finished lane's final model in the converter's format (`models/<lane>`), so it can be
@@ -278,6 +321,9 @@ class Trainer:
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
         plan = self.preflight(lanes, data)
+        data_print = fingerprint.data_fingerprint(data, cfg.data)
+        if not self.overwrite:  # a resume must see the data its run started on
+            fingerprint.check(self.workdir, data_print)
         # Only now, with the inputs known to be usable, is the workdir created, checked or (with
         # --overwrite) cleared; a failure above leaves earlier outputs untouched. The writer holds the
         # workdir's lock from here on, so a second run there stops instead of mixing with this one.
@@ -285,6 +331,8 @@ class Trainer:
             if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer()):
                 log.info("%s was finished by another run meanwhile", self.workdir)
                 return self._finished_rows()
+            if is_writer():
+                fingerprint.record(self.workdir, data_print)
             return self._sweep(lanes, data, plan)
 
     def _finished_rows(self) -> list[dict]:

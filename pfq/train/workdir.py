@@ -23,7 +23,11 @@ from pfq import io as pfq_io
 OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("export_models",), ("data", "workers"),
                       ("checkpoint", "every_steps"), ("checkpoint", "keep"), ("data", "cache_dir"),
                       ("data", "prepare_workers")}
-OUTPUTS = ("results.csv", "predictions.csv", "run.json", "report.md", "config.json")
+OUTPUTS = ("results.csv", "predictions.csv", "run.json", "report.md", "config.json", "data.json")
+# What else a run writes, removed by --overwrite so that nothing of the previous run stays beside
+# the new results: the report's figures (one set per metric and task) and exported models.
+STALE_PATTERNS = ("heatmap_*.png", "label_efficiency_*.png", "mismatch_*.png")
+STALE_FOLDERS = ("checkpoints", "models")
 LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,17 @@ def _finished(workdir: Path) -> bool:
         return False
 
 
+def discard(workdir: Path) -> None:
+    """Remove a previous run's checkpoints, outputs and figures (what `--overwrite` replaces)."""
+    for name in STALE_FOLDERS:
+        shutil.rmtree(workdir / name, ignore_errors=True)
+    for name in OUTPUTS:
+        (workdir / name).unlink(missing_ok=True)
+    for pattern in STALE_PATTERNS:
+        for path in workdir.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def prepare(workdir: Path, config_json: str, overwrite: bool, write: bool = True) -> bool:
     """Create or check the workdir; True when it already holds this run's finished results.
     Only the writer process (`write`) changes files; the others just read."""
@@ -120,9 +135,7 @@ def prepare(workdir: Path, config_json: str, overwrite: bool, write: bool = True
         workdir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(workdir)
     if overwrite and write:
-        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-        for name in OUTPUTS:
-            (workdir / name).unlink(missing_ok=True)
+        discard(workdir)
     new = json.loads(config_json)
     recorded = workdir / "config.json"
     if recorded.exists():
