@@ -217,8 +217,8 @@ FIELDS: dict[str, Rule] = {
     "task": _rule("str", choices=_tasks),
     "data.manifest": _rule("str"),
     "data.quality_scale": _rule("str", choices=_quality_scales),
-    "data.quality_threshold": _rule("float", optional=True),
-    "data.quality_from": _rule("str", choices=lambda: ("label", "iqm")),  # its range depends on the scale: checked below
+    "data.quality_threshold": _rule("float", optional=True),  # its range depends on the scale: checked below
+    "data.quality_from": _rule("str", choices=lambda: ("label", "iqm")),
     "data.input_size": _rule("ints", (lambda v: v >= MIN_INPUT_SIZE, f">= {MIN_INPUT_SIZE} (the model's total stride)"),
                              sizes=(3,)),
     "data.spacing": _rule("floats", sizes=(0, 3)),  # () keeps T2w's grid; the range: PreprocessConfig
