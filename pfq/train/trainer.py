@@ -12,12 +12,10 @@ import csv
 import io
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,7 +31,8 @@ from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
-from pfq.train.distributed import global_array_from_box, is_writer, local_box, to_host
+from pfq.train.distributed import is_writer, local_box, to_host
+from pfq.train.loop import batch_spec_for, train_loop
 from pfq.train.optim import make_optimizer
 from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
 from pfq.train.workdir import atomic_write_text
@@ -177,46 +176,12 @@ class Trainer:
     def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh, box):
         """Resume from the newest readable checkpoint, then train to `optim.steps`, saving as configured."""
         cfg, optim = self.config, self.config.optim
-        steps, batch_size = int(optim.steps), int(optim.batch_size)
-        start = 0
-        restored = ckpt.restore(state)
-        if restored is not None:
-            start, state, meta = restored
-            iterator.set_state(meta["data_iterator"])
-            log.info("group %d: resumed from step %d", gi, start)
-
-        loss = np.full(len(group), np.nan)
-        all_diverged = lambda: bool((to_host(state["diverged_step"]) >= 0).all())  # a host sync
-        if start < steps and start > 0 and all_diverged():
-            log.warning("group %d: every lane had diverged by step %d; not training further", gi, start)
-        elif start < steps:
-            shape = (len(group), batch_size) + tuple(cfg.data.input_size) + (3,)
-            batch_spec = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
-                          "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh)}
-            t0 = time.perf_counter()
-            step_fn = jax.jit(jax.vmap(make_train_step(self.spec, tx, optim.loss)), donate_argnums=0,
-                              out_shardings=(lane_sh, lane_sh)).lower(state, batch_spec, keys).compile()
-            self.compile_count += 1
-            log.info("group %d: compiled the %d-lane step in %.1f s", gi, len(group), time.perf_counter() - t0)
-            bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
-                       disable=not self.progress, dynamic_ncols=True)
-            for step in bar:
-                batch = global_array_from_box(next(iterator), batch_sh, box, (len(group), batch_size))
-                state, metrics = step_fn(state, batch, keys)
-                done = step + 1
-                maybe_fail("train_step", done)
-                stop = False
-                if done % cfg.log_every == 0 or done == steps:  # the only host syncs in the loop
-                    loss = to_host(metrics["loss"])
-                    finite = loss[np.isfinite(loss)]
-                    bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
-                    stop = done < steps and all_diverged()
-                if done % cfg.checkpoint.every_steps == 0 or done == steps or stop:
-                    ckpt.save(done, state, {"data_iterator": iterator.get_state(), "step": done})
-                if stop:  # frozen lanes would not change any more: save and skip the remaining steps
-                    log.warning("group %d: every lane has diverged by step %d; not training further", gi, done)
-                    break
-            bar.close()
+        spec = batch_spec_for(len(group), int(optim.batch_size), cfg.data.input_size, batch_sh)
+        state, loss, compiled = train_loop(
+            f"group {gi}", ckpt, state, make_train_step(self.spec, tx, optim.loss), keys, iterator, spec,
+            lane_sh=lane_sh, batch_sh=batch_sh, box=box, steps=int(optim.steps), log_every=cfg.log_every,
+            save_every=cfg.checkpoint.every_steps, progress=self.progress)
+        self.compile_count += int(compiled)
         return state, loss
 
     # ------------------------------------------------------------------------------------------
