@@ -104,8 +104,8 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
     return 0
 
 
-def main(argv: list[str]) -> int:
-    del argv
+def setup_process() -> None:
+    """Logging, the unraisable hook and (for multi-host runs) jax.distributed, from the flags."""
     sys.unraisablehook = _unraisable
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax", "grain", "asyncio"):
@@ -114,6 +114,11 @@ def main(argv: list[str]) -> int:
     from pfq.train import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    setup_process()
     return run_sweep(_CONFIG.value, Path(_WORKDIR.value), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
 
 

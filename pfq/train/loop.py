@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -74,11 +75,8 @@ def train_loop(name: str, ckpt: GroupCheckpointer, state: dict, step_fn: Callabl
     return state, loss, compiled
 
 
-def batch_spec_for(lanes: int, batch_size: int, input_size, batch_sh, with_label: bool = True) -> dict[str, Any]:
-    import jax.numpy as jnp
-
+def batch_spec_for(lanes: int, batch_size: int, input_size, batch_sh) -> dict[str, Any]:
+    """Shapes of the pipeline's lane-stacked batch (`pfq.data.pipeline.train_dataset`)."""
     shape = (lanes, batch_size) + tuple(input_size) + (3,)
-    spec = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)}
-    if with_label:
-        spec["label"] = jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh)
-    return spec
+    return {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
+            "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=batch_sh)}
