@@ -207,3 +207,22 @@ class Pretrainer:
                                     seed=seeds[i])
         workdir_lib.atomic_write_text(self.workdir / "run.json", json.dumps(
             {"complete": True, "seeds": seeds, "diverged_step": diverged.tolist(), "pool_cases": len(pool)}, indent=2))
+
+
+PRETRAINED_INIT = "fcmae"  # sweep.inits keyword: this config's FCMAE pretraining, run once and cached
+
+
+def cached_pretraining(config: ConfigDict, progress: bool = True) -> Path:
+    """The model directory of this config's pretraining: in `pretrain.dir`, or in a cache folder keyed
+    by every field that changes the weights (`pretrain_record`), so a later sweep with the same
+    pretraining reuses it; an interrupted pretraining resumes there."""
+    import hashlib
+
+    from pfq.data.study import cache_root
+
+    validate_pretrain_config(config)
+    record = json.dumps(pretrain_record(config), sort_keys=True)
+    workdir = Path(config.pretrain.dir) if config.pretrain.get("dir") else \
+        cache_root() / "pretrain" / hashlib.sha256(record.encode()).hexdigest()[:12]
+    return Pretrainer(config, workdir, progress=progress).run()
+

@@ -256,7 +256,13 @@ class Trainer:
             raise StratificationError(f"config.sweep.test_size / test_hq_ratios: test pool of {len(data.test_pool)} "
                                       f"cases: {e}") from None
         for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
-            self._inits[init] = load_init(init, self.spec)
+            self._inits[init] = load_init(self.init_dir(init), self.spec)
+
+    def init_dir(self, init: str) -> str:
+        """A checkpoint directory, or for the keyword "fcmae" this config's cached FCMAE pretraining."""
+        from pfq.pretrain.pretrainer import PRETRAINED_INIT, cached_pretraining
+
+        return str(cached_pretraining(self.config, self.progress)) if init == PRETRAINED_INIT else init
 
     def export_models(self, outcome: GroupOutcome) -> None:
         """Each finished lane's final model in the converter's format (`models/<lane>`), so it can be
