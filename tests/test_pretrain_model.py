@@ -272,3 +272,22 @@ def test_format_b_export_round_trips_through_the_converter(tmp_path):
     want = encoder_variables(params)["params"]["encoder"]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  variables["params"]["encoder"], want)
+
+
+def test_grn_gradient_is_finite_when_a_channel_is_zero_everywhere():
+    """torch.norm's gradient at 0 is 0; a plain sqrt would make the whole step's gradient NaN (seen when
+    finetuning from an encoder pretrained with FCMAE's std-1 initialisation)."""
+    from pfq.model.convnext import GRN
+
+    grn = GRN(4)
+    grn.gamma[...] = jnp.ones(4)
+    x = _image(0, (1, 2, 2, 2, 4)).at[..., 0].set(0.0)
+    grad = jax.grad(lambda v: jnp.sum(grn(v) ** 2))(x)
+    assert np.isfinite(np.asarray(grad)).all()
+    spec = _spec()
+    params = _randomised(spec)
+    pw1 = params["encoder"]["stages"][3][0]["pwconv1"]
+    pw1["bias"] = pw1["bias"].at[0].set(-1e4)  # GELU channel 0 is exactly 0 at every site
+    x, mask = _image(1), M.random_mask(jax.random.key(2), 2, (1, 2, 2), 0.6)
+    grads = jax.grad(lambda p: M.forward(spec, p, x, mask)[0])(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

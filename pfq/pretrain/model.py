@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pfq.model.convnext import Block, ConvNeXtV2, ModelSpec, PatchConv, gelu
+from pfq.model.convnext import Block, ConvNeXtV2, ModelSpec, PatchConv, gelu, safe_sqrt
 from pfq.model.functional import _pure
 
 PATCH = 16  # = the encoder's total stride (4 * 2 * 2 * 1)
@@ -109,7 +109,7 @@ class FCMAE(nnx.Module):
         y = gelu(block.pwconv1(block.norm(y))) * keep  # zero before GRN's reduction over sites
         yf = y.astype(jnp.float32)
         axes = (0, 1, 2, 3) if self.grn_stats == "batch" else (1, 2, 3)
-        g = _norm(jnp.sum(jnp.square(yf), axis=axes, keepdims=True))
+        g = safe_sqrt(jnp.sum(jnp.square(yf), axis=axes, keepdims=True))
         n = g / (jnp.mean(g, axis=-1, keepdims=True) + 1e-6)
         y = (block.grn.gamma[...] * (yf * n) + block.grn.beta[...] + yf).astype(y.dtype)
         return block.pwconv2(y) * keep
@@ -127,13 +127,6 @@ class FCMAE(nnx.Module):
         """(loss, prediction) for images `x` and mask `mask` (1 = removed)."""
         pred = self.decode(self.encode(x, mask), mask).astype(jnp.float32)
         return reconstruction_loss(x, pred, mask, self.norm_pix), pred
-
-
-def _norm(sum_sq: jax.Array) -> jax.Array:
-    """sqrt with torch.norm's zero gradient at 0. With few kept sites and upstream's std-1 weights a
-    GELU channel can be exactly 0 at every kept site (erf saturates), where d sqrt is infinite."""
-    positive = sum_sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sum_sq, 1.0)), 0.0)
 
 
 def upsample(mask: jax.Array, factor: int) -> jax.Array:
