@@ -157,6 +157,10 @@ def validate_config(c: ConfigDict) -> None:
         raise ValueError(f"config.sweep.train_sizes must be positive, got {tuple(c.sweep.train_sizes)}")
     if int(c.optim.steps) <= 0 or int(c.optim.batch_size) <= 0:
         raise ValueError("config.optim.steps and config.optim.batch_size must be positive")
+    if "fcmae" in tuple(c.sweep.inits):  # the init that pretrains with this config first
+        from pfq.pretrain.pretrainer import validate_pretrain_config
+
+        validate_pretrain_config(c)
     if len(c.data.input_size) != 3:
         raise ValueError(f"config.data.input_size must be (D, H, W), got {tuple(c.data.input_size)}")
     from pfq.data.manifest import quality_rule

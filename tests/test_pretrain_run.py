@@ -118,3 +118,26 @@ def test_pretrain_section_has_upstream_defaults():
     p = base_config().pretrain
     assert (p.mask_ratio, p.b2, p.weight_decay, p.grn_stats, p.init, p.norm_pix_loss) == (
         0.6, 0.95, 0.05, "batch", "upstream", True)
+
+
+@pytest.mark.slow
+def test_sweep_with_the_fcmae_init_pretrains_then_finetunes_both(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PFQ_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "pfq.train", "--config", SMOKE, "--workdir", str(tmp_path / "w"),
+                           "--progress=false"], capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "w" / "results.csv")))
+    assert {r["init"] for r in rows} == {"fcmae", "scratch"}
+    assert all(r["status"] == "ok" for r in rows)
+    assert list((tmp_path / "cache" / "pretrain").glob("*/model/pfq_model.json"))
+
+
+def test_a_bad_pretrain_section_stops_a_sweep_that_pretrains(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PFQ_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "pfq.train", "--config", SMOKE, "--workdir", str(tmp_path / "w"),
+                           "--config.pretrain.grn_stats=global"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 2 and "invalid config" in proc.stderr and "grn_stats" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
