@@ -52,7 +52,8 @@ def _dense_map(model, x):
 
 
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("grn_stats, batch", [("batch", 1), ("sample", 1), ("sample", 2)])
+@pytest.mark.parametrize("grn_stats, batch", [pytest.param("batch", 1, marks=pytest.mark.slow), ("sample", 1),
+                                              ("sample", 2)])
 def test_nothing_masked_equals_the_dense_encoder(grn_stats, batch):
     spec = _spec(grn_stats=grn_stats)
     params = _randomised(spec)
@@ -74,7 +75,7 @@ def test_batch_grn_statistic_couples_samples():
     assert float(jnp.max(jnp.abs(z - _dense_map(model, x)))) > 1e-4  # upstream's batch-global GRN
 
 
-@pytest.mark.parametrize("grn_stats", ["batch", "sample"])
+@pytest.mark.parametrize("grn_stats", [pytest.param("batch", marks=pytest.mark.slow), "sample"])
 def test_masked_voxels_never_reach_the_encoder(grn_stats):
     spec = _spec(grn_stats=grn_stats)
     params = _randomised(spec)
@@ -284,6 +285,10 @@ def test_grn_gradient_is_finite_when_a_channel_is_zero_everywhere():
     x = _image(0, (1, 2, 2, 2, 4)).at[..., 0].set(0.0)
     grad = jax.grad(lambda v: jnp.sum(grn(v) ** 2))(x)
     assert np.isfinite(np.asarray(grad)).all()
+
+
+@pytest.mark.slow
+def test_fcmae_gradient_is_finite_when_a_channel_is_zero_everywhere():
     spec = _spec()
     params = _randomised(spec)
     pw1 = params["encoder"]["stages"][3][0]["pwconv1"]
