@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pfq  # noqa: E402,F401  (sets XLA:CPU flags before the backend starts)
+from pfq import xla_flags  # noqa: E402
+
+xla_flags.set_defaults()  # before JAX starts its backend
 
 # (N, D, H, W, C) per stage of tiny: real preset (1x3x64x224x224) and small (2x3x32x96x96).
 STAGES = {

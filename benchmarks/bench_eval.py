@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfq import evaluate
+from pfq import evaluate, xla_flags
 from pfq.model import ModelSpec, init_variables
 from pfq.train.step import make_predict_step
 
@@ -74,4 +74,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     main()

@@ -18,8 +18,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
 
+from pfq import xla_flags
+from pfq.config import base_config
 from pfq.model import ModelSpec, init_variables
 from pfq.train.optim import make_optimizer
 from pfq.train.step import init_state, make_train_step
@@ -42,7 +43,8 @@ def main() -> None:
     shape = tuple(int(v) for v in args.size.split(","))
     spec = ModelSpec(depths=tuple(int(v) for v in args.depths.split(",")),
                      dims=tuple(int(v) for v in args.dims.split(",")))
-    optim = ConfigDict({"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 1, "grad_clip": 1.0})
+    optim = base_config().optim
+    optim.update({"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 1, "grad_clip": 1.0})
     tx = make_optimizer(optim, init_variables(spec, jax.random.key(0))["params"], spec.depths, 100)
     step = make_train_step(spec, tx)
     rng = np.random.default_rng(0)
@@ -87,4 +89,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     main()

@@ -35,6 +35,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pfq import xla_flags  # noqa: E402
 from pfq.config import base_config  # noqa: E402
 from pfq.data.cache import CachedVolumes, VolumeCache  # noqa: E402
 from pfq.data.manifest import read_manifest  # noqa: E402
@@ -213,4 +214,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     main()

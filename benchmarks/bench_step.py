@@ -124,9 +124,11 @@ def pfq_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import optax
 
-    import pfq  # noqa: F401  (sets XLA:CPU flags; they are read when the backend starts)
+    from pfq import xla_flags
     from pfq.model import ModelSpec, apply, count_params, init_variables
     from pfq.model.depthwise import resolve_impl
+
+    xla_flags.set_defaults()  # read when the backend starts, at the first computation below
 
     spec = ModelSpec.from_size(args.model, num_classes=2, drop_path_rate=DROP_PATH,
                                depthwise_impl=args.impl, dtype=args.dtype,

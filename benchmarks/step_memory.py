@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pfq  # noqa: E402,F401  (sets XLA:CPU flags before the backend starts)
+from pfq import xla_flags  # noqa: E402
+
+xla_flags.set_defaults()  # before JAX starts its backend
 
 PRESETS = {"small": (2, (32, 96, 96)), "real": (1, (64, 224, 224))}
 

@@ -1,11 +1,4 @@
-"""The paper's csPCa (ISUP >=2) experiment at the real size; everything else as configs/pirads_binary.py.
+"""The packaged config `pfq/configs/cspca.py` (also `--config cspca`); kept here so that
+`--config configs/cspca.py` works from a checkout."""
 
-    python -m pfq.train --config configs/cspca.py --config.data.manifest=data/manifest.csv \
-        --config.sweep.inits='("models/profound","scratch")' --workdir runs/cspca
-"""
-
-from pfq.config import paper_config
-
-
-def get_config():
-    return paper_config("cspca")
+from pfq.configs.cspca import get_config  # noqa: F401

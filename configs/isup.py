@@ -1,11 +1,4 @@
-"""The paper's ISUP grade group 0-5 experiment at the real size; everything else as configs/pirads_binary.py.
+"""The packaged config `pfq/configs/isup.py` (also `--config isup`); kept here so that
+`--config configs/isup.py` works from a checkout."""
 
-    python -m pfq.train --config configs/isup.py --config.data.manifest=data/manifest.csv \
-        --config.sweep.inits='("models/profound","scratch")' --workdir runs/isup
-"""
-
-from pfq.config import paper_config
-
-
-def get_config():
-    return paper_config("isup")
+from pfq.configs.isup import get_config  # noqa: F401

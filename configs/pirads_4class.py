@@ -1,12 +1,4 @@
-"""The paper's 4-class PI-RADS (2/3/4/5) experiment at the real size; everything else as
-configs/pirads_binary.py. Also reports the binarised >=3 and >=4 AUC/F1, as upstream.
+"""The packaged config `pfq/configs/pirads_4class.py` (also `--config pirads_4class`); kept here so that
+`--config configs/pirads_4class.py` works from a checkout."""
 
-    python -m pfq.train --config configs/pirads_4class.py --config.data.manifest=data/manifest.csv \
-        --config.sweep.inits='("models/profound","scratch")' --workdir runs/pirads_4class
-"""
-
-from pfq.config import paper_config
-
-
-def get_config():
-    return paper_config("pirads_4class")
+from pfq.configs.pirads_4class import get_config  # noqa: F401

@@ -1,17 +1,33 @@
-"""Run configuration: every field with its default, plus loading a config file with overrides.
+"""Run configuration: every field with its default, its type and domain, and loading a config with
+overrides.
 
-Config files under `configs/` are Python files with `get_config()` returning an
-`ml_collections.ConfigDict` (usually `base_config()` with changes); any field can be overridden on the
-command line with `--config.section.field=value`.
+A config is a Python file with `get_config()` returning an `ml_collections.ConfigDict` (usually
+`base_config()` with changes). The package ships its configs in `pfq/configs/` (`default`, `smoke` and
+the paper's experiments), loadable by name; any other file is loaded by path. Any field can be
+overridden on the command line with `--config.section.field=value`. After the overrides the config
+is locked (no new fields) and validated against `FIELDS`: an unknown field, a value of the wrong
+type or outside its domain is a `ConfigError` naming the field.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 from ml_collections import ConfigDict, config_dict
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def base_config() -> ConfigDict:
-    """Every field a run reads, with the small-CPU defaults; configs/*.py start from this."""
+    """Every field a run reads, with the small-CPU defaults (the only place defaults live; configs start
+    from this). `FIELDS` below gives each field its type and domain."""
     c = ConfigDict()
     c.task = "pirads_ge4"
 
@@ -118,7 +134,7 @@ def base_config() -> ConfigDict:
 
 
 def paper_config(task: str) -> ConfigDict:
-    """The paper's experiments at the real size (configs/pirads_binary.py and its variants)."""
+    """The paper's experiments at the real size (the `pirads_binary` config and its variants)."""
     c = base_config()
     c.task = task
     c.data.input_size = (64, 224, 224)
@@ -141,33 +157,344 @@ def paper_config(task: str) -> ConfigDict:
     return c
 
 
+# ----------------------------------------------------------------------------------------------
+# Types and domains: one rule per field, checked after the overrides.
+# ----------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A config that cannot run: an unknown field, or a value of the wrong type or outside its domain."""
+
+
+MIN_INPUT_SIZE = 16  # the model's total stride (stem 4 x two 2x downsamples): smaller inputs pool nothing
+SEED_LIMIT = 2**32  # seeds become uint32 PRNG keys
+REMAT_MODES = ("none", "light", "full")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """kind: str, int, float, bool, or a tuple of one of them ("ints", "floats", "strs", "remat");
+    `ok` tests a value (each element of a tuple) and `want` says the domain in words; `choices`
+    (loaded when checked) lists the allowed values; `sizes`: allowed tuple lengths (None: 1 or more)."""
+
+    kind: str
+    ok: Callable[[Any], bool] | None = None
+    want: str = ""
+    choices: Callable[[], Collection] | None = None
+    sizes: tuple[int, ...] | None = None
+    optional: bool = False  # None allowed
+
+
+def _at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _between(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> tuple[Callable, str]:
+    ok = lambda v: (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+    return ok, f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
+
+
+def _rule(kind: str, bounds: tuple[Callable, str] | None = None, **kwargs) -> Rule:
+    ok, want = bounds or (None, "")
+    return Rule(kind, ok, want, **kwargs)
+
+
+def _tasks():
+    from pfq.tasks import TASKS
+
+    return TASKS
+
+
+def _quality_scales():
+    from pfq.data.manifest import QUALITY_SCALES
+
+    return QUALITY_SCALES
+
+
+def _model_sizes():
+    from pfq.model.convnext import SIZES
+
+    return SIZES
+
+
+def _depthwise_impls():
+    from pfq.model.depthwise import IMPLEMENTATIONS
+
+    return ["auto", *IMPLEMENTATIONS]
+
+
+_SEED = _between(0, SEED_LIMIT, open_hi=True)
+_RATIO = _between(0, 1)
+_POSITIVE = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+
+FIELDS: dict[str, Rule] = {
+    "task": _rule("str", choices=_tasks),
+    "data.manifest": _rule("str"),
+    "data.quality_scale": _rule("str", choices=_quality_scales),
+    "data.quality_threshold": _rule("float", optional=True),  # its range depends on the scale: checked below
+    "data.input_size": _rule("ints", (lambda v: v >= MIN_INPUT_SIZE, f">= {MIN_INPUT_SIZE} (the model's total stride)"),
+                             sizes=(3,)),
+    "data.spacing": _rule("floats", sizes=(0, 3)),  # () keeps T2w's grid; the range: PreprocessConfig
+    "data.cache_dir": _rule("str"),
+    "data.prepare_workers": _rule("int", _NON_NEGATIVE),
+    "data.test_fraction": _rule("float", _between(0, 1, open_lo=True, open_hi=True)),
+    "data.split_seed": _rule("int", _SEED),
+    "data.augment": _rule("bool"),
+    "data.augment_rotate_deg": _rule("float", _between(0, 180)),
+    "data.augment_zoom": _rule("float", _between(0, 1, open_hi=True)),
+    "data.balance": _rule("bool"),
+    "data.exact_batch_quality": _rule("bool"),
+    "data.workers": _rule("int", _NON_NEGATIVE),
+    "phantoms.dir": _rule("str"),
+    "phantoms.cases": _rule("int", _POSITIVE),
+    "phantoms.seed": _rule("int", _SEED),
+    "phantoms.shape": _rule("ints", _POSITIVE, sizes=(3,)),
+    "phantoms.spacing": _rule("floats", (lambda v: v > 0, "> 0 (mm)"), sizes=(3,)),
+    "phantoms.hq_fraction": _rule("float", _RATIO),
+    "phantoms.lesion_scale": _rule("float", _between(0, 10, open_lo=True)),
+    "model.size": _rule("str", choices=_model_sizes),
+    "model.depths": _rule("ints", _POSITIVE, sizes=(0, 4)),  # () with dims (): the `size` preset
+    "model.dims": _rule("ints", _POSITIVE, sizes=(0, 4)),
+    "model.drop_path": _rule("float", _between(0, 1, open_hi=True)),
+    "model.depthwise": _rule("str", choices=_depthwise_impls),
+    "model.dtype": _rule("str", choices=lambda: ("float32", "bfloat16")),
+    "model.remat_stages": _rule("remat", sizes=(4,)),
+    "sweep.finetune_hq_ratios": _rule("floats", _RATIO),
+    "sweep.test_hq_ratios": _rule("floats", _RATIO),
+    "sweep.inits": _rule("strs", (bool, "'scratch' or a converted checkpoint directory")),
+    "sweep.train_sizes": _rule("ints", _POSITIVE),
+    "sweep.seeds": _rule("ints", _SEED),
+    "sweep.test_size": _rule("int", _NON_NEGATIVE),  # 0: the largest size every test ratio can be drawn at
+    "sweep.test_draws": _rule("int", _POSITIVE),
+    "sweep.test_seed": _rule("int", _SEED),
+    "sweep.bootstrap_resamples": _rule("int", _NON_NEGATIVE),
+    "optim.steps": _rule("int", _POSITIVE),
+    "optim.batch_size": _rule("int", _POSITIVE),
+    "optim.lr": _rule("float", _between(0, 10, open_lo=True)),
+    "optim.weight_decay": _rule("float", _NON_NEGATIVE),
+    "optim.warmup_steps": _rule("int", _NON_NEGATIVE),
+    "optim.final_lr_fraction": _rule("float", _RATIO),
+    "optim.grad_clip": _rule("float", _NON_NEGATIVE),  # 0: no clipping
+    "optim.layer_decay": _rule("float", _between(0, 1, open_lo=True)),
+    "optim.mode": _rule("str", choices=lambda: ("full", "linear_probe")),
+    "optim.loss": _rule("str", choices=lambda: ("ce", "bce")),
+    "checkpoint.every_steps": _rule("int", _POSITIVE),
+    "checkpoint.keep": _rule("int", _POSITIVE),
+    "pretrain.manifest": _rule("str"),
+    "pretrain.quality": _rule("str", choices=lambda: ("all", "hq", "lq")),
+    "pretrain.cases": _rule("int", _POSITIVE),
+    "pretrain.phantom_seed": _rule("int", _SEED),
+    "pretrain.hq_fraction": _rule("float", _RATIO),
+    "pretrain.input_size": _rule("ints", (lambda v: v >= 16 and v % 16 == 0, "a multiple of the patch size 16"),
+                                 sizes=(3,)),
+    "pretrain.seeds": _rule("ints", _SEED),
+    "pretrain.steps": _rule("int", _POSITIVE),
+    "pretrain.batch_size": _rule("int", _POSITIVE),
+    "pretrain.lr": _rule("float", _between(0, 10, open_lo=True)),
+    "pretrain.b2": _rule("float", _between(0, 1, open_hi=True)),
+    "pretrain.weight_decay": _rule("float", _NON_NEGATIVE),
+    "pretrain.warmup_steps": _rule("int", _NON_NEGATIVE),
+    "pretrain.grad_clip": _rule("float", _NON_NEGATIVE),
+    "pretrain.mask_ratio": _rule("float", _between(0, 1, open_hi=True)),
+    "pretrain.decoder_dim": _rule("int", _POSITIVE),
+    "pretrain.decoder_depth": _rule("int", _NON_NEGATIVE),
+    "pretrain.norm_pix_loss": _rule("bool"),
+    "pretrain.grn_stats": _rule("str", choices=lambda: ("batch", "sample")),
+    "pretrain.init": _rule("str", choices=lambda: ("upstream", "trunc002")),
+    "pretrain.augment": _rule("bool"),
+    "pretrain.checkpoint_every": _rule("int", _POSITIVE),
+    "pretrain.dir": _rule("str"),
+    "export_models": _rule("bool"),
+    "eval_batch_size": _rule("int", _POSITIVE),
+    "log_every": _rule("int", _POSITIVE),
+}
+
+_KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a finite number", "bool": "True or False",
+               "ints": "a tuple of integers", "floats": "a tuple of finite numbers", "strs": "a tuple of strings",
+               "remat": "a tuple of booleans or modes " + "/".join(REMAT_MODES)}
+
+
+def _scalar_ok(kind: str, value: Any) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "remat":
+        return isinstance(value, bool) or value in REMAT_MODES
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, int | float) and math.isfinite(value)
+    raise AssertionError(kind)
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raise `ConfigError` unless `value` has the type and domain of field `name`."""
+    rule = FIELDS[name]
+    if rule.optional and value is None:
+        return
+    element = {"ints": "int", "floats": "float", "strs": "str", "remat": "remat"}.get(rule.kind)
+    sizes = "" if rule.sizes is None else " of length " + " or ".join(map(str, rule.sizes))
+    expected = f"{_KIND_WORDS[rule.kind]}{sizes}"
+    values = value if element else (value,)
+    if element:
+        if not isinstance(value, tuple | list) or not (len(value) in rule.sizes if rule.sizes else len(value) > 0):
+            raise ConfigError(f"config.{name} = {value!r}: expected {expected}")
+    if not all(_scalar_ok(element or rule.kind, v) for v in values):
+        raise ConfigError(f"config.{name} = {value!r}: expected {expected}")
+    if rule.ok is not None and not all(rule.ok(v) for v in values):
+        each = "each value" if element else "a value"
+        raise ConfigError(f"config.{name} = {value!r}: expected {each} {rule.want}")
+    if rule.choices is not None:
+        allowed = rule.choices()
+        if not all(v in allowed for v in values):
+            raise ConfigError(f"config.{name} = {value!r}: expected one of {sorted(allowed)}")
+
+
+def _flatten(c: ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key in c.keys():
+        value = c[key]
+        if isinstance(value, ConfigDict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def unknown_field(name: str) -> ConfigError:
+    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+    hint = f"; did you mean config.{close[0]}?" if close else " (every field: pfq/config.py)"
+    return ConfigError(f"config.{name} is not a config field{hint}")
+
+
 def validate_config(c: ConfigDict) -> None:
-    """Reject configs that cannot run, naming the field."""
-    from pfq.tasks import get_task
-
-    get_task(c.task)
-    for name in ("finetune_hq_ratios", "test_hq_ratios"):
-        for r in c.sweep[name]:
-            if not 0.0 <= float(r) <= 1.0:
-                raise ValueError(f"config.sweep.{name}: ratio {r} is outside [0, 1]")
-    for name in ("train_sizes", "seeds", "finetune_hq_ratios", "test_hq_ratios", "inits"):
-        if len(c.sweep[name]) == 0:
-            raise ValueError(f"config.sweep.{name} is empty")
-    if any(int(n) <= 0 for n in c.sweep.train_sizes):
-        raise ValueError(f"config.sweep.train_sizes must be positive, got {tuple(c.sweep.train_sizes)}")
-    if int(c.optim.steps) <= 0 or int(c.optim.batch_size) <= 0:
-        raise ValueError("config.optim.steps and config.optim.batch_size must be positive")
-    if "fcmae" in tuple(c.sweep.inits):  # the init that pretrains with this config first
-        from pfq.pretrain.pretrainer import validate_pretrain_config
-
-        validate_pretrain_config(c)
-    if len(c.data.input_size) != 3:
-        raise ValueError(f"config.data.input_size must be (D, H, W), got {tuple(c.data.input_size)}")
+    """Reject configs that cannot run, naming the field: every field's type and domain (`FIELDS`),
+    then the rules that tie fields together."""
+    fields = _flatten(c)
+    for name in fields:
+        if name not in FIELDS:
+            raise unknown_field(name)
+    for name in FIELDS:
+        if name not in fields:
+            raise ConfigError(f"config.{name} is missing (start configs from pfq.config.base_config())")
+        check_field(name, fields[name])
+    if bool(c.model.depths) != bool(c.model.dims):
+        raise ConfigError("config.model.depths and config.model.dims: set both (a custom model) or neither "
+                          f"(the config.model.size preset), got {tuple(c.model.depths)} and {tuple(c.model.dims)}")
+    if c.optim.loss == "bce" and _tasks()[c.task].num_classes != 2:
+        raise ConfigError(f"config.optim.loss = 'bce' needs a two-class task; {c.task} has "
+                          f"{_tasks()[c.task].num_classes} classes")
     from pfq.data.manifest import quality_rule
     from pfq.data.preprocess import PreprocessConfig
 
     try:
         quality_rule(c.data.quality_scale, c.data.quality_threshold)
+    except ValueError as e:
+        raise ConfigError(f"config.data.quality_threshold: {e}") from None
+    try:
         PreprocessConfig.from_config(c.data)
     except ValueError as e:
-        raise ValueError(f"config.data: {e}") from None
+        raise ConfigError(f"config.data.spacing / input_size: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: a packaged config by name or a file by path, command-line overrides, lock, validate.
+# ----------------------------------------------------------------------------------------------
+def packaged_configs() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_path(source: str | Path) -> Path:
+    """A config file: an existing path, else the packaged config of that name (`smoke`, `default`)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{source}.py"
+    if path.suffix != ".py" and packaged.is_file():
+        return packaged
+    raise ConfigError(f"config {source}: no such file, and not a packaged config ({', '.join(packaged_configs())})")
+
+
+def parse_override(name: str, text: str) -> Any:
+    """A command-line value for field `name`: strings as written, everything else as a Python literal."""
+    if name not in FIELDS:
+        raise unknown_field(name)
+    kind, optional = FIELDS[name].kind, FIELDS[name].optional
+    if kind == "str":
+        return text
+    if kind == "bool" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        if kind == "strs":  # a single unquoted directory
+            return (text,)
+        raise ConfigError(f"config.{name}={text}: expected {_KIND_WORDS[kind]} written as a Python literal") from None
+    if isinstance(value, list):
+        value = tuple(value)
+    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind == "floats" and isinstance(value, tuple):
+        value = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
+    if value is None and not optional:
+        raise ConfigError(f"config.{name}=None: expected {_KIND_WORDS[kind]}")
+    return value
+
+
+def apply_overrides(c: ConfigDict, overrides: Sequence[tuple[str, str]]) -> ConfigDict:
+    """`(field, text)` pairs, as `--config.field=text` on the command line; each checked on its own."""
+    for name, text in overrides:
+        value = parse_override(name, text)
+        check_field(name, value)
+        *sections, leaf = name.split(".")
+        target = c
+        for section in sections:
+            target = target[section]
+        try:
+            target[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.{name}={text}: {e}") from None
+    return c
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[tuple[str, str]] = ()) -> ConfigDict:
+    """The config file `source` (a path or a packaged name; None: `default`) with `overrides`
+    applied, locked and validated; `ConfigError` names what is wrong."""
+    path = config_path("default" if source is None else source)
+    spec = importlib.util.spec_from_file_location(f"pfq_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config {path}: cannot be loaded as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        c = module.get_config()
+    except Exception as e:  # the user's file: report it in one line, as any other bad input
+        raise ConfigError(f"config {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(c, ConfigDict):
+        raise ConfigError(f"config {path}: get_config() returned {type(c).__name__}, not a ConfigDict")
+    apply_overrides(c, overrides)
+    c.lock()
+    validate_config(c)
+    return c
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate `--config.field=value` (or `--config.field value`) arguments from the others."""
+    rest, overrides = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--config."):
+            name, eq, text = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"--config.{name} needs a value")
+                text, i = args[i + 1], i + 1
+            overrides.append((name, text))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides

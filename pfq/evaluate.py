@@ -1,6 +1,10 @@
 """Evaluation without waste: every lane predicts every test-pool case once; each test HQ ratio is then
 a fixed-size, label-stratified subset of those predictions (several draws), scored with scikit-learn.
 
+Prediction (`predict`) is the one path from volumes to model outputs, for the sweep's test pool and
+for `pfq.predict`; `scoring_plan` fixes the test subsets once per sweep; `lane_rows` and
+`prediction_rows` are the rows of results.csv and predictions.csv.
+
 Point metrics come from scikit-learn (`score`). Bootstrap confidence intervals need the same metrics
 on thousands of resampled test sets, so `batch_score` recomputes them with numpy, vectorised over
 resamples; the tests check that the two agree.
@@ -13,12 +17,16 @@ empirical ROC curve, e.g. `spec_at_sens80` = max specificity over thresholds wit
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn import metrics as skm
+from tqdm.auto import tqdm
 
+from pfq.data.pipeline import VolumeSource, eval_dataset, to_iterator
 from pfq.data.stratify import StratificationError, stratified_indices
+from pfq.faults import maybe_fail
 
 OPERATING_POINTS = (0.8, 0.9)
 THRESHOLD = 0.5
@@ -37,6 +45,27 @@ def metric_names(num_classes: int, task_name: str = "") -> list[str]:
     if task_name == "pirads_4class":
         names += [f"{m}_{suffix}" for _, suffix in PIRADS_CUTS for m in BINARY_METRICS]
     return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction: volumes -> model outputs, in fixed-size batches.
+# ----------------------------------------------------------------------------------------------
+def predict(forward: Callable[[np.ndarray], np.ndarray], source: VolumeSource, indices: Sequence[int],
+            batch_size: int, *, batch_axis: int = 0, progress: bool = False, desc: str = "predicting") -> np.ndarray:
+    """`forward` (a channels-last (B, D, H, W, C) batch -> host array whose axis `batch_axis` is B) on
+    source[indices], in order. Every batch has `batch_size` cases, the last one zero-padded, so one
+    compiled program serves all; padding never changes the other cases' outputs (in eval mode
+    BatchNorm uses running statistics and GRN is per sample). Returns the outputs concatenated along
+    `batch_axis`, or an empty (0, 0) array for no cases."""
+    indices = np.asarray(indices, dtype=np.int64)
+    outs = []
+    with tqdm(total=len(indices), desc=desc, unit="case", disable=not progress, leave=False) as bar:
+        for batch in to_iterator(eval_dataset(source, indices, batch_size)):
+            n = int(batch["count"])
+            out = np.asarray(forward(batch["image"]))
+            outs.append(out[(slice(None),) * batch_axis + (slice(0, n),)])
+            bar.update(n)
+    return np.concatenate(outs, axis=batch_axis) if outs else np.zeros((0, 0), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,3 +344,69 @@ def score_subsets(labels: np.ndarray, is_hq: np.ndarray, probs: np.ndarray, draw
                     row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(low), float(high)
         results.append(row)
     return results
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep's tables: results.csv (one row per lane x test ratio) and predictions.csv.
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoringPlan:
+    """The test subsets every lane of a sweep is scored on, fixed once before training."""
+
+    ratios: tuple[float, ...]
+    size: int  # cases per subset
+    draws: int  # subsets per ratio
+    seed: int
+    resamples: int  # bootstrap resamples for the CIs (0: none)
+    subsets: dict[tuple[float, int], np.ndarray]  # (ratio, draw) -> test-pool positions
+
+
+def scoring_plan(is_hq: np.ndarray, labels: np.ndarray, sweep, num_classes: int) -> ScoringPlan:
+    """From a run config's `sweep` section and the test pool's quality flags and labels;
+    `StratificationError` if the pool cannot supply the subsets."""
+    ratios = tuple(float(r) for r in sweep.test_hq_ratios)
+    size = int(sweep.test_size) or max_test_size(is_hq, labels, ratios, num_classes)
+    subsets = test_subsets(is_hq, labels, ratios, size, int(sweep.test_draws), int(sweep.test_seed), num_classes)
+    return ScoringPlan(ratios, size, int(sweep.test_draws), int(sweep.test_seed), int(sweep.bootstrap_resamples),
+                    subsets)
+
+
+def lane_rows(lanes: Sequence, lane_sets: Sequence[np.ndarray], status: Sequence[str], probs: np.ndarray, data,
+              plan: ScoringPlan, task_name: str) -> list[dict]:
+    """One row per lane x test ratio: metrics averaged over the ratio's subset draws, with percentile
+    bootstrap CIs of that average (`score_subsets`; docs/results.md). `probs` (lanes, test pool,
+    classes); `data` has the study's `labels`, `is_hq` and `test_pool`; lanes whose `status` is not
+    'ok' get NaN metrics."""
+    pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
+    healthy = np.array([s == "ok" for s in status])
+    scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
+    for ratio in plan.ratios:
+        maybe_fail("evaluate")
+        scored[ratio] = score_subsets(
+            pool_labels, pool_hq, probs, [plan.subsets[(ratio, d)] for d in range(plan.draws)], task_name,
+            resamples=plan.resamples, seed=[plan.seed, 0xB007, round(ratio * 1e6)], valid=healthy)
+    rows = []
+    for li, lane in enumerate(lanes):
+        for ratio in plan.ratios:
+            row = {"task": task_name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
+                   "finetune_hq_count": int(data.is_hq[lane_sets[li]].sum()),  # realised, not requested
+                   "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": ratio,
+                   "n_test": plan.size, "n_draws": plan.draws, "n_resamples": plan.resamples}
+            row.update(scored[ratio][li])
+            row["status"] = status[li]
+            rows.append(row)
+    return rows
+
+
+def prediction_rows(lanes: Sequence, probs: np.ndarray, data) -> list[dict]:
+    """Every lane's class probabilities for every test-pool case (`data`: a `pfq.data.study.StudyData`)."""
+    rows = []
+    for li, lane in enumerate(lanes):
+        for p, case in enumerate(data.test_pool):
+            row = {"lane": lane.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
+                   "train_size": lane.train_size, "seed": lane.seed, "case_id": data.case_ids[case],
+                   "quality": "hq" if data.is_hq[case] else "lq", "label": int(data.labels[case])}
+            row.update({f"prob_{c}": float(probs[li, p, c]) for c in range(probs.shape[-1])})
+            rows.append(row)
+    return rows

@@ -16,8 +16,9 @@ exported model's), `PRED_metrics.csv` holds the task's metrics overall and per q
 `--array`: `X` is float32 (N, C, D, H, W) in PyTorch axis order, used as is (no preprocessing);
 the output is logits (N, num_classes) or features (N, E).
 
-Encoder-only directories need `--features`. Both inputs reach the model as channels-last
-(B, D, H, W, C) batches from their own iterator (`iter_array_batches`, `iter_volume_batches`).
+Encoder-only directories need `--features`. Both inputs are volume sources (`ArrayVolumes`, the
+cache's `CachedVolumes`) that reach the model through the sweep's own prediction path,
+`pfq.evaluate.predict`.
 """
 
 from __future__ import annotations
@@ -26,22 +27,21 @@ import argparse
 import csv
 import io
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
-from pfq import evaluate
+from pfq import evaluate, xla_flags
 from pfq.convert.errors import ConvertError
 from pfq.convert.store import has_head, load_model_dir
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
-from pfq.data.manifest import Manifest, ManifestError, read_manifest
+from pfq.data.manifest import Manifest, ManifestError, label_problems, read_manifest
 from pfq.data.preprocess import PreprocessConfig
+from pfq.io import atomic_write_bytes, atomic_write_text
 from pfq.model import ModelSpec, apply, features
-from pfq.tasks import TASKS, LabelError, get_task
-from pfq.train.workdir import atomic_write_bytes, atomic_write_text
+from pfq.tasks import TASKS, get_task
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -68,32 +68,17 @@ def load_array(path: str | Path, in_chans: int) -> np.ndarray:
     return x
 
 
-def iter_array_batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """NCDHW array -> channels-last batches."""
-    for start in range(0, x.shape[0], batch_size):
-        yield np.asarray(x[start:start + batch_size], dtype=np.float32).transpose(0, 2, 3, 4, 1)
+class ArrayVolumes:
+    """An (N, C, D, H, W) array (PyTorch axis order) as a volume source of channels-last float32 cases."""
 
+    def __init__(self, x: np.ndarray):
+        self.x = x
 
-def iter_volume_batches(volumes: CachedVolumes, batch_size: int) -> Iterator[np.ndarray]:
-    """Preprocessed (D, H, W, C) cases -> channels-last batches, one memory-mapped case at a time."""
-    for start in range(0, len(volumes), batch_size):
-        yield np.stack([volumes[i] for i in range(start, min(start + batch_size, len(volumes)))])
+    def __len__(self) -> int:
+        return self.x.shape[0]
 
-
-def run_batches(forward: Forward, batches: Iterator[np.ndarray], batch_size: int, *, total: int = 0,
-                progress: bool = False) -> np.ndarray:
-    """Apply `forward` to NDHWC batches; a short last batch is zero-padded so one compile serves all
-    (samples never interact in eval mode: BatchNorm uses running statistics, GRN is per sample)."""
-    outs = []
-    with tqdm(total=total, desc="predicting", unit="case", disable=not progress, leave=False) as bar:
-        for b in batches:
-            n = b.shape[0]
-            x = np.ascontiguousarray(b, dtype=np.float32)
-            if n < batch_size:
-                x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), np.float32)])
-            outs.append(forward(x)[:n])
-            bar.update(n)
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self.x[index], dtype=np.float32).transpose(1, 2, 3, 0)
 
 
 def save_array_atomically(path: Path, array: np.ndarray) -> None:
@@ -125,19 +110,14 @@ def load_manifest_volumes(path: str | Path, config: PreprocessConfig, *, cache_d
     return manifest, CachedVolumes(paths)
 
 
-def task_labels(manifest: Manifest, task_name: str | None) -> list[int | None] | None:
+def manifest_labels(manifest: Manifest, task_name: str | None) -> list[int | None] | None:
     """The task's class per case (None where the cell is empty or invalid), or None when there is
     no task or the manifest lacks its column."""
     task = TASKS.get(task_name or "")
     if task is None or not any(task.column in c.raw for c in manifest.cases):
         return None
-    labels: list[int | None] = []
-    for case in manifest.cases:
-        try:
-            labels.append(task.to_class(case.raw[task.column]) if case.raw.get(task.column) else None)
-        except LabelError:
-            labels.append(None)
-    return labels
+    labels, _ = label_problems(manifest, task)  # -1 where empty or invalid: unlabelled here
+    return [None if label < 0 else int(label) for label in labels]
 
 
 def prediction_table(manifest: Manifest, values: np.ndarray, labels: list[int | None] | None, *,
@@ -223,10 +203,9 @@ def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> in
     manifest, volumes = load_manifest_volumes(args.manifest, config, cache_dir=args.cache_dir,
                                               workers=args.workers, progress=not args.no_progress)
     batch_size = min(args.batch_size, len(volumes))
-    y = run_batches(forward, iter_volume_batches(volumes, batch_size), batch_size, total=len(volumes),
-                    progress=not args.no_progress)
+    y = evaluate.predict(forward, volumes, np.arange(len(volumes)), batch_size, progress=not args.no_progress)
     out = Path(args.output)
-    labels = task_labels(manifest, task_name)
+    labels = manifest_labels(manifest, task_name)
     values = y if args.features else np.asarray(jax.nn.softmax(y.astype(np.float64), axis=1))
     if out.suffix == ".npy":
         save_array_atomically(out, y)
@@ -260,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return _predict_manifest(args, spec, meta, forward)
         x = load_array(args.array, spec.in_chans)
         batch_size = min(args.batch_size, max(x.shape[0], 1))
-        y = run_batches(forward, iter_array_batches(x, batch_size), batch_size)
+        y = evaluate.predict(forward, ArrayVolumes(x), np.arange(x.shape[0]), batch_size)
     except (ConvertError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -270,4 +249,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     sys.exit(main())

@@ -1,5 +1,6 @@
 """Statistics over seeds on results rows: mean ± std, the paired pretrained-vs-scratch test, and the
-finetune/test quality mismatch effect. Pure functions of result rows (dicts from results.csv).
+finetune/test quality mismatch effect. Pure functions of result rows: the trainer's, or results.csv
+read back by `pfq.results.read_results` (typed values, never strings to parse).
 
 Seeds are the unit of replication: a lane's seed fixes its finetuning set, data order and head
 initialisation, and every initialisation is run with the same seeds, so lanes that differ only in
@@ -9,6 +10,7 @@ initialisation and share a seed are paired (same finetuning cases, same test sub
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -21,21 +23,10 @@ REFERENCE_INIT = "scratch"
 CELL_KEYS = ("task", "finetune_hq_ratio", "train_size", "test_hq_ratio")  # a grid cell, over seeds
 
 
-def as_float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def key_of(row: dict, keys: Sequence[str]) -> tuple:
-    """A hashable, sortable key; numbers become floats so '0.5' from a CSV equals 0.5 from the trainer."""
-    out = []
-    for k in keys:
-        v = row.get(k)
-        f = as_float(v)
-        out.append(round(f, 9) if not math.isnan(f) and k not in ("task", "init", "status") else str(v))
-    return tuple(out)
+    """A hashable, sortable key; numbers become rounded floats so that an int seed or train size and
+    a ratio computed in floating point group with the same values read back from results.csv."""
+    return tuple(round(float(v), 9) if isinstance(v := row.get(k), numbers.Real) else str(v) for k in keys)
 
 
 def group(rows: Iterable[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
@@ -66,7 +57,7 @@ class Summary:
 
 
 def summarize(values: Iterable[float]) -> Summary:
-    values = np.array([as_float(v) for v in values], dtype=np.float64)
+    values = np.array(list(values), dtype=np.float64)
     finite = values[np.isfinite(values)]
     n = len(finite)
     return Summary(float(finite.mean()) if n else math.nan, float(finite.std(ddof=1)) if n > 1 else math.nan,
@@ -77,7 +68,7 @@ def seed_means(rows: Iterable[dict], metric: str) -> dict[int, float]:
     """Per seed, the mean of the metric over that seed's rows with a finite value (NaN if none)."""
     by_seed: dict[int, list[float]] = defaultdict(list)
     for row in rows:
-        by_seed[int(as_float(row["seed"]))].append(as_float(row.get(metric)))
+        by_seed[int(row["seed"])].append(float(row.get(metric, math.nan)))
     out = {}
     for seed, values in sorted(by_seed.items()):
         finite = [v for v in values if math.isfinite(v)]
@@ -175,7 +166,7 @@ def pooled_comparisons(rows: list[dict], metric: str, reference: str = REFERENCE
 # Finetune / test quality mismatch.
 # ----------------------------------------------------------------------------------------------
 def mismatch(row: dict) -> float:
-    return round(abs(as_float(row["finetune_hq_ratio"]) - as_float(row["test_hq_ratio"])), 9)
+    return round(abs(float(row["finetune_hq_ratio"]) - float(row["test_hq_ratio"])), 9)
 
 
 def mismatch_effect(rows: list[dict], metric: str, by: Sequence[str] = ("task", "init", "train_size")) -> list[dict]:
@@ -190,7 +181,7 @@ def mismatch_effect(rows: list[dict], metric: str, by: Sequence[str] = ("task", 
         slopes = []
         for seed_rows in group(part, ("seed",)).values():
             x = np.array([mismatch(r) for r in seed_rows])
-            y = np.array([as_float(r.get(metric)) for r in seed_rows])
+            y = np.array([float(r.get(metric, math.nan)) for r in seed_rows])
             ok = np.isfinite(y)
             if len(np.unique(x[ok])) >= 2:
                 slopes.append(float(np.polyfit(x[ok], y[ok], 1)[0]))

@@ -92,12 +92,9 @@ SMALL_SWEEP = ("--config.sweep.finetune_hq_ratios=(0.0,1.0)", "--config.sweep.se
 
 
 def small_sweep_config(manifest: Path):
-    """The in-process equivalent of `configs/smoke.py` + SMALL_SWEEP (same config.json)."""
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import smoke
-    finally:
-        sys.path.pop(0)
+    """The in-process equivalent of the `smoke` config + SMALL_SWEEP (same config.json)."""
+    from pfq.configs import smoke
+
     c = smoke.get_config()
     c.data.manifest = str(manifest)
     c.sweep.finetune_hq_ratios = (0.0, 1.0)
@@ -107,7 +104,8 @@ def small_sweep_config(manifest: Path):
     return c
 
 
-def cli_env(jax_cache: Path | None = None, fault: str | None = None, pfq_cache: Path | None = None) -> dict[str, str]:
+def cli_env(jax_cache: Path | None = None, fault: str | None = None, pfq_cache: Path | None = None,
+            devices: int | None = None, extra: dict | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PFQ_FAULT")}
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     if pfq_cache is not None:  # preprocessed volumes (config.data.cache_dir stays empty)
@@ -115,20 +113,32 @@ def cli_env(jax_cache: Path | None = None, fault: str | None = None, pfq_cache: 
     if jax_cache is not None:  # compiled programs shared by all runs of a test session
         env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    if devices is not None:  # fake CPU devices
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     if fault:
         env["PFQ_FAULT_POINT"] = fault
+    env.update(extra or {})
     return env
 
 
-def train_command(workdir: Path, manifest: Path, *extra: str, sweep: Sequence[str] = SMALL_SWEEP) -> list[str]:
-    return [sys.executable, "-m", "pfq.train", "--config", str(REPO / "configs" / "smoke.py"),
-            f"--config.data.manifest={manifest}", "--workdir", str(workdir), "--noprogress", *sweep, *extra]
+def train_command(workdir: Path, manifest: Path | None, *extra: str, sweep: Sequence[str] = SMALL_SWEEP) -> list[str]:
+    """`python -m pfq.train` on the smoke config; `manifest` None: the smoke config's phantoms."""
+    data = [] if manifest is None else [f"--config.data.manifest={manifest}"]
+    return [sys.executable, "-m", "pfq.train", "--config", str(REPO / "configs" / "smoke.py"), *data,
+            "--workdir", str(workdir), "--noprogress", *sweep, *extra]
 
 
-def run_train(workdir: Path, manifest: Path, *extra: str, fault: str | None = None, jax_cache: Path | None = None,
-              pfq_cache: Path | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(workdir, manifest, *extra), env=cli_env(jax_cache, fault, pfq_cache),
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+def run_train(workdir: Path, manifest: Path | None, *extra: str, fault: str | None = None,
+              jax_cache: Path | None = None, pfq_cache: Path | None = None, devices: int | None = None,
+              sweep: Sequence[str] = SMALL_SWEEP, env_extra: dict | None = None, background: bool = False,
+              timeout: float = 600, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
+    """The CLI in a subprocess (finished, or started with `background`: stdout and stderr merged)."""
+    command = train_command(workdir, manifest, *extra, sweep=sweep)
+    env = cli_env(jax_cache, fault, pfq_cache, devices, env_extra)
+    if background:
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, **kwargs)
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -177,12 +177,12 @@ CORPUS: dict[str, Bad] = {
                                              ("config.sweep.train_sizes", "r1-scratch-n16-s0", "/ hq: need 8")),
     "test subsets larger than the pool": Bad(overrides(sweep__test_size=40), ("config.sweep.test_size",)),
     "finetune ratio above 1": Bad(overrides(sweep__finetune_hq_ratios=(0.5, 1.5)),
-                                  ("config.sweep.finetune_hq_ratios", "1.5", "outside [0, 1]")),
+                                  ("config.sweep.finetune_hq_ratios", "1.5", "expected each value in [0, 1]")),
     "test ratio below 0": Bad(overrides(sweep__test_hq_ratios=(-0.25, 0.5)),
                               ("config.sweep.test_hq_ratios", "-0.25")),
     "unknown task": Bad(overrides(task="gleason9"), ("invalid config", "gleason9")),
     "unknown model size": Bad(overrides(model__size="gigantic", model__depths=(), model__dims=()),
-                              ("invalid config", "unknown model size 'gigantic'")),
+                              ("invalid config", "config.model.size = 'gigantic'")),
     # initial checkpoints
     "checkpoint of another model size": Bad(init_from(dims=(16, 32, 48, 64)),
                                             ("config.sweep.inits", "pretrained", "dims=(16, 32, 48, 64)",
@@ -243,14 +243,15 @@ def test_bad_input_is_a_named_error_and_earlier_outputs_survive(name, study_copy
     assert len(CORPUS) >= 20
 
 
-def test_cli_prints_one_clean_error_and_exits_2(study_copy, volume_cache, tmp_path):
+def test_cli_prints_one_clean_error_and_exits_2(study_copy, jax_cache, volume_cache, tmp_path):
     """The real command line: exit status 2, the named problem, no traceback, nothing written."""
     set_cell(3, "pirads", "7")(study_copy)
     workdir = tmp_path / "work"
     import subprocess
 
-    proc = subprocess.run(train_command(workdir, study_copy / "manifest.csv"), env=cli_env(pfq_cache=volume_cache),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train_command(workdir, study_copy / "manifest.csv"),
+                          env=cli_env(jax_cache, pfq_cache=volume_cache), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "line 5, case 'c003', column 'pirads'" in proc.stderr
     assert not workdir.exists()

@@ -147,3 +147,41 @@ def test_a_read_by_a_run_marks_the_entry_used(tmp_path, study):
     _age(paths[1], 100)
     CachedVolumes(paths)[1]
     assert time.time() - paths[1].stat().st_mtime < 60
+
+
+def test_concurrent_reads_never_parse_npy_headers_at_the_same_time(tmp_path, monkeypatch):
+    """Grain reads volumes from several threads; numpy parses `.npy` headers with `ast`, whose CPython
+    3.11 constructor is not thread-safe. Overlapping header parses are detected with a slow stand-in."""
+    import threading
+
+    try:  # numpy >= 2 keeps the implementation private
+        import numpy.lib._format_impl as npy_format
+    except ImportError:
+        import numpy.lib.format as npy_format
+
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"v{i}.npy"
+        np.save(path, np.full((2, 2, 2, 3), i, np.float32))
+        paths.append(path)
+    volumes = CachedVolumes(paths)
+    real_read_header, inside, overlaps = npy_format._read_array_header, [0], []
+
+    def slow_read_header(*args, **kwargs):
+        inside[0] += 1
+        if inside[0] > 1:
+            overlaps.append(inside[0])
+        time.sleep(0.002)  # widens the window in which a second thread could enter
+        try:
+            return real_read_header(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(npy_format, "_read_array_header", slow_read_header)
+    threads = [threading.Thread(target=lambda: [volumes[i % 4] for i in range(30)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert float(volumes[3][0, 0, 0, 0]) == 3.0
+    assert not overlaps, f"{len(overlaps)} header parses overlapped"

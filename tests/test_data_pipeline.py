@@ -8,7 +8,6 @@ import pytest
 
 from pfq.data.pipeline import (
     AugmentConfig,
-    InMemoryVolumes,
     LaneStream,
     augment,
     rotate_zoom,
@@ -25,7 +24,7 @@ def pool():
     volumes = rng.normal(size=(N_CASES,) + SHAPE).astype(np.float32)
     labels = np.arange(N_CASES) % 2
     is_hq = (np.arange(N_CASES) // 2) % 3 == 0  # 8 HQ of 24
-    return InMemoryVolumes(volumes), labels, is_hq
+    return volumes, labels, is_hq
 
 
 def dataset(pool, lane_sets=None, seeds=(0, 1), steps=8, batch_size=4, **kwargs):

@@ -190,7 +190,7 @@ def test_training_loads_a_valid_manifest_through_the_cache(tmp_path, monkeypatch
 
 
 def test_phantom_set_validates_and_loads(tmp_path):
-    phantoms = pytest.importorskip("pfq.data.phantoms")
+    phantoms = pytest.importorskip("pfq.data.phantom_set")
     manifest = phantoms.write_phantom_set(tmp_path / "ph", 8, seed=0, shape=(16, 32, 32), spacing=(2.0, 1.0, 1.0),
                                           hq_fraction=0.5, progress=False)
     report = validate_manifest(manifest, task=TASK)

@@ -225,25 +225,21 @@ def test_perfect_classifier_has_degenerate_ci():
 # The trainer's rows.
 # ----------------------------------------------------------------------------------------------
 def test_lane_rows_columns_and_status():
-    from ml_collections import ConfigDict
-
-    from pfq.tasks import get_task
     from pfq.train.lanes import Lane
-    from pfq.train.trainer import Trainer
+    from pfq.train.trainer import lane_status
 
     labels, is_hq, rng = _pool(80, seed=4)
-    trainer = Trainer.__new__(Trainer)
-    trainer.task = get_task("pirads_ge4")
-    trainer.config = ConfigDict({"sweep": {"test_hq_ratios": (0.0, 1.0), "test_size": 0, "test_draws": 2,
-                                           "test_seed": 0, "bootstrap_resamples": 50}})
+    sweep = SimpleNamespace(test_hq_ratios=(0.0, 1.0), test_size=0, test_draws=2, test_seed=0, bootstrap_resamples=50)
     lanes = [Lane(0, 0.5, "scratch", 16, 0), Lane(1, 0.5, "scratch", 16, 1)]
     hq, lq = np.flatnonzero(is_hq)[:8], np.flatnonzero(~is_hq)[:8]
     lane_set = np.sort(np.concatenate([hq, lq]))  # 8 HQ of 16: the realised count the row reports
-    outcome = SimpleNamespace(lanes=lanes, diverged_step=np.array([-1, 7]), lane_sets=[lane_set, lane_set])
+    status = lane_status(SimpleNamespace(diverged_step=np.array([-1, 7]), diverged_reason=np.array([0, 0])))
     data = SimpleNamespace(labels=np.concatenate([labels, [0] * 10]), is_hq=np.concatenate([is_hq, [True] * 10]),
                            test_pool=np.arange(80))
+    plan = ev.scoring_plan(data.is_hq[data.test_pool], data.labels[data.test_pool], sweep, 2)
+    assert plan.size == ev.max_test_size(is_hq, labels, (0.0, 1.0), 2) and len(plan.subsets) == 4
     probs = rng.dirichlet(np.ones(2), (2, 80)).astype(np.float32)
-    rows = trainer.lane_rows(outcome, probs, data)
+    rows = ev.lane_rows(lanes, [lane_set, lane_set], status, probs, data, plan, "pirads_ge4")
     assert len(rows) == 4
     assert list(rows[0])[:10] == ["task", "init", "finetune_hq_ratio", "finetune_hq_count", "train_size", "seed",
                                   "test_hq_ratio", "n_test", "n_draws", "n_resamples"]
@@ -253,3 +249,26 @@ def test_lane_rows_columns_and_status():
     assert rows[0]["auc_ci_low"] <= rows[0]["auc"] <= rows[0]["auc_ci_high"]
     assert rows[2]["status"] == "diverged at step 7: non-finite loss" and math.isnan(rows[2]["auc"])
     assert [r["test_hq_ratio"] for r in rows] == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("n, batch_size", [(7, 3), (6, 3), (2, 5), (0, 4)])
+def test_predict_runs_fixed_size_batches_in_order(n, batch_size):
+    """One prediction path: every batch has `batch_size` cases (zero-padded at the end), outputs come
+    back in the order asked for, along the batch axis the forward function names."""
+    volumes = np.arange(10, dtype=np.float32)[:, None, None, None, None] * np.ones((10, 2, 2, 2, 1), np.float32)
+    order = np.arange(10)[::-1][:n]
+    seen = []
+
+    def forward(x):  # (lanes=2, batch, classes=1): lane l returns value * (l + 1)
+        seen.append(x.shape[0])
+        values = x.reshape(x.shape[0], -1)[:, 0]
+        return np.stack([values, 2 * values])[:, :, None]
+
+    out = ev.predict(forward, volumes, order, batch_size, batch_axis=1)
+    assert set(seen) <= {batch_size}
+    if n == 0:
+        assert out.shape == (0, 0)
+        return
+    assert out.shape == (2, n, 1)
+    np.testing.assert_array_equal(out[0, :, 0], order.astype(np.float32))
+    np.testing.assert_array_equal(out[1, :, 0], 2 * order.astype(np.float32))

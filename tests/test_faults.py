@@ -25,6 +25,7 @@ import pytest
 from studykit import KILLED, cli_env, run_train, small_sweep_config, train_command
 
 from pfq import faults
+from pfq.results import read_results
 
 OUTPUTS = ("results.csv", "predictions.csv")
 
@@ -149,8 +150,9 @@ def test_a_finished_sweep_is_not_rerun_or_overwritten(small_reference, tmp_path,
     monkeypatch.setattr(trainer_module, "load_study_data", no_data)
     trainer = trainer_module.Trainer(config, workdir, progress=False)
     rows = trainer.run()
-    with open(workdir / "results.csv", newline="") as f:
-        assert rows == list(csv.DictReader(f))
+    # results.csv read back, typed like the trainer's own rows (json: NaN == NaN)
+    assert json.dumps(rows) == json.dumps(read_results(workdir / "results.csv"))
+    assert isinstance(rows[0]["seed"], int) and isinstance(rows[0]["test_hq_ratio"], float)
     assert trainer.compile_count == 0
     assert {p.name: p.stat().st_mtime_ns for p in workdir.iterdir() if p.is_file()} == stamps
 
@@ -240,7 +242,6 @@ def compiled_programs(jax_cache, volume_cache, monkeypatch):
 
 def poison(monkeypatch, choose) -> list:
     """Make `choose(data)`'s cases NaN after loading (the loader itself refuses NaN voxels)."""
-    from pfq.data.pipeline import InMemoryVolumes
     from pfq.train import trainer as trainer_module
 
     real, chosen = trainer_module.load_study_data, []
@@ -250,7 +251,7 @@ def poison(monkeypatch, choose) -> list:
         volumes = np.stack([np.asarray(data.source[i]) for i in range(len(data.source))])
         chosen[:] = [int(i) for i in choose(data)]
         volumes[chosen] = np.nan
-        data.source = InMemoryVolumes(volumes)
+        data.source = volumes
         return data
 
     monkeypatch.setattr(trainer_module, "load_study_data", load)

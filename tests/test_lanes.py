@@ -7,13 +7,15 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
+from pfq.config import base_config
 from pfq.model import ModelSpec, init_variables
 from pfq.train.lanes import group_lanes, make_lanes, make_mesh
 from pfq.train.optim import make_optimizer
 from pfq.train.step import init_state, make_train_step
 
 SPEC = ModelSpec(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=2, drop_path_rate=0.1, depthwise_impl="direct")
-OPTIM = ConfigDict({"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 1, "grad_clip": 1.0, "layer_decay": 0.8})
+OPTIM = base_config().optim
+OPTIM.update({"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 1, "grad_clip": 1.0, "layer_decay": 0.8})
 
 
 
@@ -91,7 +93,8 @@ def test_linear_probe_freezes_the_encoder_and_layer_decay_scales_by_depth():
     from pfq.train.optim import lr_scales
 
     variables = init_variables(SPEC, jax.random.key(0))
-    probe = ConfigDict(dict(OPTIM, mode="linear_probe", layer_decay=1.0))
+    probe = ConfigDict(OPTIM)
+    probe.update({"mode": "linear_probe", "layer_decay": 1.0})
     tx = make_optimizer(probe, variables["params"], SPEC.depths, 10)
     step, state = jax.jit(make_train_step(SPEC, tx)), init_state(variables, tx)
     for batch in _batches(1, 2):  # two steps: the warm-up's first learning rate is 0

@@ -10,7 +10,7 @@ from pfq.model.convnext import GRN, drop_path, gelu
 
 
 # Encoder parameter counts: 10 values per block-channel pattern, checked against upstream for tiny
-# (29,311,680 in docs/profound-checkpoints.md); the others follow the same formula.
+# (29,311,680 in docs/checkpoints.md); the others follow the same formula.
 def expected_encoder_params(depths, dims, in_chans=3):
     total = dims[0] * in_chans * 64 + dims[0] + 2 * dims[0]  # stem conv + LayerNorm
     for i in (1, 2, 3):

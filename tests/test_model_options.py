@@ -108,9 +108,10 @@ def test_bf16_model_trains():
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
-def test_import_sets_memory_frugal_cpu_scheduler_unless_user_chose():
-    """pfq picks XLA:CPU's depth-first scheduler (BENCHMARKS.md: 2.2 vs 3.0 GB of temporaries at
-    the real size) but leaves a user's own setting of the flag alone."""
+def test_entry_points_set_memory_frugal_cpu_scheduler_unless_user_chose():
+    """The command-line entry points pick XLA:CPU's depth-first scheduler (BENCHMARKS.md: 2.2 vs
+    3.0 GB of temporaries at the real size) but leave a user's own setting of the flag alone;
+    importing pfq as a library changes nothing in the environment."""
     import os
     import subprocess
     import sys
@@ -118,13 +119,14 @@ def test_import_sets_memory_frugal_cpu_scheduler_unless_user_chose():
     import pfq
 
     root = os.path.dirname(os.path.dirname(pfq.__file__))  # this checkout's pfq, not an installed one
-    code = "import os, pfq; print(os.environ['XLA_FLAGS'])"
+    code = ("import os, pfq, pfq.train.trainer, pfq.predict; before = os.environ['XLA_FLAGS']; "
+            "from pfq import xla_flags; xla_flags.set_defaults(); print(before); print(os.environ['XLA_FLAGS'])")
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
     for given, expected in [("", f"{flag}=false"), ("--xla_dump_to=/tmp/x", f"--xla_dump_to=/tmp/x {flag}=false"),
                             (f"{flag}=true", f"{flag}=true")]:
         env = dict(os.environ, XLA_FLAGS=given, PYTHONPATH=root)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == expected
+        assert out.stdout.splitlines() == [given, expected]
 
 
 def test_cpu_scheduler_flag_is_left_out_where_xla_lacks_it(monkeypatch):
@@ -132,11 +134,11 @@ def test_cpu_scheduler_flag_is_left_out_where_xla_lacks_it(monkeypatch):
     (a future XLA may drop this one) is never set."""
     import os
 
-    import pfq
+    from pfq import xla_flags
 
-    assert pfq._xla_defines_flag(pfq._CPU_SCHEDULER_FLAG)  # the installed jaxlib has it
-    assert not pfq._xla_defines_flag("--xla_cpu_flag_no_xla_has_ever_had")
+    assert xla_flags.xla_defines_flag(xla_flags.CPU_SCHEDULER_FLAG)  # the installed jaxlib has it
+    assert not xla_flags.xla_defines_flag("--xla_cpu_flag_no_xla_has_ever_had")
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    monkeypatch.setattr(pfq, "_xla_defines_flag", lambda flag: False)
-    pfq._prefer_memory_frugal_cpu_schedule()
+    monkeypatch.setattr(xla_flags, "xla_defines_flag", lambda flag: False)
+    xla_flags.set_defaults()
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
 from pfq.data import degrade as dg
+from pfq.data import phantom_set as ps
 from pfq.data import phantoms as ph
 
 COHORT_SHAPE = (24, 48, 48)
@@ -184,13 +185,13 @@ def read_manifest(path):
 
 def test_phantom_set_files(tmp_path):
     shape, spacing = (12, 20, 24), (2.5, 1.25, 1.0)
-    manifest = ph.write_phantom_set(tmp_path / "set", 5, seed=3, shape=shape, spacing=spacing, progress=False)
+    manifest = ps.write_phantom_set(tmp_path / "set", 5, seed=3, shape=shape, spacing=spacing, progress=False)
     assert manifest == tmp_path / "set" / "manifest.csv"
     columns, rows = read_manifest(manifest)
     assert tuple(columns) == ph.MANIFEST_COLUMNS and len(rows) == 5
     assert sum(r["quality"] == "hq" for r in rows) == round(0.5 * 5)
     for i, row in enumerate(rows):
-        case = ph.generate_case(ph.case_seed(3, i), quality=row["quality"], shape=shape, spacing=spacing)
+        case = ph.generate_case(ps.case_seed(3, i), quality=row["quality"], shape=shape, spacing=spacing)
         assert (int(row["pirads"]), int(row["isup"])) == (case.pirads, case.isup)
         for ch in ph.CHANNELS:
             assert row[ch] == f"images/{row['case_id']}_{ch}.nii.gz"
@@ -208,12 +209,12 @@ def test_phantom_set_files(tmp_path):
 
 def test_phantom_set_is_reused_and_grows_stably(tmp_path):
     kw = dict(seed=1, shape=(8, 16, 16), progress=False)
-    manifest = ph.write_phantom_set(tmp_path, 6, **kw)
+    manifest = ps.write_phantom_set(tmp_path, 6, **kw)
     stamp = manifest.stat().st_mtime_ns
     first = {r["case_id"]: r for r in read_manifest(manifest)[1]}
-    assert ph.write_phantom_set(tmp_path, 6, **kw).stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert ps.write_phantom_set(tmp_path, 6, **kw).stat().st_mtime_ns == stamp  # reused, not rewritten
 
-    bigger = ph.write_phantom_set(tmp_path / "more", 9, **kw)
+    bigger = ps.write_phantom_set(tmp_path / "more", 9, **kw)
     rows = {r["case_id"]: r for r in read_manifest(bigger)[1]}
     assert sum(r["quality"] == "hq" for r in rows.values()) == round(0.5 * 9)
     same = [cid for cid, r in first.items() if rows[cid]["quality"] == r["quality"]]
@@ -234,7 +235,7 @@ def test_concurrent_writers_of_one_set_do_not_collide(tmp_path):
     with ctx.Pool(3) as pool:  # in step: the same work, case by case (with shared temporary names 4 of 5 runs failed)
         manifests = pool.starmap(_write_set, [(str(tmp_path / "shared"), kw)] * 3)
     assert len(set(manifests)) == 1
-    reference = ph.write_phantom_set(tmp_path / "alone", 24, **kw)
+    reference = ps.write_phantom_set(tmp_path / "alone", 24, **kw)
     for row in read_manifest(reference)[1]:
         for ch in ph.CHANNELS:
             assert (tmp_path / "shared" / row[ch]).read_bytes() == (tmp_path / "alone" / row[ch]).read_bytes()
@@ -242,13 +243,13 @@ def test_concurrent_writers_of_one_set_do_not_collide(tmp_path):
 
 
 def _write_set(out: str, kw: dict) -> str:
-    return str(ph.write_phantom_set(out, 24, **kw))
+    return str(ps.write_phantom_set(out, 24, **kw))
 
 
 def test_changed_parameters_regenerate(tmp_path):
-    manifest = ph.write_phantom_set(tmp_path, 2, seed=0, shape=(8, 16, 16), progress=False)
+    manifest = ps.write_phantom_set(tmp_path, 2, seed=0, shape=(8, 16, 16), progress=False)
     before = np.asarray(nib.load(tmp_path / read_manifest(manifest)[1][0]["t2w"]).dataobj)
-    ph.write_phantom_set(tmp_path, 2, seed=1, shape=(8, 16, 16), progress=False)
+    ps.write_phantom_set(tmp_path, 2, seed=1, shape=(8, 16, 16), progress=False)
     after = np.asarray(nib.load(tmp_path / read_manifest(manifest)[1][0]["t2w"]).dataobj)
     assert json.loads((tmp_path / "phantoms.json").read_text())["params"]["seed"] == 1
     assert not np.array_equal(before, after)
@@ -256,15 +257,15 @@ def test_changed_parameters_regenerate(tmp_path):
 
 def test_quality_assignment_is_exact():
     for n, f in [(10, 0.5), (7, 0.3), (5, 0.0), (5, 1.0), (9, 0.5)]:
-        q = ph.assign_qualities(n, f, seed=4)
+        q = ps.assign_qualities(n, f, seed=4)
         assert q.count("hq") == round(f * n) and len(q) == n
-    assert ph.assign_qualities(50, 0.5, 0) != ph.assign_qualities(50, 0.5, 1)
+    assert ps.assign_qualities(50, 0.5, 0) != ps.assign_qualities(50, 0.5, 1)
 
 
 def test_synth_main(tmp_path, capsys):
     argv = ["--out", str(tmp_path / "s"), "--cases", "3", "--seed", "2", "--shape", "8", "16", "16",
             "--spacing", "2", "1", "1", "--hq-fraction", "0.34", "--no-progress"]
-    assert ph.synth_main(argv) == 0
+    assert ps.synth_main(argv) == 0
     _, rows = read_manifest(tmp_path / "s" / "manifest.csv")
     assert len(rows) == 3 and sum(r["quality"] == "hq" for r in rows) == 1
     assert "3 cases" in capsys.readouterr().out

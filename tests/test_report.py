@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pfq import report, stats
+from pfq.results import ResultsError, read_results
 
 CKPT = "/ckpts/profound_conv_tiny"
 
@@ -165,3 +166,25 @@ def test_summary_table_accepts_trainer_rows():
     # The trainer passes its rows (numbers, not strings) straight to summary_table.
     text = report.summary_table(synthetic_rows(inits=("scratch",), sizes=(16,)), "auc")
     assert "init=scratch, train size=16" in text and "±" in text
+
+
+def test_results_csv_reads_back_as_the_trainers_rows(tmp_path):
+    rows = synthetic_rows(diverged={(CKPT, 0.5, 64, 1)})
+    back = read_results(write_results(tmp_path, rows) / "results.csv")
+    assert [list(r) for r in back] == [list(r) for r in rows]
+    for mine, theirs in zip(rows, back, strict=True):
+        for key, value in mine.items():
+            assert type(theirs[key]) is type(value), key
+            assert theirs[key] == value or (math.isnan(value) and math.isnan(theirs[key])), key
+    assert report.summary_table(back) == report.summary_table(rows)
+    assert report.report_markdown(back, "auc", {}) == report.report_markdown(rows, "auc", {})
+
+
+def test_a_bad_results_cell_is_named(tmp_path, capsys):
+    rows = synthetic_rows(sizes=(16,), seeds=(0,))
+    rows[1]["seed"] = "one"
+    write_results(tmp_path, rows)
+    with pytest.raises(ResultsError, match=r"results.csv line 3, column seed: 'one' is not a whole number"):
+        read_results(tmp_path / "results.csv")
+    assert report.main([str(tmp_path)]) == 2
+    assert "line 3, column seed" in capsys.readouterr().err

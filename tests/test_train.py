@@ -7,32 +7,32 @@ import csv
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from studykit import run_train
 
-ROOT = Path(__file__).resolve().parents[1]
 # One forward pass agrees to ~1e-6 across device layouts (measured); over the smoke run's AdamW steps,
 # whose first updates are ~lr * sign(gradient), summation-order noise grows to ~1e-3 in probabilities.
 # A real layout bug (like the XLA one PatchConv avoids) moved probabilities by 0.04.
 PROB_TOLERANCE = 5e-3
-SMOKE = ["--config", str(ROOT / "configs" / "smoke.py"), "--noprogress"]
 
 
-def run_train(workdir: Path, cache: Path, *args: str, devices: int = 1, check: bool = True,
-              background: bool = False, env_extra: dict | None = None):
-    env = dict(os.environ, PFQ_CACHE=str(cache), PYTHONPATH=str(ROOT), **(env_extra or {}))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    cmd = [sys.executable, "-m", "pfq.train", *SMOKE, "--workdir", str(workdir), *args]
-    if background:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def train(cache, jax_cache):
+    """`python -m pfq.train` on the smoke config and its phantoms, sharing the session's compiled programs;
+    asserts exit status 0 unless `check=False`."""
+
+    def run(workdir: Path, *args: str, devices: int = 1, check: bool = True, background: bool = False,
+            env_extra: dict | None = None):
+        proc = run_train(workdir, None, *args, sweep=(), jax_cache=jax_cache, pfq_cache=cache, devices=devices,
+                         background=background, env_extra=env_extra)
+        if check and not background:
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    return run
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -50,9 +50,9 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache) -> Path:
+def reference(tmp_path_factory, train) -> Path:
     workdir = tmp_path_factory.mktemp("reference")
-    proc = run_train(workdir, cache)
+    proc = train(workdir)
     assert "finetune\\test" in proc.stdout  # the printed summary table
     return workdir
 
@@ -74,16 +74,16 @@ def test_smoke_run_writes_every_row_and_the_report(reference):
     assert run["complete"] and run["compile_count"] == run["lane_groups"] == 1
 
 
-def test_rerun_of_a_finished_sweep_does_not_retrain(reference, cache):
+def test_rerun_of_a_finished_sweep_does_not_retrain(reference, train):
     before = (reference / "results.csv").read_bytes()
-    proc = run_train(reference, cache)
+    proc = train(reference)
     assert "0 compiled step program(s)" in proc.stdout
     assert (reference / "results.csv").read_bytes() == before
 
 
 @pytest.mark.parametrize("devices", [2, 4])
-def test_fake_devices_agree_with_one(reference, cache, tmp_path, devices):
-    run_train(tmp_path, cache, "--config.export_models=True", devices=devices)
+def test_fake_devices_agree_with_one(reference, train, cache, tmp_path, devices):
+    train(tmp_path, "--config.export_models=True", devices=devices)
     ref, got = probabilities(reference), probabilities(tmp_path)
     assert ref.keys() == got.keys()
     assert max(abs(ref[k] - got[k]) for k in ref) < PROB_TOLERANCE
@@ -139,20 +139,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir: Path, cache: Path, *extra: str, env_extra: dict | None = None,
-                      returncode: int = 0) -> str:
+def run_two_processes(train, workdir: Path, *extra: str, env_extra: dict | None = None, returncode: int = 0) -> str:
     """Both processes' output, once both have finished with `returncode`."""
     args = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num_processes", "2", *extra]
-    worker = run_train(workdir, cache, *args, "--process_id", "1", background=True, env_extra=env_extra)
-    main = run_train(workdir, cache, *args, "--process_id", "0", check=False, env_extra=env_extra)
+    worker = train(workdir, *args, "--process_id", "1", background=True, env_extra=env_extra)
+    main = train(workdir, *args, "--process_id", "0", check=False, env_extra=env_extra)
     out, _ = worker.communicate(timeout=300)
     assert main.returncode == returncode, main.stdout[-2000:] + main.stderr[-2000:]
     assert worker.returncode == returncode, out[-3000:]
     return f"{main.stdout}{main.stderr}\n--- process 1 ---\n{out}"
 
 
-def test_two_processes_on_loopback_match_one(reference, cache, tmp_path):
-    output = run_two_processes(tmp_path, cache)
+def test_two_processes_on_loopback_match_one(reference, train, tmp_path):
+    output = run_two_processes(train, tmp_path)
     # Each process loads only the lanes its device holds (6 lanes on a 2 x 1 mesh).
     head, worker = output.split("--- process 1 ---")
     assert "loads lanes 0:3, slots 0:2" in head and "loads lanes 3:6, slots 0:2" in worker
@@ -163,10 +162,10 @@ def test_two_processes_on_loopback_match_one(reference, cache, tmp_path):
     assert np.allclose([float(r["auc"]) for r in got_rows], [float(r["auc"]) for r in ref_rows], atol=1e-3)
 
 
-def test_two_processes_splitting_every_batch_match_one(reference, cache, tmp_path):
+def test_two_processes_splitting_every_batch_match_one(reference, train, tmp_path):
     """3 lanes do not split over 2 processes, so each process loads one slot of every lane's batch;
     a lane's results do not depend on the other lanes, so they match the reference's seed-0 lanes."""
-    output = run_two_processes(tmp_path, cache, "--config.sweep.seeds=(0,)")
+    output = run_two_processes(train, tmp_path, "--config.sweep.seeds=(0,)")
     head, worker = output.split("--- process 1 ---")
     assert "loads lanes 0:3, slots 0:1" in head and "loads lanes 0:3, slots 1:2" in worker
     ref, got = probabilities(reference), probabilities(tmp_path)
@@ -174,14 +173,14 @@ def test_two_processes_splitting_every_batch_match_one(reference, cache, tmp_pat
     assert max(abs(ref[k] - got[k]) for k in got) < PROB_TOLERANCE
 
 
-def test_a_second_run_in_a_busy_workdir_stops_and_changes_nothing(reference, cache):
+def test_a_second_run_in_a_busy_workdir_stops_and_changes_nothing(reference, train):
     """While a run holds the workdir, another one (here even with --overwrite) stops with exit
     status 2 naming the holder, and every file stays as it was."""
     from pfq.train.workdir import exclusive
 
     before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
     with exclusive(reference):
-        proc = run_train(reference, cache, "--overwrite", check=False)
+        proc = train(reference, "--overwrite", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"is in use by another run (process {os.getpid()} on" in proc.stderr
     assert {p for p in reference.rglob("*") if p.is_file()} == before.keys()
@@ -189,18 +188,18 @@ def test_a_second_run_in_a_busy_workdir_stops_and_changes_nothing(reference, cac
 
 
 @pytest.mark.slow
-def test_two_processes_killed_together_resume_to_the_same_results(cache, tmp_path):
+def test_two_processes_killed_together_resume_to_the_same_results(train, tmp_path):
     """Both processes SIGKILLed after step 8 of 9 (the step-3 checkpoint is committed by then, since
     Orbax finishes one save before it starts the next at step 6), then rerun: each restores its own
     data iterator and loads its own block again, and the outputs equal those of an uninterrupted
     two-process run byte for byte."""
     steps = ["--config.optim.steps=9", "--config.checkpoint.every_steps=3"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run_two_processes(full, cache, *steps)
-    output = run_two_processes(cut, cache, *steps, env_extra={"PFQ_FAULT_POINT": "train_step:8"}, returncode=-9)
+    run_two_processes(train, full, *steps)
+    output = run_two_processes(train, cut, *steps, env_extra={"PFQ_FAULT_POINT": "train_step:8"}, returncode=-9)
     assert output.count("pfq.faults: kill at train_step:8") == 2
     assert not (cut / "results.csv").exists()
-    output = run_two_processes(cut, cache, *steps)
+    output = run_two_processes(train, cut, *steps)
     assert output.count("resumed from step 6") == 2 or output.count("resumed from step 3") == 2, output[-3000:]
     for name in ("results.csv", "predictions.csv"):
         assert (cut / name).read_bytes() == (full / name).read_bytes(), name

@@ -1,6 +1,6 @@
 """The one PyTorch ProFound-Conv (3-D ConvNeXt-V2 encoder + classifier head), for tests and benchmarks.
 
-Written from docs/profound-checkpoints.md (sections 0.3 and A: upstream `models/convnextv2.py` and
+Written from docs/checkpoints.md ("Numeric definitions" and format A: upstream `models/convnextv2.py` and
 `models/classifier.py`), not from pfq, so that comparing the two networks checks pfq against the spec.
 Test and benchmark code only: PyTorch is never a pfq runtime dependency.
 

@@ -1,4 +1,4 @@
-"""ProFound PyTorch checkpoints <-> pfq model directories, without torch (docs/profound-checkpoints.md)."""
+"""ProFound PyTorch checkpoints <-> pfq model directories, without torch (docs/checkpoints.md)."""
 
 from pfq.convert.errors import ConvertError, UnsafeCheckpointError
 from pfq.convert.pipeline import Converted, convert_checkpoint, convert_file, export_torch, torch_state_dict

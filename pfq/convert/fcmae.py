@@ -1,6 +1,6 @@
 """FCMAE (sparse, MinkowskiEngine) encoder weights -> dense upstream names and PyTorch layouts.
 
-Reproduces upstream `remap_checkpoint_keys` (docs/profound-checkpoints.md B.3/B.4). MinkowskiEngine
+Reproduces upstream `remap_checkpoint_keys` (docs/checkpoints.md, "B: FCMAE pretraining checkpoint"). MinkowskiEngine
 flattens a cubic kernel with the *first* spatial axis fastest (k = a + ks*b + ks^2*c for offsets along
 D, H, W), so a C-order reshape yields (c, b, a): the spatial axes must be reversed.
 """

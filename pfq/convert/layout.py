@@ -2,7 +2,7 @@
 
 The table is derived from `abstract_variables(spec)`, whose paths mirror the torch names
 (`params/encoder/stages/2/4/dwconv/kernel` <-> `encoder.stages.2.4.dwconv.weight`), so one walk
-gives the name and layout transform of every leaf (docs/profound-checkpoints.md 0.2).
+gives the name and layout transform of every leaf (docs/checkpoints.md, "Names and layouts").
 """
 
 from __future__ import annotations

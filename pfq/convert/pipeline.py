@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from pfq.convert.infer import infer_spec
 from pfq.convert.layout import BN_COUNTER, export_state, import_state
 from pfq.convert.reader import read_source
 from pfq.convert.store import has_head, load_model_dir, save_model_dir
+from pfq.io import atomic_path
 from pfq.model import ModelSpec
 
 
@@ -85,10 +84,6 @@ def export_torch(src_dir: str | Path, dest: str | Path, *, overwrite: bool = Fal
     state = torch_state_dict(spec, variables, metadata, encoder_only=encoder_only)
     note = {"format": "pt", "pfq_source_sha256": str(metadata.get("source_sha256", ""))}
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(dest) as tmp:
         save_file(state, str(tmp), metadata=note)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return state

@@ -10,10 +10,7 @@ failed write leaves no partial DIR, and an existing DIR is replaced only with `o
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import orbax.checkpoint as ocp
 from pfq.convert.errors import ConvertError
 from pfq.convert.infer import size_name
 from pfq.convert.layout import describe, variables_problems
+from pfq.io import atomic_dir
 from pfq.model import ModelSpec, abstract_variables
 
 METADATA_FILE = "pfq_model.json"
@@ -33,29 +31,6 @@ FORMAT_VERSION = 1
 
 def has_head(variables: Mapping) -> bool:
     return "head" in variables.get("params", {})
-
-
-@contextmanager
-def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir next to `dest`; on success it replaces `dest`, on failure it is removed."""
-    dest = Path(dest).absolute()
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def model_metadata(spec: ModelSpec, with_head: bool) -> dict[str, Any]:

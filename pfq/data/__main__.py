@@ -9,25 +9,22 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from pfq.config import base_config
+from pfq import xla_flags
+from pfq.config import ConfigError, base_config, load_config
 
 
-def _run_config(path: str | None):
-    """A config file's `get_config()` (as `python -m pfq.train --config` reads it), else the base."""
-    if path is None:
-        return base_config()
-    spec = importlib.util.spec_from_file_location("pfq_user_config", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"error: cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def _run_config(source: str | None):
+    """The run config `python -m pfq.train --config` would read (a name or a file; None: default)."""
+    try:
+        return load_config(source)
+    except ConfigError as e:
+        print(f"error: invalid config: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _add_quality_args(p: argparse.ArgumentParser) -> None:
@@ -77,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                           description="Decode and preprocess every case once into the cache. Use the run's "
                                       "config (--config) so that training finds the entries.")
     prep.add_argument("manifest", type=Path)
-    _add_cache_args(prep, "run config file whose data.input_size / data.spacing to use")
+    _add_cache_args(prep, "run config (a name or a file) whose data.input_size / data.spacing to use")
     prep.add_argument("--input-size", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
                       help="override data.input_size")
     prep.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
@@ -114,7 +111,7 @@ def _prepare(args) -> int:
     if args.spacing:
         data.spacing = tuple(args.spacing)
     config = PreprocessConfig.from_config(data)
-    root = args.cache or Path(data.get("cache_dir") or default_cache_root())
+    root = args.cache or Path(data.cache_dir or default_cache_root())
     try:
         manifest = read_manifest(args.manifest, require_quality=False)
     except ManifestError as e:
@@ -172,7 +169,7 @@ def _day(timestamp: float) -> str:
 def _cache(args) -> int:
     from pfq.data.cache import cache_entries, default_cache_root, select_for_pruning, stale_temporaries
 
-    root = args.cache or Path(_run_config(args.config).data.get("cache_dir") or default_cache_root())
+    root = args.cache or Path(_run_config(args.config).data.cache_dir or default_cache_root())
     if args.prune and args.older_than is None and args.max_gb is None:
         print("error: --prune needs --older-than DAYS and/or --max-gb GB", file=sys.stderr)
         return 2
@@ -211,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":  # the phantom generator owns its arguments
         try:
-            from pfq.data.phantoms import synth_main
+            from pfq.data.phantom_set import synth_main
         except ImportError as e:
             print(f"error: the phantom generator is not available ({e})", file=sys.stderr)
             return 2
@@ -228,4 +225,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    xla_flags.set_defaults()  # before JAX starts its backend
     sys.exit(main())

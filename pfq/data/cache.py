@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pfq import io as pfq_io
 from pfq.data.manifest import IMAGE_COLUMNS, CaseRecord, Problem
 from pfq.data.preprocess import CaseError, PreprocessConfig, load_case
-from pfq.faults import maybe_fail
 
 HASH_CHUNK = 1 << 22
 
@@ -44,20 +44,9 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("PFQ_CACHE", Path.home() / ".cache" / "pfq")) / "volumes"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(file)` into a temporary sibling, fsync, then rename over `path`."""
+def _write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        maybe_fail("cache_write")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    pfq_io.atomic_write_with(path, write, fault="cache_write")
 
 
 def file_sha256(path: Path) -> str:
@@ -89,7 +78,7 @@ class VolumeCache:
         except OSError:
             pass
         digest = file_sha256(path)
-        _atomic_write(record, lambda f: f.write(digest.encode()))
+        _write(record, lambda f: f.write(digest.encode()))
         return digest
 
     def key(self, case: CaseRecord) -> str:
@@ -103,7 +92,7 @@ class VolumeCache:
     def _usable(self, path: Path) -> bool:
         """An entry that opens as the expected array (anything else is rebuilt)."""
         try:
-            array = np.load(path, mmap_mode="r")
+            array = open_volume(path)
         except (OSError, ValueError):
             return False
         return array.dtype == np.float32 and array.shape == tuple(self.config.input_size) + (len(IMAGE_COLUMNS),)
@@ -131,7 +120,7 @@ class VolumeCache:
         if key is None:  # the files became readable while loading: hash them now
             key = self.key(case)
             path = self.entry(key)
-        _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+        _write(path, lambda f: np.save(f, array, allow_pickle=False))
         return path
 
     def prepare(self, cases: Sequence[CaseRecord], *, workers: int = 0, progress: bool = True,
@@ -174,7 +163,7 @@ class CacheEntry:
 
 def _npy_shape(path: Path) -> tuple[int, ...] | None:
     try:
-        return np.load(path, mmap_mode="r").shape
+        return open_volume(path).shape
     except (OSError, ValueError):
         return None
 
@@ -193,15 +182,7 @@ def cache_entries(root: Path | str) -> list[CacheEntry]:
 
 def stale_temporaries(root: Path | str, *, older_than_s: float = 3600.0, now: float | None = None) -> list[Path]:
     """Temporary files that killed writers left behind (a live writer's are younger than an hour)."""
-    now = time.time() if now is None else now
-    found = []
-    for path in Path(root).glob("*/*/.*.tmp"):
-        try:
-            if now - path.stat().st_mtime > older_than_s:
-                found.append(path)
-        except OSError:
-            continue
-    return found
+    return pfq_io.stale_temporaries(root, "*/*/*", older_than_s=older_than_s, now=now)
 
 
 def select_for_pruning(entries: Sequence[CacheEntry], *, now: float, older_than_days: float | None = None,
@@ -220,6 +201,19 @@ def select_for_pruning(entries: Sequence[CacheEntry], *, now: float, older_than_
             chosen.append(e)
             remaining -= e.size
     return chosen
+
+
+# CPython 3.11's AST constructor keeps its recursion depth in shared state, so `np.load`'s header
+# parse (`ast.literal_eval`) can fail with "SystemError: AST constructor recursion depth mismatch"
+# when Grain's reader threads open volumes concurrently (seen in a default run on a loaded host).
+# Opening is cheap (the header and an mmap); reading the voxels stays concurrent.
+_OPEN_LOCK = threading.Lock()
+
+
+def open_volume(path: Path | str) -> np.ndarray:
+    """Memory-maps one cached `.npy`, with the header parse serialised across threads."""
+    with _OPEN_LOCK:
+        return np.load(path, mmap_mode="r")
 
 
 def _ensure_one(args: tuple[Path, PreprocessConfig, CaseRecord]) -> tuple[Path | None, list[Problem]]:
@@ -249,4 +243,4 @@ class CachedVolumes:
         if now - self._touched.get(index, -self.TOUCH_EVERY_S) >= self.TOUCH_EVERY_S:
             _mark_used(Path(path))  # so that `prune` keeps what a long sweep still reads
             self._touched[index] = now
-        return np.load(path, mmap_mode="r")
+        return open_volume(path)

@@ -2,7 +2,7 @@
 
 Every artefact is pure numpy and deterministic given a ``numpy.random.Generator``. Arrays are
 (D, H, W) = (slice, phase-encode, read-out) with the phase-encode direction anterior-posterior (H),
-as for axial prostate T2w and EPI DWI. Amplitudes follow ``docs/synthetic-phantoms.md``:
+as for axial prostate T2w and EPI DWI. Amplitudes (also in ``docs/phantoms.md``):
 
 - motion: k-space splicing of 2-4 rigidly moved copies (in-plane rotation <= 4s deg, shift <= 3s mm);
 - ghosting: every n-th phase-encode plane (n = 4-8) scaled by 1 - 0.7s (EPI Nyquist ghost: n = 2,

@@ -78,11 +78,6 @@ def quality_rule(scale: str = "piqual_v1", threshold: float | None = None) -> Qu
     return QualityRule(s, t)
 
 
-def parse_quality(raw: str, threshold: float = 4.0, scale: str = "piqual_v1") -> str:
-    """'hq'/'lq' (or high/low) as written, else a numeric score: >= threshold is HQ."""
-    return quality_rule(scale, threshold).classify(raw)
-
-
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a manifest, located as precisely as possible."""
@@ -267,11 +262,3 @@ def label_problems(manifest: Manifest, task) -> tuple[np.ndarray, list[Problem]]
                                     case_id=case.case_id, column=task.column))
             labels.append(-1)
     return np.asarray(labels, dtype=np.int32), problems
-
-
-def task_labels(manifest: Manifest, task) -> np.ndarray:
-    """Class index per case for a `pfq.tasks.Task`, raising `ManifestError` naming every bad row."""
-    labels, problems = label_problems(manifest, task)
-    if problems:
-        raise ManifestError(manifest.path, problems)
-    return labels

@@ -27,22 +27,11 @@ _QUALITY_TAG = {True: 0x4A, False: 0x1A}
 
 
 class VolumeSource(Protocol):
+    """Preprocessed cases by index: the cache's `CachedVolumes`, or simply a stacked (N, D, H, W, C) array."""
+
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> np.ndarray: ...  # (D, H, W, C) float32
-
-
-class InMemoryVolumes:
-    """A stacked array of preprocessed volumes."""
-
-    def __init__(self, volumes: np.ndarray):
-        self.volumes = volumes
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.volumes[index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,8 +50,8 @@ class AugmentConfig:
     @classmethod
     def from_config(cls, data) -> AugmentConfig:
         """From a run config's `data` section."""
-        return cls(enabled=bool(data.augment), rotate_deg=float(data.get("augment_rotate_deg", 0.0)),
-                   zoom=float(data.get("augment_zoom", 0.0)))
+        return cls(enabled=bool(data.augment), rotate_deg=float(data.augment_rotate_deg),
+                   zoom=float(data.augment_zoom))
 
 
 def rotate_zoom(volume: np.ndarray, degrees: float, scale: float) -> np.ndarray:
@@ -227,19 +216,20 @@ def to_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch: in
 
 
 class EvalBatch(grain.transforms.Map):
-    """batch index -> {"image": (B, ...), "index": (B,)}; the last batch is padded by repetition."""
+    """batch index -> {"image": (B, ...), "count": cases in it}; the last batch is zero-padded."""
 
     def __init__(self, source: VolumeSource, indices: np.ndarray, batch_size: int):
         self.source, self.indices, self.batch_size = source, np.asarray(indices), batch_size
 
     def map(self, batch: int) -> dict[str, np.ndarray]:
         chunk = self.indices[batch * self.batch_size:(batch + 1) * self.batch_size]
-        valid = len(chunk)
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - valid)])
-        return {"image": np.stack([self.source[int(i)] for i in chunk]), "index": chunk,
-                "valid": np.arange(self.batch_size) < valid}
+        image = np.stack([np.asarray(self.source[int(i)], dtype=np.float32) for i in chunk])
+        if len(chunk) < self.batch_size:
+            image = np.concatenate([image, np.zeros((self.batch_size - len(chunk), *image.shape[1:]), np.float32)])
+        return {"image": image, "count": np.int64(len(chunk))}
 
 
 def eval_dataset(source: VolumeSource, indices: np.ndarray, batch_size: int) -> grain.MapDataset:
+    """source[indices] in order, as fixed-size batches (`EvalBatch`)."""
     n_batches = -(-len(indices) // batch_size)
     return grain.MapDataset.range(n_batches).map(EvalBatch(source, indices, batch_size))

@@ -67,7 +67,7 @@ class PreprocessConfig:
     @classmethod
     def from_config(cls, data) -> PreprocessConfig:
         """From a run config's `data` section (`spacing` empty or None: no resampling)."""
-        spacing = data.get("spacing") or None
+        spacing = data.spacing or None
         return cls(input_size=tuple(int(n) for n in data.input_size),
                    spacing=tuple(float(s) for s in spacing) if spacing else None)
 

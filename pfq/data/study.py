@@ -3,9 +3,6 @@ quality flags, preprocessed volumes, and the fixed split into a finetuning pool 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import numpy as np
 
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
 from pfq.data.manifest import Manifest, ManifestError
+from pfq.data.phantom_set import phantom_manifest
 from pfq.data.pipeline import VolumeSource
 from pfq.data.preprocess import PreprocessConfig
 from pfq.data.stratify import split_pool
@@ -32,27 +30,6 @@ class StudyData:
     @property
     def case_ids(self) -> list[str]:
         return [c.case_id for c in self.manifest.cases]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PFQ_CACHE", Path.home() / ".cache" / "pfq"))
-
-
-def phantom_manifest(phantoms, progress: bool = True) -> Path:
-    """Generate (or reuse) the built-in phantom set described by config `phantoms`."""
-    from pfq.data.phantoms import write_phantom_set
-
-    params = {"cases": int(phantoms.cases), "seed": int(phantoms.seed), "shape": list(phantoms.shape),
-              "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction),
-              "lesion_scale": float(phantoms.get("lesion_scale", 1.0))}
-    if phantoms.get("dir"):
-        out = Path(phantoms.dir)
-    else:
-        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-        out = cache_root() / "phantoms" / digest
-    return write_phantom_set(out, params["cases"], seed=params["seed"], shape=tuple(params["shape"]),
-                             spacing=tuple(params["spacing"]), hq_fraction=params["hq_fraction"],
-                             lesion_scale=params["lesion_scale"], progress=progress)
 
 
 def split_by_column(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
@@ -76,14 +53,14 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     """
     data = config.data
     path = Path(data.manifest) if data.manifest else phantom_manifest(config.phantoms, progress)
-    report = validate_manifest(path, task=task, quality_scale=data.get("quality_scale", "piqual_v1"),
-                               quality_threshold=data.get("quality_threshold"), check_images=False)
+    report = validate_manifest(path, task=task, quality_scale=data.quality_scale,
+                               quality_threshold=data.quality_threshold, check_images=False)
     if report.manifest is None:
         raise ManifestError(path, report.problems)
     manifest, problems = report.manifest, list(report.problems)
-    cache = VolumeCache(data.get("cache_dir") or default_cache_root(), PreprocessConfig.from_config(data))
+    cache = VolumeCache(data.cache_dir or default_cache_root(), PreprocessConfig.from_config(data))
     cases = [c for c in manifest.cases if len(c.images) == 3]
-    paths, image_problems = cache.prepare(cases, workers=int(data.get("prepare_workers", 0)), progress=progress,
+    paths, image_problems = cache.prepare(cases, workers=int(data.prepare_workers), progress=progress,
                                           desc="preprocessing (cached)")
     problems += image_problems
     if problems:

@@ -3,7 +3,7 @@
 Attribute paths mirror the upstream PyTorch state-dict names, so `encoder.stages.2.4.dwconv.kernel`
 here is `encoder.stages.2.4.dwconv.weight` there; weight conversion is a walk over paths
 (see `pfq.convert`). Input is channels-last (N, D, H, W, C); the numeric definitions (eps, exact-erf
-GELU, GRN, 1x1x1 stride-1 last downsample) follow docs/profound-checkpoints.md section 0.3.
+GELU, GRN, 1x1x1 stride-1 last downsample) follow docs/checkpoints.md ("Numeric definitions").
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ command resumes an interrupted pretraining. Flags and exit statuses as `python -
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 
-from pfq.train.__main__ import _CONFIG, _OVERWRITE, _PROGRESS, _WORKDIR, fail, input_errors, setup_process
+from pfq import xla_flags
+from pfq.train.__main__ import _OVERWRITE, _PROGRESS, _WORKDIR, fail, input_errors, parse_flags, setup_process
 
 DEFAULT_WORKDIR = "runs/pretrain"
 
@@ -46,10 +46,13 @@ def run_pretraining(config, workdir: Path, progress: bool = True, overwrite: boo
 
 def main(argv: list[str]) -> int:
     del argv
-    setup_process()
+    config = setup_process()
+    if isinstance(config, int):
+        return config
     workdir = _WORKDIR.value if flags.FLAGS["workdir"].present else DEFAULT_WORKDIR
-    return run_pretraining(_CONFIG.value, Path(workdir), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
+    return run_pretraining(config, Path(workdir), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    xla_flags.set_defaults()  # before JAX starts its backend
+    app.run(main, flags_parser=parse_flags)

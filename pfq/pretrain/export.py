@@ -10,14 +10,13 @@ parameters, `.ln.` / `.linear.` wrappers, no final LayerNorm) followed by the de
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from pfq.convert.layout import export_state
+from pfq.io import atomic_write_bytes
 from pfq.pretrain.model import FCMAESpec, Params
 
 
@@ -88,16 +87,11 @@ def fcmae_state_dict(spec: FCMAESpec, params: Params) -> dict[str, np.ndarray]:
 
 def save_format_b(path: str | Path, spec: FCMAESpec, params: Params, metadata: dict[str, str] | None = None) -> Path:
     """Write `fcmae_state_dict` as a safetensors file (atomically); `tools/convert_weights.py` reads it."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        save_file(fcmae_state_dict(spec, params), str(tmp), metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, save(fcmae_state_dict(spec, params), metadata={"format": "pt", **(metadata or {})}))
     return path
 
 

@@ -18,7 +18,7 @@ def _save(fig, path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from pfq.train.workdir import atomic_write_bytes
+    from pfq.io import atomic_write_bytes
 
     buffer = io.BytesIO()
     try:

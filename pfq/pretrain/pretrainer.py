@@ -24,10 +24,11 @@ from ml_collections import ConfigDict
 
 from pfq.data.cache import CachedVolumes, VolumeCache, default_cache_root
 from pfq.data.manifest import ManifestError, Problem
+from pfq.data.phantom_set import cache_root, phantom_manifest
 from pfq.data.pipeline import AugmentConfig, to_iterator, train_dataset
 from pfq.data.preprocess import PreprocessConfig
-from pfq.data.study import phantom_manifest
 from pfq.data.validate import validate_manifest
+from pfq.io import atomic_write_text
 from pfq.model import ModelSpec
 from pfq.pretrain import model as fcmae
 from pfq.pretrain.step import make_pretrain_step, make_tx, pretrain_init_state
@@ -166,7 +167,7 @@ class Pretrainer:
         spec = batch_spec_for(len(seeds), batch_size, p.input_size, batch_sh)
         try:
             state, _, _ = train_loop("pretrain", ckpt, state, make_pretrain_step(self.spec, tx, p.input_size), keys,
-                                     iterator, spec, lane_sh=lane_sh, batch_sh=batch_sh, box=box, steps=steps,
+                                     iterator, spec, lane_sh=lane_sh, batch_sh=batch_sh, steps=steps,
                                      log_every=int(self.config.log_every), save_every=int(p.checkpoint_every),
                                      progress=self.progress)
             ckpt.wait()
@@ -205,7 +206,7 @@ class Pretrainer:
             if i == healthy[0]:
                 plot_reconstruction(self.spec, params, source[int(pool[0])], self.workdir / "reconstruction.png",
                                     seed=seeds[i])
-        workdir_lib.atomic_write_text(self.workdir / "run.json", json.dumps(
+        atomic_write_text(self.workdir / "run.json", json.dumps(
             {"complete": True, "seeds": seeds, "diverged_step": diverged.tolist(), "pool_cases": len(pool)}, indent=2))
 
 
@@ -217,8 +218,6 @@ def cached_pretraining(config: ConfigDict, progress: bool = True) -> Path:
     by every field that changes the weights (`pretrain_record`), so a later sweep with the same
     pretraining reuses it; an interrupted pretraining resumes there."""
     import hashlib
-
-    from pfq.data.study import cache_root
 
     validate_pretrain_config(config)
     record = json.dumps(pretrain_record(config), sort_keys=True)

@@ -1,4 +1,4 @@
-"""`python -m pfq.train [--config FILE] [--config.x.y=value ...] [--workdir DIR]`
+"""`python -m pfq.train [--config NAME|FILE] [--config.x.y=value ...] [--workdir DIR]`
 
 Runs a sweep end to end: data, vmapped lane training, one-pass evaluation, results.csv, report.
 Rerunning in a workdir that holds checkpoints resumes where the last run stopped.
@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from pfq.config import validate_config
+from pfq import xla_flags
+from pfq.config import ConfigError, load_config, split_overrides, validate_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
-
-_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
+_CONFIG = flags.DEFINE_string("config", "default", "A packaged config's name (default, smoke, pirads_binary, ...) "
+                              "or a config file (Python, get_config()); override fields with --config.x.y=value.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder: results.csv, figures, checkpoints.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host runs.")
@@ -104,23 +103,49 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
     return 0
 
 
-def setup_process() -> None:
-    """Logging, the unraisable hook and (for multi-host runs) jax.distributed, from the flags."""
+_overrides: list[tuple[str, str]] = []  # the --config.x.y=value arguments, set by parse_flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flags, with the `--config.x.y=value` overrides taken out first (checked against the
+    config's fields once it is loaded); a malformed one stops here with exit status 2."""
+    try:
+        rest, overrides = split_overrides(argv)
+    except ConfigError as e:
+        sys.exit(fail(f"invalid config: {e}", 2))
+    _overrides[:] = overrides
+    try:
+        return flags.FLAGS(rest)
+    except flags.Error as e:
+        sys.exit(fail(f"{e}\nPass --helpfull to see the flags.", 2))
+
+
+def setup_process():
+    """Logging, the unraisable hook, the config (file plus overrides) and, for multi-host runs,
+    jax.distributed; returns the config, or an exit status for a bad one."""
     sys.unraisablehook = _unraisable
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax", "grain", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
         logging.getLogger(noisy).addFilter(_NoLibraryTracebacks())
+    try:
+        config = load_config(_CONFIG.value, _overrides)
+    except ConfigError as e:
+        return fail(f"invalid config: {e}", 2)
     from pfq.train import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    return config
 
 
 def main(argv: list[str]) -> int:
     del argv
-    setup_process()
-    return run_sweep(_CONFIG.value, Path(_WORKDIR.value), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
+    config = setup_process()
+    if isinstance(config, int):
+        return config
+    return run_sweep(config, Path(_WORKDIR.value), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    xla_flags.set_defaults()  # before JAX starts its backend
+    app.run(main, flags_parser=parse_flags)

@@ -49,9 +49,6 @@ class GroupCheckpointer:
         except OSError as e:
             raise CheckpointWriteError(f"cannot use the checkpoint directory {self.directory}: {e}") from e
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Start an asynchronous save; an error of an earlier save surfaces here or in `wait`."""
         maybe_fail("checkpoint_save", step)

@@ -2,7 +2,7 @@
 
 Every process runs the same program over a global (lane, data) mesh; each loads and augments only
 the block of the global batch that its devices hold (`local_box`), and the global batch is assembled
-from those blocks (`global_array_from_box`). Process 0 writes outputs.
+from those blocks (`global_batch`, with `jax.make_array_from_process_local_data`). Process 0 writes outputs.
 Launch: on a TPU VM pod `jax.distributed.initialize()` finds its peers by itself (`--distributed`);
 elsewhere pass the coordinator explicitly (see README, "Several hosts").
 """
@@ -43,8 +43,9 @@ def is_writer() -> bool:
 
 def local_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, slice]:
     """The smallest (axis 0, axis 1) block of a `shape` array that holds every shard this process's
-    devices address; on one process, everything. With devices in process order it is exactly this
-    process's part (e.g. its lanes, or its slots of every lane); otherwise it holds a little more."""
+    devices address; on one process, everything. With devices in process order (as `lanes.make_mesh`
+    lays them out) it is exactly this process's part (e.g. its lanes, or its slots of every lane),
+    which is what `global_batch` expects."""
     indices = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
     if not indices:
         raise ValueError(f"process {jax.process_index()} holds no device of the (lane, data) mesh, so its devices "
@@ -56,23 +57,11 @@ def local_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[
     return box[0], box[1]
 
 
-def global_array_from_box(tree, sharding, box: tuple[slice, slice], lead_shape: tuple[int, int]):
-    """Host numpy leaves holding this process's `box` of global arrays whose first two axes are
-    `lead_shape` -> global arrays laid out by `sharding`; each device's shard is cut from the block."""
-    def build(x: np.ndarray) -> jax.Array:
-        shape = tuple(lead_shape) + x.shape[2:]
-
-        def shard(idx: tuple[slice, ...]) -> np.ndarray:
-            local = []
-            for axis, s in enumerate(idx):
-                start, stop, _ = s.indices(shape[axis])
-                offset = box[axis].start if axis < 2 else 0
-                local.append(slice(start - offset, stop - offset))
-            return x[tuple(local)]
-
-        return jax.make_array_from_callback(shape, sharding, shard)
-
-    return jax.tree.map(build, tree)
+def global_batch(tree, sharding: jax.sharding.Sharding, lead_shape: tuple[int, int]):
+    """Host numpy leaves holding this process's `local_box` of global arrays whose first two axes are
+    `lead_shape` -> global arrays laid out by `sharding` (one process: a plain device_put)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x, tuple(lead_shape) + x.shape[2:]),
+                        tree)
 
 
 def to_host(x) -> np.ndarray:

@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from pfq.faults import maybe_fail
 from pfq.train.checkpoint import GroupCheckpointer
-from pfq.train.distributed import global_array_from_box, to_host
+from pfq.train.distributed import global_batch, to_host
 
 log = logging.getLogger("pfq.train")
 
 
 def train_loop(name: str, ckpt: GroupCheckpointer, state: dict, step_fn: Callable, keys: jax.Array, iterator,
-               batch_spec: dict, *, lane_sh, batch_sh, box, steps: int, log_every: int, save_every: int,
+               batch_spec: dict, *, lane_sh, batch_sh, steps: int, log_every: int, save_every: int,
                progress: bool = True, on_log: Callable[[int, np.ndarray], None] | None = None
                ) -> tuple[dict, np.ndarray, bool]:
     """Resume from the newest readable checkpoint, then train to `steps`, saving every `save_every`
@@ -54,7 +54,7 @@ def train_loop(name: str, ckpt: GroupCheckpointer, state: dict, step_fn: Callabl
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{name} ({lanes} lanes)",
                disable=not progress, dynamic_ncols=True)
     for s in bar:
-        batch = global_array_from_box(next(iterator), batch_sh, box, (lanes, batch_size))
+        batch = global_batch(next(iterator), batch_sh, (lanes, batch_size))
         state, metrics = step(state, batch, keys)
         done = s + 1
         maybe_fail("train_step", done)

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from pfq import evaluate
 from pfq.convert.errors import ConvertError
-from pfq.data.pipeline import AugmentConfig, eval_dataset, to_iterator, train_dataset
+from pfq.data.pipeline import AugmentConfig, to_iterator, train_dataset
 from pfq.data.preprocess import PreprocessConfig
 from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
+from pfq.io import atomic_write_text
 from pfq.model import ModelSpec, init_variables
+from pfq.results import read_results
 from pfq.tasks import Task, get_task
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
@@ -35,7 +36,6 @@ from pfq.train.distributed import is_writer, local_box, to_host
 from pfq.train.loop import batch_spec_for, train_loop
 from pfq.train.optim import make_optimizer
 from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
-from pfq.train.workdir import atomic_write_text
 
 log = logging.getLogger("pfq.train")
 
@@ -62,8 +62,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def model_spec(config, num_classes: int) -> ModelSpec:
     m = config.model
     kwargs = dict(in_chans=3, num_classes=num_classes, drop_path_rate=m.drop_path,
-                  depthwise_impl=m.depthwise, dtype=m.dtype, remat_stages=tuple(m.get("remat_stages", (False,) * 4)))
-    if m.get("depths") and m.get("dims"):
+                  depthwise_impl=m.depthwise, dtype=m.dtype, remat_stages=tuple(m.remat_stages))
+    if m.depths and m.dims:
         return ModelSpec(depths=tuple(m.depths), dims=tuple(m.dims), **kwargs)
     return ModelSpec.from_size(m.size, **kwargs)
 
@@ -161,7 +161,7 @@ class Trainer:
 
         ckpt = GroupCheckpointer(self.workdir / "checkpoints" / f"group{gi}", keep=cfg.checkpoint.keep)
         try:
-            state, loss = self._train_loop(gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh, box)
+            state, loss = self._train_loop(gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh)
             ckpt.wait()
         except BaseException:
             try:  # let saves already under way finish: they hold finished work
@@ -173,13 +173,13 @@ class Trainer:
         return GroupOutcome(group, lane_sets, state, to_host(state["diverged_step"]), loss,
                             to_host(state["diverged_reason"]))
 
-    def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh, box):
+    def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh):
         """Resume from the newest readable checkpoint, then train to `optim.steps`, saving as configured."""
         cfg, optim = self.config, self.config.optim
         spec = batch_spec_for(len(group), int(optim.batch_size), cfg.data.input_size, batch_sh)
         state, loss, compiled = train_loop(
             f"group {gi}", ckpt, state, make_train_step(self.spec, tx, optim.loss), keys, iterator, spec,
-            lane_sh=lane_sh, batch_sh=batch_sh, box=box, steps=int(optim.steps), log_every=cfg.log_every,
+            lane_sh=lane_sh, batch_sh=batch_sh, steps=int(optim.steps), log_every=cfg.log_every,
             save_every=cfg.checkpoint.every_steps, progress=self.progress)
         self.compile_count += int(compiled)
         return state, loss
@@ -191,72 +191,31 @@ class Trainer:
         """(lanes, len(test_pool), classes) probabilities."""
         predict = jax.jit(jax.vmap(make_predict_step(self.spec), in_axes=(0, None)))
         variables = {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]}
-        batch_size = int(self.config.eval_batch_size)
-        probs = np.zeros((len(outcome.lanes), len(data.test_pool), self.task.num_classes), np.float32)
-        position = {int(i): p for p, i in enumerate(data.test_pool)}
-        for batch in tqdm(to_iterator(eval_dataset(data.source, data.test_pool, batch_size)),
-                          total=-(-len(data.test_pool) // batch_size), desc="predict test pool",
-                          disable=not self.progress, leave=False):
-            out = to_host(predict(variables, batch["image"]))
+
+        def forward(x: np.ndarray) -> np.ndarray:
+            out = to_host(predict(variables, x))
             maybe_fail("predict_batch")
-            for b in np.flatnonzero(batch["valid"]):
-                probs[:, position[int(batch["index"][b])]] = out[:, b]
-        return probs
+            return out
+
+        probs = evaluate.predict(forward, data.source, data.test_pool, int(self.config.eval_batch_size),
+                                 batch_axis=1, progress=self.progress, desc="predict test pool")
+        return probs.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------------------------------
-    # Results: metrics on stratified test subsets of the one-pass predictions.
-    # ------------------------------------------------------------------------------------------
-    def lane_rows(self, outcome: GroupOutcome, probs: np.ndarray, data: StudyData) -> list[dict]:
-        """One row per lane x test ratio: metrics averaged over the ratio's subset draws, with percentile
-        bootstrap CIs of that average (see `evaluate.score_subsets` and docs/results.md)."""
-        sweep = self.config.sweep
-        pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
-        size = int(sweep.test_size) or evaluate.max_test_size(pool_hq, pool_labels, sweep.test_hq_ratios,
-                                                              self.task.num_classes)
-        draws = int(sweep.test_draws)
-        subsets = evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, draws,
-                                        int(sweep.test_seed), self.task.num_classes)
-        resamples = int(sweep.get("bootstrap_resamples", 1000))
-        healthy = outcome.diverged_step < 0
-        scored = {}  # ratio -> per-lane metrics; the bootstrap depends on the ratio, never on the lane group
-        for ratio in sweep.test_hq_ratios:
-            maybe_fail("evaluate")
-            scored[float(ratio)] = evaluate.score_subsets(
-                pool_labels, pool_hq, probs, [subsets[(float(ratio), d)] for d in range(draws)], self.task.name,
-                resamples=resamples, seed=[int(sweep.test_seed), 0xB007, round(float(ratio) * 1e6)], valid=healthy)
-        rows = []
-        reasons = getattr(outcome, "diverged_reason", None)
-        for li, lane in enumerate(outcome.lanes):
-            diverged = int(outcome.diverged_step[li])
-            reason = DIVERGED_REASONS[int(reasons[li])] if reasons is not None else ""
-            for ratio in sweep.test_hq_ratios:
-                row = {"task": self.task.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
-                       "finetune_hq_count": int(data.is_hq[outcome.lane_sets[li]].sum()),  # realised, not requested
-                       "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": float(ratio),
-                       "n_test": size, "n_draws": draws, "n_resamples": resamples}
-                row.update(scored[float(ratio)][li])
-                row["status"] = "ok" if diverged < 0 else f"diverged at step {diverged}: {reason or 'non-finite loss'}"
-                rows.append(row)
-        return rows
-
-    # ------------------------------------------------------------------------------------------
-    def preflight(self, lanes: list[lanes_lib.Lane], data: StudyData) -> None:
+    def preflight(self, lanes: list[lanes_lib.Lane], data: StudyData) -> evaluate.ScoringPlan:
         """Every check that can fail on the inputs, before anything in the workdir is written or
-        discarded: each lane's finetuning set, the test subsets, the initial checkpoints."""
+        discarded: each lane's finetuning set, the test subsets (returned), the initial checkpoints."""
         for lane in lanes:
             lane_training_set(lane, data, self.task.num_classes)
-        sweep = self.config.sweep
-        pool_hq, pool_labels = data.is_hq[data.test_pool], data.labels[data.test_pool]
         try:
-            size = int(sweep.test_size) or evaluate.max_test_size(pool_hq, pool_labels, sweep.test_hq_ratios,
-                                                                  self.task.num_classes)
-            evaluate.test_subsets(pool_hq, pool_labels, sweep.test_hq_ratios, size, int(sweep.test_draws),
-                                  int(sweep.test_seed), self.task.num_classes)
+            plan = evaluate.scoring_plan(data.is_hq[data.test_pool], data.labels[data.test_pool], self.config.sweep,
+                                         self.task.num_classes)
         except StratificationError as e:
             raise StratificationError(f"config.sweep.test_size / test_hq_ratios: test pool of {len(data.test_pool)} "
                                       f"cases: {e}") from None
         for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
             self._inits[init] = load_init(self.init_dir(init), self.spec)
+        return plan
 
     def init_dir(self, init: str) -> str:
         """A checkpoint directory, or for the keyword "fcmae" this config's cached FCMAE pretraining."""
@@ -289,7 +248,7 @@ class Trainer:
         data = load_study_data(cfg, self.task, progress=self.progress)
         lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
                                      cfg.sweep.seeds)
-        self.preflight(lanes, data)
+        plan = self.preflight(lanes, data)
         # Only now, with the inputs known to be usable, is the workdir created, checked or (with
         # --overwrite) cleared; a failure above leaves earlier outputs untouched. The writer holds the
         # workdir's lock from here on, so a second run there stops instead of mixing with this one.
@@ -297,13 +256,12 @@ class Trainer:
             if workdir_lib.prepare(self.workdir, cfg.to_json(), self.overwrite, write=is_writer()):
                 log.info("%s was finished by another run meanwhile", self.workdir)
                 return self._finished_rows()
-            return self._sweep(lanes, data)
+            return self._sweep(lanes, data, plan)
 
     def _finished_rows(self) -> list[dict]:
-        with open(self.workdir / "results.csv", newline="") as f:
-            return list(csv.DictReader(f))
+        return read_results(self.workdir / "results.csv")
 
-    def _sweep(self, lanes: list, data: StudyData) -> list[dict]:
+    def _sweep(self, lanes: list, data: StudyData, plan: evaluate.ScoringPlan) -> list[dict]:
         cfg = self.config
         log.info("%d lanes in %d group(s); train pool %d, test pool %d", len(lanes),
                  len(lanes_lib.group_lanes(lanes)), len(data.train_pool), len(data.test_pool))
@@ -314,10 +272,11 @@ class Trainer:
                          f"({DIVERGED_REASONS[int(outcome.diverged_reason[li])]})"
                          for li, lane in enumerate(group) if outcome.diverged_step[li] >= 0]
             probs = self.predict_pool(outcome, data)
-            if cfg.get("export_models") and is_writer():
+            if cfg.export_models and is_writer():
                 self.export_models(outcome)
-            rows += self.lane_rows(outcome, probs, data)
-            prediction_rows += prediction_table(outcome, probs, data)
+            rows += evaluate.lane_rows(group, outcome.lane_sets, lane_status(outcome), probs, data, plan,
+                                       self.task.name)
+            prediction_rows += evaluate.prediction_rows(group, probs, data)
         if len(diverged) == len(lanes):
             raise SweepDivergedError(
                 f"every lane diverged: {'; '.join(diverged)}. Their state is saved in {self.workdir / 'checkpoints'}; "
@@ -332,13 +291,7 @@ class Trainer:
         return rows
 
 
-def prediction_table(outcome: GroupOutcome, probs: np.ndarray, data: StudyData) -> list[dict]:
-    rows = []
-    for li, lane in enumerate(outcome.lanes):
-        for p, case in enumerate(data.test_pool):
-            row = {"lane": lane.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
-                   "train_size": lane.train_size, "seed": lane.seed, "case_id": data.case_ids[case],
-                   "quality": "hq" if data.is_hq[case] else "lq", "label": int(data.labels[case])}
-            row.update({f"prob_{c}": float(probs[li, p, c]) for c in range(probs.shape[-1])})
-            rows.append(row)
-    return rows
+def lane_status(outcome: GroupOutcome) -> list[str]:
+    """Per lane: 'ok', or when and why it diverged (the results' `status` column)."""
+    return ["ok" if step < 0 else f"diverged at step {int(step)}: {DIVERGED_REASONS[int(reason)] or 'non-finite loss'}"
+            for step, reason in zip(outcome.diverged_step, outcome.diverged_reason, strict=True)]

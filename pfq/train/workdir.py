@@ -11,14 +11,13 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pfq.faults import maybe_fail
+from pfq import io as pfq_io
 
 # Fields that change how a run executes, never its numbers.
 OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("export_models",), ("data", "workers"),
@@ -31,27 +30,6 @@ log = logging.getLogger(__name__)
 
 class WorkdirError(RuntimeError):
     pass
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write, flush to disk, then rename, so readers see the old file or the new one, never half of
-    one; on any error (a full disk) the old file is untouched and the temporary file removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        maybe_fail(f"write:{path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextmanager
@@ -81,10 +59,8 @@ def exclusive(workdir: Path) -> Iterator[None]:
 
 
 def remove_stale_temporaries(workdir: Path) -> None:
-    """Temporary files of writes that a kill interrupted (`.NAME.tmpPID`)."""
-    for tmp in Path(workdir).glob(".*.tmp[0-9]*"):
-        if re.fullmatch(r"\..+\.tmp\d+", tmp.name) and tmp.is_file():
-            tmp.unlink(missing_ok=True)
+    """Temporary files of output writes that a kill interrupted (the caller holds the workdir)."""
+    pfq_io.remove([p for p in pfq_io.stale_temporaries(workdir) if p.is_file()])
 
 
 def _strip(config: dict, prefix: tuple = ()) -> dict:
@@ -152,5 +128,5 @@ def prepare(workdir: Path, config_json: str, overwrite: bool, write: bool = True
     if recorded.exists():
         _check_recorded(workdir, new)
     if write:
-        atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
+        pfq_io.atomic_write_text(recorded, json.dumps(new, indent=2, sort_keys=True))
     return _finished(workdir)

@@ -1,0 +1,5 @@
+import sys
+
+from pfq.report.cli import main
+
+sys.exit(main())
