@@ -94,7 +94,7 @@ def pretrain_pool(config: ConfigDict, progress: bool = True) -> tuple[CachedVolu
     else:
         path = phantom_manifest(ConfigDict({"cases": p.cases, "seed": p.phantom_seed, "shape": tuple(p.input_size),
                                             "spacing": tuple(config.phantoms.spacing), "hq_fraction": p.hq_fraction,
-                                            "lesion_scale": config.phantoms.get("lesion_scale", 1.0)}), progress)
+                                            "lesion_scale": config.phantoms.lesion_scale, "dir": ""}), progress)
     report = validate_manifest(path, task=None, quality_scale=d.get("quality_scale", "piqual_v1"),
                                quality_threshold=d.get("quality_threshold"), require_quality=p.quality != "all",
                                check_images=False)
