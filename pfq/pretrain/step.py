@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from ml_collections import ConfigDict
 
 from pfq.pretrain.model import FCMAESpec, Params, forward, grid_shape, random_mask
 from pfq.train.optim import make_optimizer
@@ -29,8 +30,12 @@ def decay_mask(params: Params) -> Params:
 
 
 def make_tx(config, params: Params, spec: FCMAESpec, steps: int) -> optax.GradientTransformation:
-    """`config`: the run config's `pretrain` section (lr, weight_decay, warmup_steps, b2, grad_clip)."""
-    return make_optimizer(config, params, spec.encoder.depths, steps, decay_mask=decay_mask(params))
+    """`config`: the run config's `pretrain` section (lr, weight_decay, warmup_steps, b2, grad_clip); as
+    upstream, cosine decay to 0, no layer-wise decay, every parameter trained."""
+    optim = ConfigDict({"lr": config.lr, "weight_decay": config.weight_decay, "warmup_steps": config.warmup_steps,
+                        "b2": config.b2, "grad_clip": config.get("grad_clip", 0.0), "final_lr_fraction": 0.0,
+                        "layer_decay": 1.0, "mode": "full"})
+    return make_optimizer(optim, params, spec.encoder.depths, steps, decay_mask=decay_mask(params))
 
 
 def pretrain_init_state(params: Params, tx: optax.GradientTransformation, steps: int) -> State:
