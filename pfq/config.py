@@ -110,6 +110,33 @@ def base_config() -> ConfigDict:
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2
 
+    # Self-supervised FCMAE pretraining (`python -m pfq.pretrain`; the init "fcmae" in sweep.inits runs or
+    # reuses a cached one). Upstream's choices unless noted.
+    c.pretrain = ConfigDict()
+    c.pretrain.manifest = ""  # unlabelled cases; empty: a phantom pool generated with phantom_seed
+    c.pretrain.quality = "all"  # pretrain on all cases, or only "hq" / "lq" (a manifest needs `quality`)
+    c.pretrain.cases = 800  # phantom pool size
+    c.pretrain.phantom_seed = 1000  # differs from phantoms.seed: disjoint from finetuning and test phantoms
+    c.pretrain.hq_fraction = 0.5  # HQ share of the phantom pool: pretraining-data quality as a study axis
+    c.pretrain.input_size = (16, 64, 64)  # (D, H, W), multiples of the patch (16); phantoms at phantoms.spacing
+    c.pretrain.seeds = (0,)  # one lane per seed; the first seed's encoder is WORKDIR/model
+    c.pretrain.steps = 600
+    c.pretrain.batch_size = 16
+    c.pretrain.lr = 1.5e-3  # upstream: 1e-3 (not scaled by batch size)
+    c.pretrain.b2 = 0.95
+    c.pretrain.weight_decay = 0.05  # on kernels, GRN parameters and the mask token, as upstream
+    c.pretrain.warmup_steps = 30  # then cosine to 0
+    c.pretrain.grad_clip = 0.0  # upstream does not clip
+    c.pretrain.mask_ratio = 0.6
+    c.pretrain.decoder_dim = 96  # upstream 512 for a 768-wide encoder
+    c.pretrain.decoder_depth = 1
+    c.pretrain.norm_pix_loss = True
+    c.pretrain.grn_stats = "batch"  # "batch": upstream's sparse GRN; "sample": per sample, like finetuning
+    c.pretrain.init = "upstream"  # "upstream" (FCMAE's std-1 re-initialisation) or "trunc002" (pfq's)
+    c.pretrain.augment = True  # flips, intensity, noise, and data.augment_rotate_deg / augment_zoom
+    c.pretrain.checkpoint_every = 100
+    c.pretrain.dir = ""  # for the "fcmae" init: empty is a cache folder keyed by the fields above
+
     c.export_models = False  # keep each finished lane's model in workdir/models/<lane> (converter format)
     c.eval_batch_size = 16
     c.log_every = 10
@@ -269,6 +296,30 @@ FIELDS: dict[str, Rule] = {
     "optim.loss": _rule("str", choices=lambda: ("ce", "bce")),
     "checkpoint.every_steps": _rule("int", _POSITIVE),
     "checkpoint.keep": _rule("int", _POSITIVE),
+    "pretrain.manifest": _rule("str"),
+    "pretrain.quality": _rule("str", choices=lambda: ("all", "hq", "lq")),
+    "pretrain.cases": _rule("int", _POSITIVE),
+    "pretrain.phantom_seed": _rule("int", _SEED),
+    "pretrain.hq_fraction": _rule("float", _RATIO),
+    "pretrain.input_size": _rule("ints", (lambda v: v >= 16 and v % 16 == 0, "a multiple of the patch size 16"),
+                                 sizes=(3,)),
+    "pretrain.seeds": _rule("ints", _SEED),
+    "pretrain.steps": _rule("int", _POSITIVE),
+    "pretrain.batch_size": _rule("int", _POSITIVE),
+    "pretrain.lr": _rule("float", _between(0, 10, open_lo=True)),
+    "pretrain.b2": _rule("float", _between(0, 1, open_hi=True)),
+    "pretrain.weight_decay": _rule("float", _NON_NEGATIVE),
+    "pretrain.warmup_steps": _rule("int", _NON_NEGATIVE),
+    "pretrain.grad_clip": _rule("float", _NON_NEGATIVE),
+    "pretrain.mask_ratio": _rule("float", _between(0, 1, open_hi=True)),
+    "pretrain.decoder_dim": _rule("int", _POSITIVE),
+    "pretrain.decoder_depth": _rule("int", _NON_NEGATIVE),
+    "pretrain.norm_pix_loss": _rule("bool"),
+    "pretrain.grn_stats": _rule("str", choices=lambda: ("batch", "sample")),
+    "pretrain.init": _rule("str", choices=lambda: ("upstream", "trunc002")),
+    "pretrain.augment": _rule("bool"),
+    "pretrain.checkpoint_every": _rule("int", _POSITIVE),
+    "pretrain.dir": _rule("str"),
     "export_models": _rule("bool"),
     "eval_batch_size": _rule("int", _POSITIVE),
     "log_every": _rule("int", _POSITIVE),

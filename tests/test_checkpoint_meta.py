@@ -14,7 +14,7 @@ import pytest
 
 from pfq.data.pipeline import to_iterator
 from pfq.train.checkpoint import GroupCheckpointer
-from pfq.train.trainer import adopt_iterator_state
+from pfq.train.loop import adopt_iterator_state
 
 TAMPERED = {
     "garbage state": "garbage",

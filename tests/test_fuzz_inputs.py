@@ -239,7 +239,7 @@ def test_fuzzed_checkpoint_metadata_falls_back_or_resumes(tmp_path):
 
     from pfq.data.pipeline import to_iterator
     from pfq.train.checkpoint import GroupCheckpointer
-    from pfq.train.trainer import adopt_iterator_state
+    from pfq.train.loop import adopt_iterator_state
 
     rng = np.random.default_rng([SEED, 5])
     directory = tmp_path / "group0"

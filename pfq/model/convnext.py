@@ -97,6 +97,14 @@ class DepthwiseConv3d(nnx.Module):
                                 self.bias[...].astype(self.dtype), impl=self.impl)
 
 
+def safe_sqrt(sum_sq: jax.Array) -> jax.Array:
+    """sqrt with torch.norm's zero gradient at 0 (plain sqrt's is infinite, giving NaN). A GELU channel
+    can be exactly 0 over a whole volume when its inputs are large and negative (erf saturates), as
+    with FCMAE's std-1 initialisation at small widths."""
+    positive = sum_sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sum_sq, 1.0)), 0.0)
+
+
 class GRN(nnx.Module):
     """Global response normalisation over the spatial axes, per sample and channel."""
 
@@ -106,7 +114,7 @@ class GRN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
-        g = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(1, 2, 3), keepdims=True))
+        g = safe_sqrt(jnp.sum(jnp.square(xf), axis=(1, 2, 3), keepdims=True))
         n = g / (jnp.mean(g, axis=-1, keepdims=True) + 1e-6)
         out = self.gamma[...] * (xf * n) + self.beta[...] + xf
         return out.astype(x.dtype)

@@ -139,8 +139,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(fail(f"{e}\nPass --helpfull to see the flags.", 2))
 
 
-def main(argv: list[str]) -> int:
-    del argv
+def setup_process():
+    """Logging, the unraisable hook, the config (file plus overrides) and, for multi-host runs,
+    jax.distributed; returns the config, or an exit status for a bad one."""
     sys.unraisablehook = _unraisable
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax", "grain", "asyncio"):
@@ -153,6 +154,14 @@ def main(argv: list[str]) -> int:
     from pfq.train import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    return config
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    config = setup_process()
+    if isinstance(config, int):
+        return config
     return run_sweep(config, Path(_WORKDIR.value), progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
 
 

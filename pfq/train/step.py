@@ -41,6 +41,22 @@ def classification_loss(logits: jax.Array, labels: jax.Array, loss: str = "ce") 
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def guarded_update(state: State, value: jax.Array, grads: Any, tx: optax.GradientTransformation,
+                   updated: dict) -> State:
+    """Apply `grads` (and replace the `updated` state entries) unless the loss or the gradient is not
+    finite or the lane is already frozen; a lane that turns non-finite now records the step."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite_loss, finite_grads = jnp.isfinite(value), jnp.isfinite(optax.global_norm(grads))
+    healthy = (state["diverged_step"] < 0) & finite_loss & finite_grads
+    candidate = {"params": params, "opt_state": opt_state, **updated}
+    kept = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), candidate, {k: state[k] for k in candidate})
+    now = (state["diverged_step"] < 0) & ~healthy
+    diverged_step = jnp.where(now, state["step"], state["diverged_step"])
+    reason = jnp.where(now, jnp.where(finite_loss, 2, 1), state["diverged_reason"]).astype(jnp.int32)
+    return dict(state, **kept, step=state["step"] + 1, diverged_step=diverged_step, diverged_reason=reason)
+
+
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, loss: str = "ce") -> Callable:
     def train_step(state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:
         step_key = jax.random.fold_in(key, state["step"])
@@ -52,17 +68,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, loss: str
             return classification_loss(logits, batch["label"], loss), (stats, logits)
 
         (value, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        finite_loss, finite_grads = jnp.isfinite(value), jnp.isfinite(optax.global_norm(grads))
-        healthy = (state["diverged_step"] < 0) & finite_loss & finite_grads
-        candidate = {"params": params, "batch_stats": stats, "opt_state": opt_state}
-        kept = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), candidate,
-                            {k: state[k] for k in candidate})
-        now = (state["diverged_step"] < 0) & ~healthy
-        diverged_step = jnp.where(now, state["step"], state["diverged_step"])
-        reason = jnp.where(now, jnp.where(finite_loss, 2, 1), state["diverged_reason"]).astype(jnp.int32)
-        new_state = dict(kept, step=state["step"] + 1, diverged_step=diverged_step, diverged_reason=reason)
+        new_state = guarded_update(state, value, grads, tx, {"batch_stats": stats})
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return new_state, {"loss": value, "accuracy": accuracy}
 

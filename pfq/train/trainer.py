@@ -12,14 +12,12 @@ import csv
 import io
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from pfq import evaluate
 from pfq.convert.errors import ConvertError
@@ -36,7 +34,8 @@ from pfq.train import fingerprint, fit, program
 from pfq.train import lanes as lanes_lib
 from pfq.train import workdir as workdir_lib
 from pfq.train.checkpoint import GroupCheckpointer
-from pfq.train.distributed import global_batch, is_writer, local_box, to_host
+from pfq.train.distributed import is_writer, local_box, to_host
+from pfq.train.loop import train_loop
 from pfq.train.optim import make_optimizer
 from pfq.train.step import DIVERGED_REASONS, init_state, make_predict_step, make_train_step
 
@@ -117,15 +116,6 @@ def lane_variables(lane: lanes_lib.Lane, spec: ModelSpec, loaded: dict | None = 
     return variables
 
 
-def adopt_iterator_state(iterator, meta: dict) -> None:
-    """Move the data iterator to a checkpoint's stored position, refusing a position that belongs to
-    another step (element s of the training dataset is step s, so they must agree)."""
-    stored = meta["data_iterator"]
-    position = stored.get("next_index") if isinstance(stored, dict) else None
-    if position is not None and position != meta["step"]:
-        raise ValueError(f"its data_iterator state is at step {position!r:.40}, not {meta['step']}")
-    iterator.set_state(stored)
-
 
 def stack(trees: list) -> object:
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
@@ -193,46 +183,12 @@ class Trainer:
     def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh):
         """Resume from the newest readable checkpoint, then train to `optim.steps`, saving as configured."""
         cfg, optim = self.config, self.config.optim
-        steps, batch_size = int(optim.steps), int(optim.batch_size)
-        start = 0
-        initial = iterator.get_state()
-        restored = ckpt.restore(state, adopt_meta=lambda meta: adopt_iterator_state(iterator, meta))
-        if restored is not None:
-            start, state, meta = restored
-            log.info("group %d: resumed from step %d", gi, start)
-        else:
-            iterator.set_state(initial)  # a rejected candidate may have moved it
-
-        loss = np.full(len(group), np.nan)
-        all_diverged = lambda: bool((to_host(state["diverged_step"]) >= 0).all())  # a host sync
-        if start < steps and start > 0 and all_diverged():
-            log.warning("group %d: every lane had diverged by step %d; not training further", gi, start)
-        elif start < steps:
-            batch_spec = program.batch_spec(len(group), batch_size, cfg.data.input_size, batch_sh)
-            t0 = time.perf_counter()
-            jitted = program.jit_train_step(self.spec, tx, optim.loss, lane_sh)
-            step_fn = jitted.lower(state, batch_spec, keys).compile()
-            self.compile_count += 1
-            log.info("group %d: compiled the %d-lane step in %.1f s", gi, len(group), time.perf_counter() - t0)
-            bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train group {gi} ({len(group)} lanes)",
-                       disable=not self.progress, dynamic_ncols=True)
-            for step in bar:
-                batch = global_batch(next(iterator), batch_sh, (len(group), batch_size))
-                state, metrics = step_fn(state, batch, keys)
-                done = step + 1
-                maybe_fail("train_step", done)
-                stop = False
-                if done % cfg.log_every == 0 or done == steps:  # the only host syncs in the loop
-                    loss = to_host(metrics["loss"])
-                    finite = loss[np.isfinite(loss)]
-                    bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
-                    stop = done < steps and all_diverged()
-                if done % cfg.checkpoint.every_steps == 0 or done == steps or stop:
-                    ckpt.save(done, state, {"data_iterator": iterator.get_state(), "step": done})
-                if stop:  # frozen lanes would not change any more: save and skip the remaining steps
-                    log.warning("group %d: every lane has diverged by step %d; not training further", gi, done)
-                    break
-            bar.close()
+        spec = program.batch_spec(len(group), int(optim.batch_size), cfg.data.input_size, batch_sh)
+        state, loss, compiled = train_loop(
+            f"group {gi}", ckpt, state, program.jit_train_step(self.spec, tx, optim.loss, lane_sh), keys, iterator,
+            spec, batch_sh=batch_sh, steps=int(optim.steps), log_every=cfg.log_every,
+            save_every=cfg.checkpoint.every_steps, progress=self.progress)
+        self.compile_count += int(compiled)
         return state, loss
 
     # ------------------------------------------------------------------------------------------
@@ -266,7 +222,7 @@ class Trainer:
             raise StratificationError(f"config.sweep.test_size / test_hq_ratios: test pool of {len(data.test_pool)} "
                                       f"cases: {e}") from None
         for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
-            self._inits[init] = load_init(init, self.spec)
+            self._inits[init] = load_init(self.init_dir(init), self.spec)
         self.preflight_model(max(len(g) for g in lanes_lib.group_lanes(lanes, int(self.config.sweep.lanes_per_group))))
         return plan
 
@@ -293,6 +249,12 @@ class Trainer:
             text = " ".join(str(e).split())[:400]
             raise ModelBuildError(f"config.model / config.data.input_size / config.optim: no model can be built "
                                   f"and trained for this config ({type(e).__name__}: {text})") from None
+
+    def init_dir(self, init: str) -> str:
+        """A checkpoint directory, or for the keyword "fcmae" this config's cached FCMAE pretraining."""
+        from pfq.pretrain.pretrainer import PRETRAINED_INIT, cached_pretraining
+
+        return str(cached_pretraining(self.config, self.progress)) if init == PRETRAINED_INIT else init
 
     def export_models(self, outcome: GroupOutcome) -> None:
         """Each finished lane's final model in the converter's format (`models/<lane>`), so it can be

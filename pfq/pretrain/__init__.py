@@ -1,0 +1,1 @@
+"""Self-supervised FCMAE pretraining of ProFound-Conv (`python -m pfq.pretrain`)."""
