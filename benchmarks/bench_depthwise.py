@@ -29,10 +29,14 @@ xla_flags.set_defaults()  # before JAX starts its backend
 
 # (N, D, H, W, C) per stage of tiny: real preset (1x3x64x224x224) and small (2x3x32x96x96).
 STAGES = {
-    "real s0": (1, 16, 56, 56, 96), "real s1": (1, 8, 28, 28, 192),
-    "real s2": (1, 4, 14, 14, 384), "real s3": (1, 4, 14, 14, 768),
-    "small s0": (2, 8, 24, 24, 96), "small s1": (2, 4, 12, 12, 192),
-    "small s2": (2, 2, 6, 6, 384), "small s3": (2, 2, 6, 6, 768),
+    "real s0": (1, 16, 56, 56, 96),
+    "real s1": (1, 8, 28, 28, 192),
+    "real s2": (1, 4, 14, 14, 384),
+    "real s3": (1, 4, 14, 14, 768),
+    "small s0": (2, 8, 24, 24, 96),
+    "small s1": (2, 4, 12, 12, 192),
+    "small s2": (2, 2, 6, 6, 384),
+    "small s3": (2, 2, 6, 6, 768),
 }
 
 
@@ -55,6 +59,7 @@ def make_runners(shape: tuple[int, ...], impls: list[str]) -> dict:
         def fwd_bwd(x, k, g):
             y, vjp = jax.vjp(f, x, k)
             return (y, *vjp(g))
+
         fn = jax.jit(fwd_bwd)
         return lambda: jax.block_until_ready(fn(xj, kj, gj))
 
@@ -68,6 +73,7 @@ def make_runners(shape: tuple[int, ...], impls: list[str]) -> dict:
         def run() -> None:
             y = torch.nn.functional.conv3d(xt, kt, padding=3, groups=shape[-1])
             torch.autograd.grad(y, (xt, kt), gt)
+
         return run
 
     runners["torch_contiguous"] = torch_runner(torch.contiguous_format)
@@ -82,9 +88,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--budget", type=float, default=1.5, help="skip formulations slower than this (s)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--slow-max-elems", type=float, default=2e6,
-                   help="run direct/shifted only on inputs with at most this many elements (they take "
-                        "tens of seconds on the large stage shapes)")
+    p.add_argument(
+        "--slow-max-elems",
+        type=float,
+        default=2e6,
+        help="run direct/shifted only on inputs with at most this many elements (they take "
+        "tens of seconds on the large stage shapes)",
+    )
     args = p.parse_args()
     # PyTorch's OpenMP threads sleep rather than spin at barriers: on this shared machine spinning
     # made its times up to 10x slower and erratic (see bench_step.py).
@@ -94,7 +104,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    shapes = ({s: tuple(int(v) for v in s.split(",")) for s in args.shapes} if args.shapes else STAGES)
+    shapes = {s: tuple(int(v) for v in s.split(",")) for s in args.shapes} if args.shapes else STAGES
     impls = args.impls.split(",")
     results = {}
     for label, shape in shapes.items():
@@ -116,11 +126,17 @@ def main() -> None:
                     skipped.add(name)
         med = {n: float(np.median(t)) for n, t in times.items()}
         best = min(med["torch"], med["torch_contiguous"])
-        results[label] = {"shape": list(shape), "median_s": med,
-                          "speedup_vs_best_torch": {n: best / med[n] for n in med if not n.startswith("torch")},
-                          "first_call_s": compile_s, "reps": {n: len(t) for n, t in times.items()}}
-        row = "  ".join(f"{n} {1e3 * med[n]:7.1f} ms"
-                        + (f" ({best / med[n]:5.2f}x)" if not n.startswith("torch") else "") for n in runners)
+        results[label] = {
+            "shape": list(shape),
+            "median_s": med,
+            "speedup_vs_best_torch": {n: best / med[n] for n in med if not n.startswith("torch")},
+            "first_call_s": compile_s,
+            "reps": {n: len(t) for n, t in times.items()},
+        }
+        row = "  ".join(
+            f"{n} {1e3 * med[n]:7.1f} ms" + (f" ({best / med[n]:5.2f}x)" if not n.startswith("torch") else "")
+            for n in runners
+        )
         print(f"{label:10s} {str(shape):24s} {row}", flush=True)
     print(f"1-min load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(json.dumps({"bench": "depthwise", "threads": args.threads, "results": results}))

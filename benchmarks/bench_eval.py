@@ -33,8 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.size.split(","))
     spec = ModelSpec(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128))
-    variables = jax.tree.map(lambda *xs: jnp.stack(xs),
-                             *[init_variables(spec, jax.random.key(i)) for i in range(args.lanes)])
+    variables = jax.tree.map(
+        lambda *xs: jnp.stack(xs), *[init_variables(spec, jax.random.key(i)) for i in range(args.lanes)]
+    )
     rng = np.random.default_rng(0)
     pool = rng.normal(size=(args.pool,) + shape + (3,)).astype(np.float32)
     labels = rng.integers(0, 2, args.pool)
@@ -46,7 +47,7 @@ def main() -> None:
     def infer(indices: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(indices), args.batch):
-            chunk = indices[start:start + args.batch]
+            chunk = indices[start : start + args.batch]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], args.batch - len(chunk))])
             out.append(np.asarray(predict(variables, pool[padded]))[:, : len(chunk)])
         return np.concatenate(out, axis=1)
@@ -54,8 +55,10 @@ def main() -> None:
     infer(np.arange(args.batch))  # compile once, outside both timings
     t0 = time.perf_counter()
     probs = infer(np.arange(args.pool))
-    one_pass = {key: [evaluate.score(labels[idx], probs[lane, idx]) ["auc"] for lane in range(args.lanes)]
-                for key, idx in subsets.items()}
+    one_pass = {
+        key: [evaluate.score(labels[idx], probs[lane, idx])["auc"] for lane in range(args.lanes)]
+        for key, idx in subsets.items()
+    }
     one_pass_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     naive = {}
@@ -64,13 +67,29 @@ def main() -> None:
         naive[key] = [evaluate.score(labels[idx], p[lane])["auc"] for lane in range(args.lanes)]
     naive_s = time.perf_counter() - t0
     max_diff = max(abs(a - b) for key in subsets for a, b in zip(one_pass[key], naive[key], strict=True))
-    print(f"device {jax.devices()[0].device_kind}; pool {args.pool}, {len(args.ratios)} ratios x {args.draws} draws "
-          f"of {size} cases, {args.lanes} lanes, input {shape}")
-    print(f"one-pass {one_pass_s:.2f} s, naive {naive_s:.2f} s, speedup {naive_s / one_pass_s:.1f}x, "
-          f"max AUC difference {max_diff:.2e}")
-    print(json.dumps({"benchmark": "eval", "pool": args.pool, "subsets": len(subsets), "subset_size": size,
-                      "lanes": args.lanes, "one_pass_s": round(one_pass_s, 3), "naive_s": round(naive_s, 3),
-                      "speedup": round(naive_s / one_pass_s, 2), "max_auc_diff": max_diff}))
+    print(
+        f"device {jax.devices()[0].device_kind}; pool {args.pool}, {len(args.ratios)} ratios x {args.draws} draws "
+        f"of {size} cases, {args.lanes} lanes, input {shape}"
+    )
+    print(
+        f"one-pass {one_pass_s:.2f} s, naive {naive_s:.2f} s, speedup {naive_s / one_pass_s:.1f}x, "
+        f"max AUC difference {max_diff:.2e}"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "eval",
+                "pool": args.pool,
+                "subsets": len(subsets),
+                "subset_size": size,
+                "lanes": args.lanes,
+                "one_pass_s": round(one_pass_s, 3),
+                "naive_s": round(naive_s, 3),
+                "speedup": round(naive_s / one_pass_s, 2),
+                "max_auc_diff": max_diff,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,21 +41,26 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.size.split(","))
-    spec = ModelSpec(depths=tuple(int(v) for v in args.depths.split(",")),
-                     dims=tuple(int(v) for v in args.dims.split(",")))
+    spec = ModelSpec(
+        depths=tuple(int(v) for v in args.depths.split(",")), dims=tuple(int(v) for v in args.dims.split(","))
+    )
     optim = base_config().optim
     optim.update({"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 1, "grad_clip": 1.0})
     tx = make_optimizer(optim, init_variables(spec, jax.random.key(0))["params"], spec.depths, 100)
     step = make_train_step(spec, tx)
     rng = np.random.default_rng(0)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
-          f"model depths={spec.depths} dims={spec.dims}, batch {args.batch}, input {shape}")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+        f"model depths={spec.depths} dims={spec.dims}, batch {args.batch}, input {shape}"
+    )
     print(f"{'K':>3} {'compile K (s)':>14} {'vmapped step (s)':>17} {'K sequential (s)':>17} {'per-lane ratio':>15}")
     figures = []
     single = jax.jit(jax.vmap(step), donate_argnums=0)
     for k in args.lanes:
-        batch = {"image": jnp.asarray(rng.normal(size=(k, args.batch) + shape + (3,)), jnp.float32),
-                 "label": jnp.asarray(rng.integers(0, 2, (k, args.batch)), jnp.int32)}
+        batch = {
+            "image": jnp.asarray(rng.normal(size=(k, args.batch) + shape + (3,)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, 2, (k, args.batch)), jnp.int32),
+        }
         keys = jnp.stack([jax.random.key(i) for i in range(k)])
         vstate = stacked_state(spec, tx, k)
         t0 = time.perf_counter()
@@ -63,8 +68,8 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         # Sequential: the same per-lane program (a 1-lane vmap), one lane after another.
         lane_states = [stacked_state(spec, tx, 1) for _ in range(k)]
-        lane_batches = [jax.tree.map(lambda x, i=i: x[i:i + 1], batch) for i in range(k)]
-        lane_keys = [keys[i:i + 1] for i in range(k)]
+        lane_batches = [jax.tree.map(lambda x, i=i: x[i : i + 1], batch) for i in range(k)]
+        lane_keys = [keys[i : i + 1] for i in range(k)]
         for i in range(k):  # warm-up (compiles the 1-lane program once)
             lane_states[i], m = single(lane_states[i], lane_batches[i], lane_keys[i])
         vstate, m = vstep(vstate, batch, keys)
@@ -81,11 +86,27 @@ def main() -> None:
             jax.block_until_ready(m)
             st.append(time.perf_counter() - t0)
         v, s = statistics.median(vt), statistics.median(st)
-        figures.append({"lanes": k, "compile_s": round(compile_s, 2), "vmapped_step_s": round(v, 4),
-                        "sequential_s": round(s, 4), "per_lane_ratio": round(v / s, 3)})
+        figures.append(
+            {
+                "lanes": k,
+                "compile_s": round(compile_s, 2),
+                "vmapped_step_s": round(v, 4),
+                "sequential_s": round(s, 4),
+                "per_lane_ratio": round(v / s, 3),
+            }
+        )
         print(f"{k:>3} {compile_s:>14.1f} {v:>17.3f} {s:>17.3f} {v / s:>15.2f}")
-    print(json.dumps({"benchmark": "lanes", "device": jax.devices()[0].device_kind, "batch": args.batch,
-                      "input": list(shape), "results": figures}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "lanes",
+                "device": jax.devices()[0].device_kind,
+                "batch": args.batch,
+                "input": list(shape),
+                "results": figures,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,11 @@ def write_volume(path: Path, shape, spacing, seed: int) -> None:
 def write_cases(folder: Path, n: int, t2w_shape, t2w_spacing, dwi_shape, dwi_spacing, pirads=None) -> Path:
     rows = ["case_id,t2w,highb,adc,pirads,quality"]
     for i in range(n):
-        for role, shape, spacing in (("t2w", t2w_shape, t2w_spacing), ("highb", dwi_shape, dwi_spacing),
-                                     ("adc", dwi_shape, dwi_spacing)):
+        for role, shape, spacing in (
+            ("t2w", t2w_shape, t2w_spacing),
+            ("highb", dwi_shape, dwi_spacing),
+            ("adc", dwi_shape, dwi_spacing),
+        ):
             write_volume(folder / f"c{i}_{role}.nii.gz", shape, spacing, seed=3 * i + len(role))
         label = pirads[i] if pirads is not None else 2 + i % 4
         rows.append(f"c{i},c{i}_t2w.nii.gz,c{i}_highb.nii.gz,c{i}_adc.nii.gz,{label},{'hq' if i % 2 else 'lq'}")
@@ -91,8 +94,9 @@ def input_wait(iterator, steps: int, step) -> tuple[float, float]:
 
 
 def part_a(folder: Path, args) -> dict:
-    manifest = read_manifest(write_cases(folder, args.cases, (384, 384, 19), (0.5, 0.5, 3.0), (128, 128, 19),
-                                         (1.5, 1.5, 3.0)))
+    manifest = read_manifest(
+        write_cases(folder, args.cases, (384, 384, 19), (0.5, 0.5, 3.0), (128, 128, 19), (1.5, 1.5, 3.0))
+    )
     config = PreprocessConfig(input_size=(64, 224, 224), spacing=(1.0, 0.5, 0.5))
     t = time.perf_counter()
     for case in manifest.cases:
@@ -115,8 +119,15 @@ def part_a(folder: Path, args) -> dict:
     workers = int(data.workers) if args.workers is None else args.workers
 
     def lane_dataset(augment_config):
-        return train_dataset(source, labels, [np.arange(len(manifest))] * lanes, list(range(lanes)),
-                             batch_size=batch, num_steps=args.steps + 2, augment_config=augment_config)
+        return train_dataset(
+            source,
+            labels,
+            [np.arange(len(manifest))] * lanes,
+            list(range(lanes)),
+            batch_size=batch,
+            num_steps=args.steps + 2,
+            augment_config=augment_config,
+        )
 
     def seconds_per_step(ds) -> float:
         it = to_iterator(ds, workers=workers)
@@ -133,14 +144,21 @@ def part_a(folder: Path, args) -> dict:
     sleep_s = args.real_step_ms / 1000
     it = to_iterator(dataset, workers=workers)
     wait, per_step = input_wait(it, args.steps, lambda b: time.sleep(sleep_s))
-    return {"real_size": [3, 64, 224, 224], "native_t2w": [384, 384, 19], "native_dwi": [128, 128, 19],
-            "nifti_volumes_per_s": round(nifti, 3), "cache_volumes_per_s": round(cached, 1),
-            "cache_speedup": round(cached / nifti, 1), "real_lanes_x_batch": [lanes, batch],
-            "real_pipeline_ms_per_step": round(produce * 1000, 1),
-            "real_pipeline_ms_per_step_no_augment": round(produce_plain * 1000, 1),
-            "real_pipeline_ms_per_step_upstream_augment": round(produce_upstream * 1000, 1),
-            "real_step_sleep_ms": args.real_step_ms,
-            "real_input_wait_fraction": round(wait, 4), "real_workers": workers}
+    return {
+        "real_size": [3, 64, 224, 224],
+        "native_t2w": [384, 384, 19],
+        "native_dwi": [128, 128, 19],
+        "nifti_volumes_per_s": round(nifti, 3),
+        "cache_volumes_per_s": round(cached, 1),
+        "cache_speedup": round(cached / nifti, 1),
+        "real_lanes_x_batch": [lanes, batch],
+        "real_pipeline_ms_per_step": round(produce * 1000, 1),
+        "real_pipeline_ms_per_step_no_augment": round(produce_plain * 1000, 1),
+        "real_pipeline_ms_per_step_upstream_augment": round(produce_upstream * 1000, 1),
+        "real_step_sleep_ms": args.real_step_ms,
+        "real_input_wait_fraction": round(wait, 4),
+        "real_workers": workers,
+    }
 
 
 def augment_cpu(args) -> dict:
@@ -176,9 +194,15 @@ def part_b(folder: Path, args) -> dict:
     cache = VolumeCache(folder / "cache", PreprocessConfig.from_config(config.data))
     paths, _ = cache.prepare(manifest.cases, progress=False)
     labels = np.arange(n) % 2
-    dataset = train_dataset(CachedVolumes(paths), labels, [np.arange(n)] * lanes, list(range(lanes)),
-                            batch_size=batch, num_steps=args.model_steps + 2,
-                            augment_config=AugmentConfig.from_config(config.data))
+    dataset = train_dataset(
+        CachedVolumes(paths),
+        labels,
+        [np.arange(n)] * lanes,
+        list(range(lanes)),
+        batch_size=batch,
+        num_steps=args.model_steps + 2,
+        augment_config=AugmentConfig.from_config(config.data),
+    )
 
     spec = model_spec(config, get_task(config.task).num_classes)
     variables = stack([init_variables(spec, jax.random.key(i)) for i in range(lanes)])
@@ -196,9 +220,14 @@ def part_b(folder: Path, args) -> dict:
     step(next(to_iterator(dataset)))  # compile
     compile_s = time.perf_counter() - t
     wait, per_step = input_wait(to_iterator(dataset, workers=int(config.data.workers)), args.model_steps, step)
-    return {"default_input": [3, *size], "default_lanes_x_batch": [lanes, batch],
-            "default_step_s": round(per_step, 3), "default_compile_s": round(compile_s, 1),
-            "default_input_wait_fraction": round(wait, 4), "default_workers": int(config.data.workers)}
+    return {
+        "default_input": [3, *size],
+        "default_lanes_x_batch": [lanes, batch],
+        "default_step_s": round(per_step, 3),
+        "default_compile_s": round(compile_s, 1),
+        "default_input_wait_fraction": round(wait, 4),
+        "default_workers": int(config.data.workers),
+    }
 
 
 def main() -> None:
@@ -215,32 +244,40 @@ def main() -> None:
     p.add_argument("--augment-only", action="store_true", help="only the augmentation presets' CPU time")
     args = p.parse_args()
     figures = augment_cpu(args)
-    print(f"real-size augmentation, CPU s per volume: pfq preset {figures['augment_cpu_s_per_volume_pfq']:.2f}, "
-          f"upstream preset {figures['augment_cpu_s_per_volume_upstream']:.2f} "
-          f"({figures['augment_cpu_s_per_volume_upstream'] / figures['augment_cpu_s_per_volume_pfq']:.1f}x)")
+    print(
+        f"real-size augmentation, CPU s per volume: pfq preset {figures['augment_cpu_s_per_volume_pfq']:.2f}, "
+        f"upstream preset {figures['augment_cpu_s_per_volume_upstream']:.2f} "
+        f"({figures['augment_cpu_s_per_volume_upstream'] / figures['augment_cpu_s_per_volume_pfq']:.1f}x)"
+    )
     if args.augment_only:
         print(json.dumps(figures))
         return
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "a").mkdir()
         figures.update(part_a(Path(tmp) / "a", args))
-        print(f"real size 3x64x224x224: from NIfTI {figures['nifti_volumes_per_s']:.2f} vol/s | "
-              f"from cache {figures['cache_volumes_per_s']:.1f} vol/s ({figures['cache_speedup']:.0f}x)")
-        print(f"real size lane pipeline ({args.lanes} lanes x batch {args.batch}, augmenting, "
-              f"{figures['real_workers']} workers): "
-              f"{figures['real_pipeline_ms_per_step']:.0f} ms/step "
-              f"({figures['real_pipeline_ms_per_step_no_augment']:.0f} without augmentation, "
-              f"{figures['real_pipeline_ms_per_step_upstream_augment']:.0f} with the upstream preset, "
-              f"{figures['real_pipeline_ms_per_step_upstream_augment'] / figures['real_pipeline_ms_per_step']:.1f}x); "
-              "input wait "
-              f"{100 * figures['real_input_wait_fraction']:.1f}% with a {args.real_step_ms:.0f} ms (sleep) step")
+        print(
+            f"real size 3x64x224x224: from NIfTI {figures['nifti_volumes_per_s']:.2f} vol/s | "
+            f"from cache {figures['cache_volumes_per_s']:.1f} vol/s ({figures['cache_speedup']:.0f}x)"
+        )
+        print(
+            f"real size lane pipeline ({args.lanes} lanes x batch {args.batch}, augmenting, "
+            f"{figures['real_workers']} workers): "
+            f"{figures['real_pipeline_ms_per_step']:.0f} ms/step "
+            f"({figures['real_pipeline_ms_per_step_no_augment']:.0f} without augmentation, "
+            f"{figures['real_pipeline_ms_per_step_upstream_augment']:.0f} with the upstream preset, "
+            f"{figures['real_pipeline_ms_per_step_upstream_augment'] / figures['real_pipeline_ms_per_step']:.1f}x); "
+            "input wait "
+            f"{100 * figures['real_input_wait_fraction']:.1f}% with a {args.real_step_ms:.0f} ms (sleep) step"
+        )
         if not args.skip_model:
             (Path(tmp) / "b").mkdir()
             figures.update(part_b(Path(tmp) / "b", args))
-            print(f"default CPU config ({figures['default_lanes_x_batch'][0]} lanes x batch "
-                  f"{figures['default_lanes_x_batch'][1]}, 3x{'x'.join(map(str, figures['default_input'][1:]))}, "
-                  f"workers {figures['default_workers']}): real train step {figures['default_step_s']:.2f} s; "
-                  f"input wait {100 * figures['default_input_wait_fraction']:.1f}%")
+            print(
+                f"default CPU config ({figures['default_lanes_x_batch'][0]} lanes x batch "
+                f"{figures['default_lanes_x_batch'][1]}, 3x{'x'.join(map(str, figures['default_input'][1:]))}, "
+                f"workers {figures['default_workers']}): real train step {figures['default_step_s']:.2f} s; "
+                f"input wait {100 * figures['default_input_wait_fraction']:.1f}%"
+            )
     print(json.dumps(figures))
 
 

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------ memory
 
+
 class RssSampler:
     """Samples this process's resident set size in a thread, so that peaks can be attributed to
     phases (compile vs. steps); ru_maxrss alone is one lifetime maximum."""
@@ -76,6 +77,7 @@ def max_rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------------ workers
+
 
 def parse_remat(text: str) -> tuple[bool | str, ...]:
     """'light' (every stage), 'light,none,none,none' (per stage) or '1000' (per-stage bools)."""
@@ -130,9 +132,14 @@ def pfq_worker(args: argparse.Namespace) -> None:
 
     xla_flags.set_defaults()  # read when the backend starts, at the first computation below
 
-    spec = ModelSpec.from_size(args.model, num_classes=2, drop_path_rate=DROP_PATH,
-                               depthwise_impl=args.impl, dtype=args.dtype,
-                               remat_stages=parse_remat(args.remat))
+    spec = ModelSpec.from_size(
+        args.model,
+        num_classes=2,
+        drop_path_rate=DROP_PATH,
+        depthwise_impl=args.impl,
+        dtype=args.dtype,
+        remat_stages=parse_remat(args.remat),
+    )
     variables = init_variables(spec, jax.random.key(0))
     params, batch_stats = variables["params"], variables["batch_stats"]
     tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
@@ -166,9 +173,14 @@ def pfq_worker(args: argparse.Namespace) -> None:
         jax.block_until_ready((p, o, loss))
         state[:] = [p, s, o, k]
 
-    info = {"side": "pfq", "compile_s": compile_s, "params": count_params(params),
-            "depthwise": resolve_impl(args.impl), "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()]}
+    info = {
+        "side": "pfq",
+        "compile_s": compile_s,
+        "params": count_params(params),
+        "depthwise": resolve_impl(args.impl),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
     mem = compiled.memory_analysis()
     if mem is not None:
         info["xla_temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -179,6 +191,7 @@ def pfq_worker(args: argparse.Namespace) -> None:
     if args.profile:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from xla_profile import profile_compiled
+
         info["profile"] = profile_compiled(compiled, do_step)
     _serve(do_step, info, sampler)
 
@@ -193,6 +206,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from pfq.model.convnext import SIZES
+
     depths, dims = SIZES[args.model]
     model = build(depths, dims, num_classes=2, drop_path_rate=DROP_PATH).train()
     fmt = torch.channels_last_3d if args.torch_format == "channels_last" else torch.contiguous_format
@@ -209,9 +223,13 @@ def torch_worker(args: argparse.Namespace) -> None:
         loss.backward()
         opt.step()
 
-    info = {"side": "torch", "params": sum(p.numel() for p in model.parameters()),
-            "threads": torch.get_num_threads(), "format": args.torch_format,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    info = {
+        "side": "torch",
+        "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "format": args.torch_format,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+    }
     t0 = time.perf_counter()
     do_step()
     info["first_step_s"] = time.perf_counter() - t0
@@ -220,12 +238,33 @@ def torch_worker(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------ parent
 
+
 def _spawn(side: str, args: argparse.Namespace) -> subprocess.Popen:
     worker, fmt = SIDES[side]
-    cmd = [sys.executable, __file__, "--worker", worker, "--model", args.model, "--batch", str(args.batch),
-           "--size", ",".join(map(str, args.size)), "--impl", args.impl, "--dtype", args.dtype,
-           "--remat", args.remat, "--threads", str(args.threads), "--torch-format", fmt or "contiguous",
-           "--torch-omp-wait", args.torch_omp_wait]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        worker,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--size",
+        ",".join(map(str, args.size)),
+        "--impl",
+        args.impl,
+        "--dtype",
+        args.dtype,
+        "--remat",
+        args.remat,
+        "--threads",
+        str(args.threads),
+        "--torch-format",
+        fmt or "contiguous",
+        "--torch-omp-wait",
+        args.torch_omp_wait,
+    ]
     if args.profile:
         cmd.append("--profile")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -269,21 +308,43 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (oneDNN caches)")
     p.add_argument("--impl", default="auto", help="pfq depthwise formulation")
     p.add_argument("--dtype", default="float32", help="pfq compute dtype (the comparison is fp32)")
-    p.add_argument("--remat", default="light",
-                   help="pfq remat per stage: none|light|full, per stage 'light,light,none,none', or '1000'")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="CPU cores for both sides (affinity; torch.set_num_threads)")
-    p.add_argument("--torch-format", choices=["channels_last", "contiguous"], default="channels_last",
-                   help=argparse.SUPPRESS)  # set per side (SIDES); the worker reads it
-    p.add_argument("--torch-omp-wait", choices=["passive", "default"], default="passive",
-                   help="OMP_WAIT_POLICY for the PyTorch worker")
-    p.add_argument("--order", choices=["interleaved", "blocked"], default="interleaved",
-                   help="interleaved: pfq, torch, ... per round (same background load for all sides); "
-                        "blocked: all of one side's steps, then the next side's (no side disturbs another)")
-    p.add_argument("--hugepages", action="store_true",
-                   help="all sides with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages)")
-    p.add_argument("--sides", default="pfq,torch,torch_contiguous",
-                   help=f"comma-separated, from {sorted(SIDES)}; torch is channels_last_3d")
+    p.add_argument(
+        "--remat",
+        default="light",
+        help="pfq remat per stage: none|light|full, per stage 'light,light,none,none', or '1000'",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU cores for both sides (affinity; torch.set_num_threads)",
+    )
+    p.add_argument(
+        "--torch-format", choices=["channels_last", "contiguous"], default="channels_last", help=argparse.SUPPRESS
+    )  # set per side (SIDES); the worker reads it
+    p.add_argument(
+        "--torch-omp-wait",
+        choices=["passive", "default"],
+        default="passive",
+        help="OMP_WAIT_POLICY for the PyTorch worker",
+    )
+    p.add_argument(
+        "--order",
+        choices=["interleaved", "blocked"],
+        default="interleaved",
+        help="interleaved: pfq, torch, ... per round (same background load for all sides); "
+        "blocked: all of one side's steps, then the next side's (no side disturbs another)",
+    )
+    p.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="all sides with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages)",
+    )
+    p.add_argument(
+        "--sides",
+        default="pfq,torch,torch_contiguous",
+        help=f"comma-separated, from {sorted(SIDES)}; torch is channels_last_3d",
+    )
     p.add_argument("--profile", action="store_true", help="profile pfq's step (XLA cost analysis + trace)")
     p.add_argument("--worker", choices=["pfq", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -292,19 +353,21 @@ def main() -> None:
     args.size = tuple(args.size or preset["size"])
 
     if args.worker:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
         (pfq_worker if args.worker == "pfq" else torch_worker)(args)
         return
 
     sides = args.sides.split(",")
-    print(f"bench_step: {args.model}, batch {args.batch}, input 3x{'x'.join(map(str, args.size))}, "
-          f"{args.threads} threads, {args.steps} interleaved steps per side", file=sys.stderr)
+    print(
+        f"bench_step: {args.model}, batch {args.batch}, input 3x{'x'.join(map(str, args.size))}, "
+        f"{args.threads} threads, {args.steps} interleaved steps per side",
+        file=sys.stderr,
+    )
     procs, info = {}, {}
     for side in sides:  # set up one at a time, so compilation does not overlap the other's setup
         procs[side] = _spawn(side, args)
         info[side] = _read(procs[side])
-        print(f"  {side} ready: {json.dumps({k: v for k, v in info[side].items() if k != 'profile'})}",
-              file=sys.stderr)
+        print(f"  {side} ready: {json.dumps({k: v for k, v in info[side].items() if k != 'profile'})}", file=sys.stderr)
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, list[float]] = {s: [] for s in sides}
@@ -335,18 +398,31 @@ def main() -> None:
         info[side].update(_ask(procs[side], "done"))
         procs[side].wait()
 
-    result: dict = {"bench": "step", "model": args.model, "batch": args.batch, "size": list(args.size),
-                    "threads": args.threads, "steps": args.steps, "dtype": args.dtype, "remat": args.remat,
-                    "hugepages": args.hugepages, "order": args.order,
-                    "loadavg_1min": [load_before, os.getloadavg()[0]]}
+    result: dict = {
+        "bench": "step",
+        "model": args.model,
+        "batch": args.batch,
+        "size": list(args.size),
+        "threads": args.threads,
+        "steps": args.steps,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "hugepages": args.hugepages,
+        "order": args.order,
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
+    }
     for side in sides:
         r = info[side]
-        result[side] = {"median_s": _median(times[side]), "min_s": min(times[side]),
-                        "median_cpu_s": _median(cpu[side]),
-                        "median_page_faults": _median(faults[side]),
-                        "times_s": [round(t, 4) for t in times[side]],
-                        "first_step_s": r["first_step_s"], "peak_rss_mb": r["max_rss"] / 2**20,
-                        "steps_rss_peak_mb": r["rss_steps_peak"] / 2**20}
+        result[side] = {
+            "median_s": _median(times[side]),
+            "min_s": min(times[side]),
+            "median_cpu_s": _median(cpu[side]),
+            "median_page_faults": _median(faults[side]),
+            "times_s": [round(t, 4) for t in times[side]],
+            "first_step_s": r["first_step_s"],
+            "peak_rss_mb": r["max_rss"] / 2**20,
+            "steps_rss_peak_mb": r["rss_steps_peak"] / 2**20,
+        }
         for k in ("compile_s", "depthwise", "params", "xla_temp_bytes", "format", "backend", "omp_wait_policy"):
             if k in r:
                 result[side][k] = r[k]
@@ -363,27 +439,35 @@ def main() -> None:
             "speedup_paired_median": _median([t / p for p, t in rounds]) if args.order == "interleaved" else None,
             "speedup_min": result[ref]["min_s"] / result["pfq"]["min_s"],
             "cpu_time_ratio": result[ref]["median_cpu_s"] / result["pfq"]["median_cpu_s"],
-            "peak_rss_ratio": result["pfq"]["peak_rss_mb"] / result[ref]["peak_rss_mb"]}
+            "peak_rss_ratio": result["pfq"]["peak_rss_mb"] / result[ref]["peak_rss_mb"],
+        }
     if "vs_torch" in result:
         result["speedup"] = result["vs_torch"]["speedup"]
     for side in sides:
         r = result[side]
         extra = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
-        print(f"{side:16s} median {r['median_s']:.3f} s (min {r['min_s']:.3f} s, "
-              f"CPU {r['median_cpu_s']:.2f} s, {r['median_page_faults'] / 1e3:.0f}k page faults), "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(steps {r['steps_rss_peak_mb']:.0f} MB){extra}")
-    print(f"1-min load average before/after the timed steps: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
+        print(
+            f"{side:16s} median {r['median_s']:.3f} s (min {r['min_s']:.3f} s, "
+            f"CPU {r['median_cpu_s']:.2f} s, {r['median_page_faults'] / 1e3:.0f}k page faults), "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"(steps {r['steps_rss_peak_mb']:.0f} MB){extra}"
+        )
+    print(
+        f"1-min load average before/after the timed steps: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
     for ref in [s for s in sides if f"vs_{s}" in result]:
         v = result[f"vs_{ref}"]
         paired = v["speedup_paired_median"]
         paired = f"; median of paired rounds {paired:.2f}x" if paired is not None else ""
-        print(f"speedup {ref} / pfq: {v['speedup']:.2f}x from medians{paired}; fastest steps {v['speedup_min']:.2f}x; "
-              f"CPU time {v['cpu_time_ratio']:.2f}x. Peak RSS pfq / {ref} {v['peak_rss_ratio']:.2f}")
+        print(
+            f"speedup {ref} / pfq: {v['speedup']:.2f}x from medians{paired}; fastest steps {v['speedup_min']:.2f}x; "
+            f"CPU time {v['cpu_time_ratio']:.2f}x. Peak RSS pfq / {ref} {v['peak_rss_ratio']:.2f}"
+        )
     if "profile" in result.get("pfq", {}):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from xla_profile import print_profile
+
         print("pfq profile (one step, traced after the timed steps' warm-up):")
         print_profile(result["pfq"]["profile"])
     print(json.dumps(result))

@@ -30,8 +30,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="real")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--remat", nargs="+", default=["none", "light", "full"],
-                   help="modes for all stages, or per stage as light,light,none,none")
+    p.add_argument(
+        "--remat",
+        nargs="+",
+        default=["none", "light", "full"],
+        help="modes for all stages, or per stage as light,light,none,none",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--impl", default="auto", help="depthwise formulation")
     args = p.parse_args()
@@ -48,9 +52,14 @@ def main() -> None:
     tx = optax.adamw(1e-4, weight_decay=0.05)
     rows = []
     for mode in args.remat:
-        spec = ModelSpec.from_size(args.model, num_classes=2, drop_path_rate=0.1, dtype=args.dtype,
-                                   depthwise_impl=args.impl,
-                                   remat_stages=tuple(mode.split(",")) if "," in mode else (mode,) * 4)
+        spec = ModelSpec.from_size(
+            args.model,
+            num_classes=2,
+            drop_path_rate=0.1,
+            dtype=args.dtype,
+            depthwise_impl=args.impl,
+            remat_stages=tuple(mode.split(",")) if "," in mode else (mode,) * 4,
+        )
         v = abstract_variables(spec)
         opt = jax.eval_shape(tx.init, v["params"])
         x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
@@ -66,20 +75,40 @@ def main() -> None:
             return optax.apply_updates(params, updates), new, opt_state, loss
 
         t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
-            v["params"], v["batch_stats"], opt, x, y, jax.random.key(0)).compile()
+        compiled = (
+            jax.jit(step, donate_argnums=(0, 1, 2))
+            .lower(v["params"], v["batch_stats"], opt, x, y, jax.random.key(0))
+            .compile()
+        )
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        row = {"remat": mode, "temp_mib": mem.temp_size_in_bytes / 2**20,
-               "argument_mib": mem.argument_size_in_bytes / 2**20, "gflop": cost["flops"] / 1e9,
-               "compile_s": time.perf_counter() - t0}
+        row = {
+            "remat": mode,
+            "temp_mib": mem.temp_size_in_bytes / 2**20,
+            "argument_mib": mem.argument_size_in_bytes / 2**20,
+            "gflop": cost["flops"] / 1e9,
+            "compile_s": time.perf_counter() - t0,
+        }
         rows.append(row)
-        print(f"remat {mode:6s}: XLA temporaries {row['temp_mib']:7.0f} MiB, arguments "
-              f"{row['argument_mib']:5.0f} MiB, {row['gflop']:6.1f} GFLOP, compile {row['compile_s']:.1f} s",
-              flush=True)
-    print(json.dumps({"bench": "step_memory", "preset": args.preset, "model": args.model, "dtype": args.dtype,
-                      "impl": args.impl, "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}))
+        print(
+            f"remat {mode:6s}: XLA temporaries {row['temp_mib']:7.0f} MiB, arguments "
+            f"{row['argument_mib']:5.0f} MiB, {row['gflop']:6.1f} GFLOP, compile {row['compile_s']:.1f} s",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "step_memory",
+                "preset": args.preset,
+                "model": args.model,
+                "dtype": args.dtype,
+                "impl": args.impl,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

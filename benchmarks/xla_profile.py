@@ -24,9 +24,9 @@ from pathlib import Path
 class Op:
     opcode: str
     shape: str
-    kind: str          # coarse category
-    backward: bool     # created by JAX's transpose of a JVP
-    source: str        # "file.py:line function" of the innermost frame in pfq, or ""
+    kind: str  # coarse category
+    backward: bool  # created by JAX's transpose of a JVP
+    source: str  # "file.py:line function" of the innermost frame in pfq, or ""
 
 
 def _source_table(hlo: str, marker: str) -> dict[int, str]:
@@ -96,8 +96,13 @@ def hlo_ops(hlo: str, marker: str = "/pfq/") -> dict[str, Op]:
         name, shape, opcode = m.groups()
         fk = re.search(r"kind=(k\w+)", line)
         sf = re.search(r"stack_frame_id=(\d+)", line)
-        ops[name] = Op(opcode, shape, _kind(opcode, name, fk.group(1) if fk else ""),
-                       "transpose(jvp" in line, sources.get(int(sf.group(1)), "") if sf else "")
+        ops[name] = Op(
+            opcode,
+            shape,
+            _kind(opcode, name, fk.group(1) if fk else ""),
+            "transpose(jvp" in line,
+            sources.get(int(sf.group(1)), "") if sf else "",
+        )
     return ops
 
 
@@ -143,15 +148,19 @@ def profile_compiled(compiled, run_once: Callable[[], None], steps: int = 2, top
     out["by_kind"] = dict(by_kind.most_common())
     out["by_pass"] = dict(by_pass.most_common())
     out["by_source"] = dict(by_source.most_common(top))
-    out["top_ops"] = [[n, round(s, 4), ops[n].opcode, ops[n].shape, ops[n].source]
-                      for n, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]]
+    out["top_ops"] = [
+        [n, round(s, 4), ops[n].opcode, ops[n].shape, ops[n].source]
+        for n, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    ]
     return out
 
 
 def print_profile(prof: dict) -> None:
-    print(f"  XLA cost analysis: {prof.get('cost_gflop', 0):.1f} GFLOP, "
-          f"{prof.get('cost_gbytes_accessed', 0):.1f} GB accessed; traced op time "
-          f"{prof['op_seconds_total']:.3f} s per step")
+    print(
+        f"  XLA cost analysis: {prof.get('cost_gflop', 0):.1f} GFLOP, "
+        f"{prof.get('cost_gbytes_accessed', 0):.1f} GB accessed; traced op time "
+        f"{prof['op_seconds_total']:.3f} s per step"
+    )
     for title, key in (("by kind", "by_kind"), ("by pass", "by_pass"), ("by pfq source line", "by_source")):
         print(f"  {title}:")
         for k, v in prof[key].items():

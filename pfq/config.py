@@ -246,8 +246,9 @@ FIELDS: dict[str, Rule] = {
     "data.quality_scale": _rule("str", choices=_quality_scales),
     "data.quality_threshold": _rule("float", optional=True),  # its range depends on the scale: checked below
     "data.quality_from": _rule("str", choices=lambda: ("label", "iqm")),
-    "data.input_size": _rule("ints", (lambda v: v >= MIN_INPUT_SIZE, f">= {MIN_INPUT_SIZE} (the model's total stride)"),
-                             sizes=(3,)),
+    "data.input_size": _rule(
+        "ints", (lambda v: v >= MIN_INPUT_SIZE, f">= {MIN_INPUT_SIZE} (the model's total stride)"), sizes=(3,)
+    ),
     "data.spacing": _rule("floats", sizes=(0, 3)),  # () keeps T2w's grid; the range: PreprocessConfig
     "data.cache_dir": _rule("str"),
     "data.prepare_workers": _rule("int", _NON_NEGATIVE),
@@ -301,8 +302,9 @@ FIELDS: dict[str, Rule] = {
     "pretrain.cases": _rule("int", _POSITIVE),
     "pretrain.phantom_seed": _rule("int", _SEED),
     "pretrain.hq_fraction": _rule("float", _RATIO),
-    "pretrain.input_size": _rule("ints", (lambda v: v >= 16 and v % 16 == 0, "a multiple of the patch size 16"),
-                                 sizes=(3,)),
+    "pretrain.input_size": _rule(
+        "ints", (lambda v: v >= 16 and v % 16 == 0, "a multiple of the patch size 16"), sizes=(3,)
+    ),
     "pretrain.seeds": _rule("ints", _SEED),
     "pretrain.steps": _rule("int", _POSITIVE),
     "pretrain.batch_size": _rule("int", _POSITIVE),
@@ -325,9 +327,16 @@ FIELDS: dict[str, Rule] = {
     "log_every": _rule("int", _POSITIVE),
 }
 
-_KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a finite number", "bool": "True or False",
-               "ints": "a tuple of integers", "floats": "a tuple of finite numbers", "strs": "a tuple of strings",
-               "remat": "a tuple of booleans or modes " + "/".join(REMAT_MODES)}
+_KIND_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "True or False",
+    "ints": "a tuple of integers",
+    "floats": "a tuple of finite numbers",
+    "strs": "a tuple of strings",
+    "remat": "a tuple of booleans or modes " + "/".join(REMAT_MODES),
+}
 
 
 def _scalar_ok(kind: str, value: Any) -> bool:
@@ -398,11 +407,14 @@ def validate_config(c: ConfigDict) -> None:
             raise ConfigError(f"config.{name} is missing (start configs from pfq.config.base_config())")
         check_field(name, fields[name])
     if bool(c.model.depths) != bool(c.model.dims):
-        raise ConfigError("config.model.depths and config.model.dims: set both (a custom model) or neither "
-                          f"(the config.model.size preset), got {tuple(c.model.depths)} and {tuple(c.model.dims)}")
+        raise ConfigError(
+            "config.model.depths and config.model.dims: set both (a custom model) or neither "
+            f"(the config.model.size preset), got {tuple(c.model.depths)} and {tuple(c.model.dims)}"
+        )
     if c.optim.loss == "bce" and _tasks()[c.task].num_classes != 2:
-        raise ConfigError(f"config.optim.loss = 'bce' needs a two-class task; {c.task} has "
-                          f"{_tasks()[c.task].num_classes} classes")
+        raise ConfigError(
+            f"config.optim.loss = 'bce' needs a two-class task; {c.task} has {_tasks()[c.task].num_classes} classes"
+        )
     from pfq.data.manifest import quality_rule
     from pfq.data.preprocess import PreprocessConfig
 
@@ -505,7 +517,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
     while i < len(args):
         arg = args[i]
         if arg.startswith("--config."):
-            name, eq, text = arg[len("--config."):].partition("=")
+            name, eq, text = arg[len("--config.") :].partition("=")
             if not eq:
                 if i + 1 >= len(args):
                     raise ConfigError(f"--config.{name} needs a value")

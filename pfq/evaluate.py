@@ -33,7 +33,8 @@ from pfq.faults import maybe_fail
 OPERATING_POINTS = (0.8, 0.9)
 THRESHOLD = 0.5
 BINARY_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity") + tuple(
-    f"{kind}{int(t * 100)}" for t in OPERATING_POINTS for kind in ("spec_at_sens", "sens_at_spec"))
+    f"{kind}{int(t * 100)}" for t in OPERATING_POINTS for kind in ("spec_at_sens", "sens_at_spec")
+)
 MULTICLASS_METRICS = ("auc", "accuracy", "kappa_unweighted", "kappa_quadratic", "macro_f1")
 KAPPA_WEIGHTS = {"kappa_unweighted": None, "kappa_quadratic": "quadratic"}  # scikit-learn's `weights`
 PIRADS_CUTS = ((1, "ge3"), (2, "ge4"))  # 4-class PI-RADS: class = PI-RADS - 2, so >=3 is class >= 1
@@ -53,8 +54,16 @@ def metric_names(num_classes: int, task_name: str = "") -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Prediction: volumes -> model outputs, in fixed-size batches.
 # ----------------------------------------------------------------------------------------------
-def predict(forward: Callable[[np.ndarray], np.ndarray], source: VolumeSource, indices: Sequence[int],
-            batch_size: int, *, batch_axis: int = 0, progress: bool = False, desc: str = "predicting") -> np.ndarray:
+def predict(
+    forward: Callable[[np.ndarray], np.ndarray],
+    source: VolumeSource,
+    indices: Sequence[int],
+    batch_size: int,
+    *,
+    batch_axis: int = 0,
+    progress: bool = False,
+    desc: str = "predicting",
+) -> np.ndarray:
     """`forward` (a channels-last (B, D, H, W, C) batch -> host array whose axis `batch_axis` is B) on
     source[indices], in order. Every batch has `batch_size` cases, the last one zero-padded, so one
     compiled program serves all; padding never changes the other cases' outputs (in eval mode
@@ -213,8 +222,9 @@ def weighted_binary_metrics(y: np.ndarray, p_pos: np.ndarray, weights: np.ndarra
     return {name: out[name] for name in BINARY_METRICS}
 
 
-def weighted_multiclass_metrics(y: np.ndarray, probs: np.ndarray, weights: np.ndarray,
-                                task_name: str = "") -> dict[str, np.ndarray]:
+def weighted_multiclass_metrics(
+    y: np.ndarray, probs: np.ndarray, weights: np.ndarray, task_name: str = ""
+) -> dict[str, np.ndarray]:
     """`multiclass_metrics` of every resampled set: y (m,), probs (m, C), weights (B, m)."""
     y = np.asarray(y).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
@@ -229,8 +239,10 @@ def weighted_multiclass_metrics(y: np.ndarray, probs: np.ndarray, weights: np.nd
     f1_den = true_count + pred_count  # 2tp + fp + fn; zero for a class neither present nor predicted
     used = f1_den > 0
     grid = np.arange(num_classes)
-    disagreement = {"kappa_unweighted": (grid[:, None] != grid[None, :]).astype(np.float64),
-                    "kappa_quadratic": (grid[:, None] - grid[None, :]) ** 2.0}
+    disagreement = {
+        "kappa_unweighted": (grid[:, None] != grid[None, :]).astype(np.float64),
+        "kappa_quadratic": (grid[:, None] - grid[None, :]) ** 2.0,
+    }
     chance = true_count[:, :, None] * pred_count[:, None, :]
     class_auc = np.stack([weighted_auc((y == k).astype(int), probs[:, k], weights) for k in range(num_classes)])
     with warnings.catch_warnings():
@@ -274,15 +286,20 @@ def max_test_size(is_hq: np.ndarray, labels: np.ndarray, ratios, num_classes: in
     raise StratificationError("the test pool cannot supply any subset at the requested ratios")
 
 
-def test_subsets(is_hq: np.ndarray, labels: np.ndarray, ratios, size: int, draws: int, seed: int,
-                 num_classes: int) -> dict[tuple[float, int], np.ndarray]:
+def test_subsets(
+    is_hq: np.ndarray, labels: np.ndarray, ratios, size: int, draws: int, seed: int, num_classes: int
+) -> dict[tuple[float, int], np.ndarray]:
     """(ratio, draw) -> test-pool indices. Draws share nothing with finetuning sets (own salt)."""
-    return {(float(r), d): stratified_indices(is_hq, labels, size, r, seed + d, num_classes=num_classes, salt=0x7E57)
-            for r in ratios for d in range(draws)}
+    return {
+        (float(r), d): stratified_indices(is_hq, labels, size, r, seed + d, num_classes=num_classes, salt=0x7E57)
+        for r in ratios
+        for d in range(draws)
+    }
 
 
-def bootstrap_weights(labels: np.ndarray, is_hq: np.ndarray, draws: Sequence[np.ndarray], resamples: int,
-                      seed: Sequence[int] | int) -> tuple[np.ndarray, list[np.ndarray]]:
+def bootstrap_weights(
+    labels: np.ndarray, is_hq: np.ndarray, draws: Sequence[np.ndarray], resamples: int, seed: Sequence[int] | int
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Stratified bootstrap of the cases behind all draws of one test ratio, as case weights.
 
     Returns the distinct member cases (m,) and, per draw, weights (resamples, m). Resample b sends
@@ -308,9 +325,17 @@ def bootstrap_weights(labels: np.ndarray, is_hq: np.ndarray, draws: Sequence[np.
     return members, weights
 
 
-def score_subsets(labels: np.ndarray, is_hq: np.ndarray, probs: np.ndarray, draws: Sequence[np.ndarray],
-                  task_name: str = "", resamples: int = 1000, seed: Sequence[int] | int = 0,
-                  valid: np.ndarray | None = None, confidence: float = 0.95) -> list[dict[str, float]]:
+def score_subsets(
+    labels: np.ndarray,
+    is_hq: np.ndarray,
+    probs: np.ndarray,
+    draws: Sequence[np.ndarray],
+    task_name: str = "",
+    resamples: int = 1000,
+    seed: Sequence[int] | int = 0,
+    valid: np.ndarray | None = None,
+    confidence: float = 0.95,
+) -> list[dict[str, float]]:
     """Score every lane on the subset draws of one test ratio, with percentile bootstrap CIs.
 
     labels, is_hq: (pool,); probs: (lanes, pool, classes); draws: pool-index arrays of equal size.
@@ -351,7 +376,6 @@ def score_subsets(labels: np.ndarray, is_hq: np.ndarray, probs: np.ndarray, draw
     return results
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The sweep's tables: results.csv (one row per lane x test ratio) and predictions.csv.
 # ----------------------------------------------------------------------------------------------
@@ -373,12 +397,20 @@ def scoring_plan(is_hq: np.ndarray, labels: np.ndarray, sweep, num_classes: int)
     ratios = tuple(float(r) for r in sweep.test_hq_ratios)
     size = int(sweep.test_size) or max_test_size(is_hq, labels, ratios, num_classes)
     subsets = test_subsets(is_hq, labels, ratios, size, int(sweep.test_draws), int(sweep.test_seed), num_classes)
-    return ScoringPlan(ratios, size, int(sweep.test_draws), int(sweep.test_seed), int(sweep.bootstrap_resamples),
-                    subsets)
+    return ScoringPlan(
+        ratios, size, int(sweep.test_draws), int(sweep.test_seed), int(sweep.bootstrap_resamples), subsets
+    )
 
 
-def lane_rows(lanes: Sequence, lane_sets: Sequence[np.ndarray], status: Sequence[str], probs: np.ndarray, data,
-              plan: ScoringPlan, task_name: str) -> list[dict]:
+def lane_rows(
+    lanes: Sequence,
+    lane_sets: Sequence[np.ndarray],
+    status: Sequence[str],
+    probs: np.ndarray,
+    data,
+    plan: ScoringPlan,
+    task_name: str,
+) -> list[dict]:
     """One row per lane x test ratio: metrics averaged over the ratio's subset draws, with percentile
     bootstrap CIs of that average (`score_subsets`; docs/results.md). `probs` (lanes, test pool,
     classes); `data` has the study's `labels`, `is_hq` and `test_pool`; lanes whose `status` is not
@@ -389,15 +421,30 @@ def lane_rows(lanes: Sequence, lane_sets: Sequence[np.ndarray], status: Sequence
     for ratio in plan.ratios:
         maybe_fail("evaluate")
         scored[ratio] = score_subsets(
-            pool_labels, pool_hq, probs, [plan.subsets[(ratio, d)] for d in range(plan.draws)], task_name,
-            resamples=plan.resamples, seed=[plan.seed, 0xB007, round(ratio * 1e6)], valid=healthy)
+            pool_labels,
+            pool_hq,
+            probs,
+            [plan.subsets[(ratio, d)] for d in range(plan.draws)],
+            task_name,
+            resamples=plan.resamples,
+            seed=[plan.seed, 0xB007, round(ratio * 1e6)],
+            valid=healthy,
+        )
     rows = []
     for li, lane in enumerate(lanes):
         for ratio in plan.ratios:
-            row = {"task": task_name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
-                   "finetune_hq_count": int(data.is_hq[lane_sets[li]].sum()),  # realised, not requested
-                   "train_size": lane.train_size, "seed": lane.seed, "test_hq_ratio": ratio,
-                   "n_test": plan.size, "n_draws": plan.draws, "n_resamples": plan.resamples}
+            row = {
+                "task": task_name,
+                "init": lane.init,
+                "finetune_hq_ratio": lane.finetune_hq_ratio,
+                "finetune_hq_count": int(data.is_hq[lane_sets[li]].sum()),  # realised, not requested
+                "train_size": lane.train_size,
+                "seed": lane.seed,
+                "test_hq_ratio": ratio,
+                "n_test": plan.size,
+                "n_draws": plan.draws,
+                "n_resamples": plan.resamples,
+            }
             row.update(scored[ratio][li])
             row["status"] = status[li]
             rows.append(row)
@@ -409,9 +456,16 @@ def prediction_rows(lanes: Sequence, probs: np.ndarray, data) -> list[dict]:
     rows = []
     for li, lane in enumerate(lanes):
         for p, case in enumerate(data.test_pool):
-            row = {"lane": lane.name, "init": lane.init, "finetune_hq_ratio": lane.finetune_hq_ratio,
-                   "train_size": lane.train_size, "seed": lane.seed, "case_id": data.case_ids[case],
-                   "quality": "hq" if data.is_hq[case] else "lq", "label": int(data.labels[case])}
+            row = {
+                "lane": lane.name,
+                "init": lane.init,
+                "finetune_hq_ratio": lane.finetune_hq_ratio,
+                "train_size": lane.train_size,
+                "seed": lane.seed,
+                "case_id": data.case_ids[case],
+                "quality": "hq" if data.is_hq[case] else "lq",
+                "label": int(data.labels[case]),
+            }
             row.update({f"prob_{c}": float(probs[li, p, c]) for c in range(probs.shape[-1])})
             rows.append(row)
     return rows

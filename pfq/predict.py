@@ -107,24 +107,26 @@ def save_array_atomically(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def preprocess_config(meta: dict, input_size: Sequence[int] | None, spacing: Sequence[float] | None
-                      ) -> PreprocessConfig:
+def preprocess_config(
+    meta: dict, input_size: Sequence[int] | None, spacing: Sequence[float] | None
+) -> PreprocessConfig:
     """The command line's choice, else what the model directory recorded (`pfq.train` exports),
     else ProFound's input (64x224x224 at the T2w grid)."""
     recorded = meta.get("preprocess") or {}
     size = input_size or recorded.get("input_size") or PreprocessConfig().input_size
     spacing = spacing or recorded.get("spacing")
-    return PreprocessConfig(input_size=tuple(int(n) for n in size),
-                            spacing=tuple(float(s) for s in spacing) if spacing else None)
+    return PreprocessConfig(
+        input_size=tuple(int(n) for n in size), spacing=tuple(float(s) for s in spacing) if spacing else None
+    )
 
 
-def load_manifest_volumes(path: str | Path, config: PreprocessConfig, *, cache_dir: str | None = None,
-                          workers: int = 0, progress: bool = True) -> tuple[Manifest, CachedVolumes]:
+def load_manifest_volumes(
+    path: str | Path, config: PreprocessConfig, *, cache_dir: str | None = None, workers: int = 0, progress: bool = True
+) -> tuple[Manifest, CachedVolumes]:
     """Every case preprocessed (through the training cache); `ManifestError` lists every bad row."""
     manifest = read_manifest(path, require_quality=False)
     cache = VolumeCache(cache_dir or default_cache_root(), config)
-    paths, problems = cache.prepare(manifest.cases, workers=workers, progress=progress,
-                                    desc="preprocessing (cached)")
+    paths, problems = cache.prepare(manifest.cases, workers=workers, progress=progress, desc="preprocessing (cached)")
     if problems:
         raise ManifestError(path, problems)
     return manifest, CachedVolumes(paths)
@@ -140,8 +142,9 @@ def manifest_labels(manifest: Manifest, task_name: str | None) -> list[int | Non
     return [None if label < 0 else int(label) for label in labels]
 
 
-def prediction_table(manifest: Manifest, values: np.ndarray, labels: list[int | None] | None, *,
-                     want_features: bool) -> tuple[list[str], list[list]]:
+def prediction_table(
+    manifest: Manifest, values: np.ndarray, labels: list[int | None] | None, *, want_features: bool
+) -> tuple[list[str], list[list]]:
     """(header, rows): one row per case in manifest order; `values` are class probabilities, or
     features with `want_features`."""
     header, columns = ["case_id", "line"], [[c.case_id for c in manifest.cases], [c.line for c in manifest.cases]]
@@ -167,8 +170,11 @@ def labelled_metrics(manifest: Manifest, probs: np.ndarray, labels: list[int | N
     y = np.array([-1 if label is None else label for label in labels])
     quality = np.array([c.quality or "" for c in manifest.cases])
     groups = [("all", valid)] + [(q, valid & (quality == q)) for q in ("hq", "lq") if (quality == q).any()]
-    return [{"cases": name, "n": int(mask.sum()), "task": task_name, **evaluate.score(y[mask], probs[mask], task_name)}
-            for name, mask in groups if mask.any()]
+    return [
+        {"cases": name, "n": int(mask.sum()), "task": task_name, **evaluate.score(y[mask], probs[mask], task_name)}
+        for name, mask in groups
+        if mask.any()
+    ]
 
 
 def save_table_atomically(path: Path, header: list[str], rows: list[list]) -> None:
@@ -181,23 +187,41 @@ def save_table_atomically(path: Path, header: list[str], rows: list[list]) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pfq.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="pfq model directory (from tools/convert_weights.py or pfq.train)")
+    p.add_argument(
+        "--checkpoint", required=True, help="pfq model directory (from tools/convert_weights.py or pfq.train)"
+    )
     inputs = p.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--manifest", help="CSV of cases (t2w, highb, adc paths; docs/data.md), preprocessed "
-                                           "as in training")
+    inputs.add_argument(
+        "--manifest", help="CSV of cases (t2w, highb, adc paths; docs/data.md), preprocessed as in training"
+    )
     inputs.add_argument("--array", help="float32 .npy of shape (N, C, D, H, W), used without preprocessing")
-    p.add_argument("--output", required=True,
-                   help="file to write: with --manifest a .csv table (or .npy array); with --array a .npy of "
-                        "logits (N, classes) or features (N, E)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="file to write: with --manifest a .csv table (or .npy array); with --array a .npy of "
+        "logits (N, classes) or features (N, E)",
+    )
     p.add_argument("--features", action="store_true", help="write pooled, normed encoder features instead")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("D", "H", "W"),
-                   help="--manifest: volume size after crop/pad (default: as recorded by training, else 64 224 224)")
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"),
-                   help="--manifest: resample to this spacing in mm (default: as recorded, else the T2w grid)")
-    p.add_argument("--task", help="--manifest: the task whose label column to report and score (default: the "
-                                  "task an exported model was trained on)")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        help="--manifest: volume size after crop/pad (default: as recorded by training, else 64 224 224)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        help="--manifest: resample to this spacing in mm (default: as recorded, else the T2w grid)",
+    )
+    p.add_argument(
+        "--task",
+        help="--manifest: the task whose label column to report and score (default: the "
+        "task an exported model was trained on)",
+    )
     p.add_argument("--cache-dir", help="--manifest: preprocessed-volume cache (default $PFQ_CACHE/volumes)")
     p.add_argument("--workers", type=int, default=0, help="--manifest: processes that preprocess cases")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -206,22 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> int:
     if spec.in_chans != 3:
-        raise ConvertError(f"{args.checkpoint}: a manifest gives 3 channels (t2w, highb, adc); "
-                           f"this model takes {spec.in_chans}")
+        raise ConvertError(
+            f"{args.checkpoint}: a manifest gives 3 channels (t2w, highb, adc); this model takes {spec.in_chans}"
+        )
     task_name = args.task or meta.get("task")
     if task_name is not None:
         task = get_task(task_name)
         if not args.features and task.num_classes != spec.num_classes:
-            raise ConvertError(f"--task {task_name} has {task.num_classes} classes; this model has "
-                               f"{spec.num_classes}")
+            raise ConvertError(f"--task {task_name} has {task.num_classes} classes; this model has {spec.num_classes}")
     config = preprocess_config(meta, args.input_size, args.spacing)
     trained = preprocess_config(meta, None, None)
     if meta.get("preprocess") and trained.key() != config.key():
-        print(f"note: this model was trained on input {trained.input_size} at spacing "
-              f"{trained.spacing or 'T2w grid'}; predicting on {config.input_size} at "
-              f"{config.spacing or 'T2w grid'}", file=sys.stderr)
-    manifest, volumes = load_manifest_volumes(args.manifest, config, cache_dir=args.cache_dir,
-                                              workers=args.workers, progress=not args.no_progress)
+        print(
+            f"note: this model was trained on input {trained.input_size} at spacing "
+            f"{trained.spacing or 'T2w grid'}; predicting on {config.input_size} at "
+            f"{config.spacing or 'T2w grid'}",
+            file=sys.stderr,
+        )
+    manifest, volumes = load_manifest_volumes(
+        args.manifest, config, cache_dir=args.cache_dir, workers=args.workers, progress=not args.no_progress
+    )
     batch_size = min(args.batch_size, len(volumes))
     y = evaluate.predict(forward, volumes, np.arange(len(volumes)), batch_size, progress=not args.no_progress)
     out = Path(args.output)
@@ -232,8 +260,10 @@ def _predict_manifest(args, spec: ModelSpec, meta: dict, forward: Forward) -> in
     else:
         save_table_atomically(out, *prediction_table(manifest, values, labels, want_features=args.features))
     size = "x".join(map(str, config.input_size))
-    print(f"wrote {out}: {len(volumes)} cases, {y.shape[1]} {'features' if args.features else 'classes'} "
-          f"(input {size}, spacing {config.spacing or 'T2w grid'})")
+    print(
+        f"wrote {out}: {len(volumes)} cases, {y.shape[1]} {'features' if args.features else 'classes'} "
+        f"(input {size}, spacing {config.spacing or 'T2w grid'})"
+    )
     if labels is not None and not args.features:
         _write_metrics(out.with_name(f"{out.stem}_metrics.csv"), labelled_metrics(manifest, values, labels, task_name))
     return 0

@@ -75,8 +75,10 @@ def read_results(path: str | os.PathLike) -> list[dict]:
                 rows.append(parse_row(row))
             except ValueError:
                 bad = next(k for k in row if _bad_cell(k, row[k]))
-                raise ResultsError(f"{path} line {reader.line_num}, column {bad}: {row[bad]!r} is not a "
-                                   f"{'whole number' if bad in INT_COLUMNS else 'number'}") from None
+                raise ResultsError(
+                    f"{path} line {reader.line_num}, column {bad}: {row[bad]!r} is not a "
+                    f"{'whole number' if bad in INT_COLUMNS else 'number'}"
+                ) from None
     return rows
 
 

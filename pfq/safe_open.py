@@ -40,9 +40,13 @@ def _show(path) -> str:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -62,9 +66,13 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        reason = {errno.ENOENT: "file not found", errno.ELOOP: "a symlink loop (too many levels of symbolic links)",
-                  errno.EACCES: "permission denied", errno.ENOTDIR: "a parent of this path is not a folder",
-                  errno.ENAMETOOLONG: "the path is too long"}.get(e.errno, f"cannot open it ({e.strerror})")
+        reason = {
+            errno.ENOENT: "file not found",
+            errno.ELOOP: "a symlink loop (too many levels of symbolic links)",
+            errno.EACCES: "permission denied",
+            errno.ENOTDIR: "a parent of this path is not a folder",
+            errno.ENAMETOOLONG: "the path is too long",
+        }.get(e.errno, f"cannot open it ({e.strerror})")
         raise UnsafeFileError(path, reason) from None
     try:
         mode = os.fstat(fd).st_mode
@@ -111,4 +119,3 @@ def is_regular_readable(path: str | os.PathLike) -> bool:
     except UnsafeFileError:
         return False
     return True
-

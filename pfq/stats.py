@@ -60,8 +60,9 @@ def summarize(values: Iterable[float]) -> Summary:
     values = np.array(list(values), dtype=np.float64)
     finite = values[np.isfinite(values)]
     n = len(finite)
-    return Summary(float(finite.mean()) if n else math.nan, float(finite.std(ddof=1)) if n > 1 else math.nan,
-                   n, len(values))
+    return Summary(
+        float(finite.mean()) if n else math.nan, float(finite.std(ddof=1)) if n > 1 else math.nan, n, len(values)
+    )
 
 
 def seed_means(rows: Iterable[dict], metric: str) -> dict[int, float]:
@@ -122,8 +123,9 @@ def paired_by_seed(a: dict[int, float], b: dict[int, float]) -> Paired:
     return paired_test([a[s] for s in seeds], [b[s] for s in seeds])
 
 
-def paired_comparisons(rows: list[dict], metric: str, reference: str = REFERENCE_INIT,
-                       keys: Sequence[str] = CELL_KEYS) -> list[dict]:
+def paired_comparisons(
+    rows: list[dict], metric: str, reference: str = REFERENCE_INIT, keys: Sequence[str] = CELL_KEYS
+) -> list[dict]:
     """For every initialisation other than `reference` and every cell `keys`: the paired test across
     seeds of init minus reference. Empty when either side is missing."""
     out = []
@@ -137,8 +139,9 @@ def paired_comparisons(rows: list[dict], metric: str, reference: str = REFERENCE
     return out
 
 
-def pooled_comparisons(rows: list[dict], metric: str, reference: str = REFERENCE_INIT,
-                       by: Sequence[str] = ("task", "train_size")) -> list[dict]:
+def pooled_comparisons(
+    rows: list[dict], metric: str, reference: str = REFERENCE_INIT, by: Sequence[str] = ("task", "train_size")
+) -> list[dict]:
     """The headline test: per `by` group, each seed's difference init - reference is averaged over the
     cells (finetune ratio x test ratio) where both are finite, then tested across seeds."""
     out = []
@@ -176,8 +179,9 @@ def mismatch_effect(rows: list[dict], metric: str, by: Sequence[str] = ("task", 
     out = []
     for key, part in group(rows, by).items():
         levels = sorted({mismatch(r) for r in part})
-        at = {level: summarize(seed_means([r for r in part if mismatch(r) == level], metric).values())
-              for level in levels}
+        at = {
+            level: summarize(seed_means([r for r in part if mismatch(r) == level], metric).values()) for level in levels
+        }
         slopes = []
         for seed_rows in group(part, ("seed",)).values():
             x = np.array([mismatch(r) for r in seed_rows])

@@ -44,9 +44,18 @@ def to_storage(ras: np.ndarray, affine_ras: np.ndarray, perm: Sequence[int], fli
     return np.ascontiguousarray(stored), affine_ras @ index_map
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, *, dtype=np.float32,
-                slope: float | None = None, inter: float | None = None, big_endian: bool = False,
-                codes: tuple[int, int] = (1, 1), pixdim: Sequence[float] | None = None) -> Path:
+def write_nifti(
+    path: Path,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    *,
+    dtype=np.float32,
+    slope: float | None = None,
+    inter: float | None = None,
+    big_endian: bool = False,
+    codes: tuple[int, int] = (1, 1),
+    pixdim: Sequence[float] | None = None,
+) -> Path:
     """Write `data` (already in the stored dtype's range when scaled) byte for byte: the header
     (sform/qform codes, scl_slope/inter, byte order) is exactly what is asked."""
     path = Path(path)
@@ -60,7 +69,7 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, 
     header.set_sform(affine, code=codes[0])
     header.set_qform(affine, code=codes[1])
     if pixdim is not None:
-        header["pixdim"][1:1 + len(pixdim)] = pixdim
+        header["pixdim"][1 : 1 + len(pixdim)] = pixdim
     header["scl_slope"] = np.nan if slope is None else slope
     header["scl_inter"] = (np.nan if slope is None else 0.0) if inter is None else inter
     header["vox_offset"] = 352
@@ -73,8 +82,9 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, 
     return path
 
 
-def write_case(folder: Path, case_id: str, shape=(12, 10, 6), affine=None, seed: int = 0, suffix: str = ".nii.gz",
-               **kwargs) -> dict[str, str]:
+def write_case(
+    folder: Path, case_id: str, shape=(12, 10, 6), affine=None, seed: int = 0, suffix: str = ".nii.gz", **kwargs
+) -> dict[str, str]:
     """Three aligned positive volumes; returns the manifest cells (paths relative to `folder`)."""
     affine = ras_affine() if affine is None else affine
     cells = {}
@@ -85,8 +95,9 @@ def write_case(folder: Path, case_id: str, shape=(12, 10, 6), affine=None, seed:
     return cells
 
 
-def write_manifest(path: Path, rows: Sequence[dict], columns: Sequence[str] | None = None,
-                   newline: str = "\n", bom: bool = False) -> Path:
+def write_manifest(
+    path: Path, rows: Sequence[dict], columns: Sequence[str] | None = None, newline: str = "\n", bom: bool = False
+) -> Path:
     columns = list(columns or rows[0].keys())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
@@ -101,6 +112,7 @@ def write_study(folder: Path, n: int = 12, shape=(12, 10, 6), seed: int = 0) -> 
     rows = []
     for i in range(n):
         cells = write_case(folder, f"c{i:03d}", shape=shape, seed=seed * 1000 + i)
-        rows.append({"case_id": f"c{i:03d}", **cells, "pirads": str(2 + (i // 2) % 4),
-                     "quality": "hq" if i % 2 == 0 else "lq"})
+        rows.append(
+            {"case_id": f"c{i:03d}", **cells, "pirads": str(2 + (i // 2) % 4), "quality": "hq" if i % 2 == 0 else "lq"}
+        )
     return write_manifest(folder / "manifest.csv", rows)

@@ -41,6 +41,7 @@ def edit_rows(change: Callable[[list[dict]], list[dict]], header_drop: str | Non
         header = [h for h in rows[0] if h != header_drop]
         write_manifest(root / "manifest.csv", rows, header=header)
         return {}
+
     return edit
 
 
@@ -48,6 +49,7 @@ def set_cell(index: int, column: str, value: str):
     def change(rows):
         rows[index][column] = value
         return rows
+
     return edit_rows(change)
 
 
@@ -55,6 +57,7 @@ def replace_image(case: int, role: str, make: Callable[[Path], None]):
     def edit(root: Path) -> dict:
         make(root / "images" / f"c{case:03d}_{role}.nii.gz")
         return {}
+
     return edit
 
 
@@ -67,6 +70,7 @@ def with_voxel(value: float) -> Callable[[Path], None]:
         data = noise()
         data[3, 4, 5] = value
         save_nifti(path, data)
+
     return make
 
 
@@ -77,11 +81,13 @@ def truncated(path: Path) -> None:
 
 def without_affine(shape) -> Callable[[Path], None]:
     """A volume whose header has qform/sform codes 0 (no usable affine)."""
+
     def make(path: Path) -> None:
         image = nib.Nifti1Image(noise(shape), np.eye(4))
         image.header.set_qform(None, code=0)
         image.header.set_sform(None, code=0)
         nib.save(nib.Nifti1Image(noise(shape), None, image.header), str(path))
+
     return make
 
 
@@ -141,6 +147,7 @@ def init_damaged(damage: Callable[[Path], None]) -> Callable[[Path], dict]:
         path = model_dir(root)
         damage(path)
         return {"sweep.inits": ("scratch", str(path))}
+
     return edit
 
 
@@ -164,85 +171,127 @@ def header_only(root: Path) -> dict:
 
 CORPUS: dict[str, Bad] = {
     # files
-    "missing file": Bad(replace_image(5, "adc", lambda p: p.unlink()),
-                        ("line 7", "case 'c005'", "column 'adc'", "c005_adc.nii.gz", "file not found")),
-    "truncated .nii.gz": Bad(replace_image(7, "t2w", truncated), ("line 9", "case 'c007'", "column 't2w'",
-                                                                 "c007_t2w.nii.gz")),
-    "not NIfTI, .nii name": Bad(not_nifti, ("case 'c009'", "column 'highb'", "c009_highb.nii",
-                                            "not a readable NIfTI")),
-    "4-D volume": Bad(replace_image(11, "highb", lambda p: save_nifti(p, noise(SHAPE_IJK + (2,)))),
-                      ("case 'c011'", "c011_highb.nii.gz", "expected a 3-D volume", "4-D")),
-    "2-D volume": Bad(replace_image(12, "t2w", lambda p: save_nifti(p, noise((32, 32)))),
-                      ("case 'c012'", "c012_t2w.nii.gz", "2-D")),
-    "all-zero volume": Bad(replace_image(14, "adc", lambda p: save_nifti(p, np.zeros(SHAPE_IJK, np.float32))),
-                           ("case 'c014'", "c014_adc.nii.gz", "all voxels are zero")),
+    "missing file": Bad(
+        replace_image(5, "adc", lambda p: p.unlink()),
+        ("line 7", "case 'c005'", "column 'adc'", "c005_adc.nii.gz", "file not found"),
+    ),
+    "truncated .nii.gz": Bad(
+        replace_image(7, "t2w", truncated), ("line 9", "case 'c007'", "column 't2w'", "c007_t2w.nii.gz")
+    ),
+    "not NIfTI, .nii name": Bad(not_nifti, ("case 'c009'", "column 'highb'", "c009_highb.nii", "not a readable NIfTI")),
+    "4-D volume": Bad(
+        replace_image(11, "highb", lambda p: save_nifti(p, noise(SHAPE_IJK + (2,)))),
+        ("case 'c011'", "c011_highb.nii.gz", "expected a 3-D volume", "4-D"),
+    ),
+    "2-D volume": Bad(
+        replace_image(12, "t2w", lambda p: save_nifti(p, noise((32, 32)))), ("case 'c012'", "c012_t2w.nii.gz", "2-D")
+    ),
+    "all-zero volume": Bad(
+        replace_image(14, "adc", lambda p: save_nifti(p, np.zeros(SHAPE_IJK, np.float32))),
+        ("case 'c014'", "c014_adc.nii.gz", "all voxels are zero"),
+    ),
     "NaN voxel": Bad(replace_image(15, "t2w", with_voxel(np.nan)), ("case 'c015'", "c015_t2w.nii.gz", "NaN/Inf")),
     "Inf voxel": Bad(replace_image(16, "highb", with_voxel(np.inf)), ("case 'c016'", "c016_highb.nii.gz", "NaN/Inf")),
     "mismatched grids, no usable affines": Bad(
         replace_image(17, "adc", without_affine((16, 16, 8))),
-        ("case 'c017'", "column 'adc'", "c017_adc.nii.gz", "differs from T2w's", "no usable affine")),
-    "absurd spacing": Bad(replace_image(18, "t2w", lambda p: save_nifti(p, noise(), spacing=(1000, 1000, 2000))),
-                          ("case 'c018'", "c018_t2w.nii.gz", "absurd voxel spacing")),
-    "microscopic spacing": Bad(replace_image(19, "highb", lambda p: save_nifti(p, noise(), spacing=(1e-4,) * 3)),
-                               ("case 'c019'", "c019_highb.nii.gz", "absurd voxel spacing")),
+        ("case 'c017'", "column 'adc'", "c017_adc.nii.gz", "differs from T2w's", "no usable affine"),
+    ),
+    "absurd spacing": Bad(
+        replace_image(18, "t2w", lambda p: save_nifti(p, noise(), spacing=(1000, 1000, 2000))),
+        ("case 'c018'", "c018_t2w.nii.gz", "absurd voxel spacing"),
+    ),
+    "microscopic spacing": Bad(
+        replace_image(19, "highb", lambda p: save_nifti(p, noise(), spacing=(1e-4,) * 3)),
+        ("case 'c019'", "c019_highb.nii.gz", "absurd voxel spacing"),
+    ),
     # manifest rows and columns
     "label out of range": Bad(set_cell(3, "pirads", "7"), ("line 5", "case 'c003'", "column 'pirads'", "'7'")),
     "non-numeric label": Bad(set_cell(4, "pirads", "four"), ("line 6", "case 'c004'", "column 'pirads'", "'four'")),
     "missing quality": Bad(set_cell(6, "quality", ""), ("line 8", "case 'c006'", "column 'quality'")),
-    "unknown quality": Bad(set_cell(8, "quality", "medium"),
-                           ("line 10", "case 'c008'", "column 'quality'", "'medium'")),
-    "duplicate case_id": Bad(set_cell(10, "case_id", "c002"), ("line 12", "case 'c002'", "column 'case_id'",
-                                                              "duplicate")),
+    "unknown quality": Bad(
+        set_cell(8, "quality", "medium"), ("line 10", "case 'c008'", "column 'quality'", "'medium'")
+    ),
+    "duplicate case_id": Bad(
+        set_cell(10, "case_id", "c002"), ("line 12", "case 'c002'", "column 'case_id'", "duplicate")
+    ),
     "empty manifest": Bad(empty_file, ("manifest.csv", "empty")),
     "header only": Bad(header_only, ("manifest.csv", "no cases")),
     "missing required column": Bad(edit_rows(lambda rows: rows, header_drop="adc"), ("line 1", "column 'adc'")),
     "missing label column": Bad(edit_rows(lambda rows: rows, header_drop="pirads"), ("line 1", "column 'pirads'")),
-    "bad split value": Bad(edit_rows(lambda rows: [dict(r, split="validation" if i == 20 else "train" if i % 2
-                                                        else "test") for i, r in enumerate(rows)]),
-                           ("line 22", "case 'c020'", "column 'split'", "'validation'")),
+    "bad split value": Bad(
+        edit_rows(
+            lambda rows: [
+                dict(r, split="validation" if i == 20 else "train" if i % 2 else "test") for i, r in enumerate(rows)
+            ]
+        ),
+        ("line 22", "case 'c020'", "column 'split'", "'validation'"),
+    ),
     "manifest not found": Bad(overrides(data__manifest="/nonexistent/manifest.csv"), ("/nonexistent/manifest.csv",)),
     # config
-    "more HQ cases than the pool holds": Bad(overrides(sweep__train_sizes=(16,), sweep__finetune_hq_ratios=(1.0,)),
-                                             ("config.sweep.train_sizes", "r1-scratch-n16-s0", "/ hq: need 8")),
+    "more HQ cases than the pool holds": Bad(
+        overrides(sweep__train_sizes=(16,), sweep__finetune_hq_ratios=(1.0,)),
+        ("config.sweep.train_sizes", "r1-scratch-n16-s0", "/ hq: need 8"),
+    ),
     "test subsets larger than the pool": Bad(overrides(sweep__test_size=40), ("config.sweep.test_size",)),
-    "finetune ratio above 1": Bad(overrides(sweep__finetune_hq_ratios=(0.5, 1.5)),
-                                  ("config.sweep.finetune_hq_ratios", "1.5", "expected each value in [0, 1]")),
-    "test ratio below 0": Bad(overrides(sweep__test_hq_ratios=(-0.25, 0.5)),
-                              ("config.sweep.test_hq_ratios", "-0.25")),
+    "finetune ratio above 1": Bad(
+        overrides(sweep__finetune_hq_ratios=(0.5, 1.5)),
+        ("config.sweep.finetune_hq_ratios", "1.5", "expected each value in [0, 1]"),
+    ),
+    "test ratio below 0": Bad(overrides(sweep__test_hq_ratios=(-0.25, 0.5)), ("config.sweep.test_hq_ratios", "-0.25")),
     "unknown task": Bad(overrides(task="gleason9"), ("invalid config", "gleason9")),
-    "unknown model size": Bad(overrides(model__size="gigantic", model__depths=(), model__dims=()),
-                              ("invalid config", "config.model.size = 'gigantic'")),
+    "unknown model size": Bad(
+        overrides(model__size="gigantic", model__depths=(), model__dims=()),
+        ("invalid config", "config.model.size = 'gigantic'"),
+    ),
     # initial checkpoints
-    "checkpoint of another model size": Bad(init_from(dims=(16, 32, 48, 64)),
-                                            ("config.sweep.inits", "pretrained", "dims=(16, 32, 48, 64)",
-                                             "(8, 16, 24, 32)")),
-    "checkpoint of another class count": Bad(init_from(claimed_classes=3),
-                                             ("config.sweep.inits", "pretrained", "head")),
-    "not a model directory": Bad(lambda root: {"sweep.inits": (str(root / "images"),)},
-                                 ("config.sweep.inits", "images", "not a pfq model directory")),
+    "checkpoint of another model size": Bad(
+        init_from(dims=(16, 32, 48, 64)),
+        ("config.sweep.inits", "pretrained", "dims=(16, 32, 48, 64)", "(8, 16, 24, 32)"),
+    ),
+    "checkpoint of another class count": Bad(
+        init_from(claimed_classes=3), ("config.sweep.inits", "pretrained", "head")
+    ),
+    "not a model directory": Bad(
+        lambda root: {"sweep.inits": (str(root / "images"),)},
+        ("config.sweep.inits", "images", "not a pfq model directory"),
+    ),
     # hostile files and manifests on the training path (the in-process corpus is tests/test_hostile_inputs.py)
-    "image is /dev/zero": Bad(set_cell(5, "adc", "/dev/zero"), ("line 7", "case 'c005'", "column 'adc'",
-                                                              "character device")),
+    "image is /dev/zero": Bad(
+        set_cell(5, "adc", "/dev/zero"), ("line 7", "case 'c005'", "column 'adc'", "character device")
+    ),
     "image is a symlink loop": Bad(symlink_loop, ("line 8", "case 'c006'", "column 't2w'", "symlink loop")),
-    "complex64 image": Bad(replace_image(13, "highb", lambda p: save_nifti(p, noise().astype(np.complex64))),
-                           ("case 'c013'", "column 'highb'", "complex")),
+    "complex64 image": Bad(
+        replace_image(13, "highb", lambda p: save_nifti(p, noise().astype(np.complex64))),
+        ("case 'c013'", "column 'highb'", "complex"),
+    ),
     "two adc columns": Bad(second_adc_column, ("line 1", "column 'adc'", "2 times")),
     "manifest is a FIFO": Bad(manifest_fifo, ("manifest.csv", "FIFO")),
-    "every row split train": Bad(edit_rows(lambda rows: [dict(r, split="train") for r in rows]),
-                                 ("column 'split'", "every row says 'train'", "test pool would be empty")),
-    "every row split test": Bad(edit_rows(lambda rows: [dict(r, split="test") for r in rows]),
-                                ("column 'split'", "every row says 'test'", "finetuning pool would be empty")),
+    "every row split train": Bad(
+        edit_rows(lambda rows: [dict(r, split="train") for r in rows]),
+        ("column 'split'", "every row says 'train'", "test pool would be empty"),
+    ),
+    "every row split test": Bad(
+        edit_rows(lambda rows: [dict(r, split="test") for r in rows]),
+        ("column 'split'", "every row says 'test'", "finetuning pool would be empty"),
+    ),
     # configs that cannot build a model (found by tracing it before --overwrite discards anything)
     "input too small for the model": Bad(overrides(data__input_size=(8, 8, 8)), ("input_size",)),
     "unknown model dtype": Bad(overrides(model__dtype="float17"), ("float17",)),
     # damaged initial checkpoints
-    "init without variables/": Bad(init_damaged(lambda path: shutil.rmtree(path / "variables")),
-                                   ("config.sweep.inits", "no variables/ folder")),
-    "init pfq_model.json a list": Bad(init_damaged(lambda path: (path / "pfq_model.json").write_text("[1, 2]")),
-                                      ("config.sweep.inits", "pfq_model.json", "JSON list")),
+    "init without variables/": Bad(
+        init_damaged(lambda path: shutil.rmtree(path / "variables")), ("config.sweep.inits", "no variables/ folder")
+    ),
+    "init pfq_model.json a list": Bad(
+        init_damaged(lambda path: (path / "pfq_model.json").write_text("[1, 2]")),
+        ("config.sweep.inits", "pfq_model.json", "JSON list"),
+    ),
     # the workdir
-    "workdir of another run": Bad(lambda root: {}, ("holds a run with a different config", "sweep.seeds"),
-                                  overwrite=False, workdir_config={"sweep": {"seeds": [0, 1, 2]}}),
+    "workdir of another run": Bad(
+        lambda root: {},
+        ("holds a run with a different config", "sweep.seeds"),
+        overwrite=False,
+        workdir_config={"sweep": {"seeds": [0, 1, 2]}},
+    ),
 }
 
 
@@ -264,8 +313,9 @@ def study_copy(small_study, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("name", list(CORPUS))
-def test_bad_input_is_a_named_error_and_earlier_outputs_survive(name, study_copy, volume_cache, tmp_path,
-                                                                 monkeypatch, capsys):
+def test_bad_input_is_a_named_error_and_earlier_outputs_survive(
+    name, study_copy, volume_cache, tmp_path, monkeypatch, capsys
+):
     from pfq.train.__main__ import run_sweep
 
     bad = CORPUS[name]
@@ -298,9 +348,14 @@ def test_cli_prints_one_clean_error_and_exits_2(study_copy, jax_cache, volume_ca
     workdir = tmp_path / "work"
     import subprocess
 
-    proc = subprocess.run(train_command(workdir, study_copy / "manifest.csv"),
-                          env=cli_env(jax_cache, pfq_cache=volume_cache), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        train_command(workdir, study_copy / "manifest.csv"),
+        env=cli_env(jax_cache, pfq_cache=volume_cache),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "line 5, case 'c003', column 'pirads'" in proc.stderr
     assert not workdir.exists()
@@ -345,9 +400,15 @@ def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path):
 
     workdir = tmp_path / "work"
     earlier_outputs(workdir, {"seed": 1})
-    for name in ("heatmap_kappa.png", "mismatch_auc_isup.png", "label_efficiency_auc.png", "data.json",
-                 "models/r0-scratch-n20-s0/pfq_model.json", "checkpoints/group0.unreadable/4-x/meta",
-                 "notes.txt"):
+    for name in (
+        "heatmap_kappa.png",
+        "mismatch_auc_isup.png",
+        "label_efficiency_auc.png",
+        "data.json",
+        "models/r0-scratch-n20-s0/pfq_model.json",
+        "checkpoints/group0.unreadable/4-x/meta",
+        "notes.txt",
+    ):
         (workdir / name).parent.mkdir(parents=True, exist_ok=True)
         (workdir / name).write_text("earlier\n")
     assert prepare(workdir, json.dumps({"seed": 2}), overwrite=True) is False

@@ -22,7 +22,7 @@ TAMPERED = {
     "no position": {},
     "a negative position": {"next_index": -5},
     "a string position": {"next_index": "4"},
-    "a huge position": {"next_index": 10 ** 30},
+    "a huge position": {"next_index": 10**30},
 }
 
 

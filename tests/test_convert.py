@@ -38,11 +38,17 @@ SMALL_INPUT = (3, 16, 32, 32)
 
 
 def _extras() -> dict:
-    return {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}},
-                          "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]},
-            "epoch": 41, "scaler": {"scale": 65536.0, "_growth_tracker": 7},
-            "args": argparse.Namespace(model="convnextv2_atto", input_size=[16, 32, 32], nb_classes=4,
-                                       lr=None, finetune="checkpoint-799.pth")}
+    return {
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}},
+            "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}],
+        },
+        "epoch": 41,
+        "scaler": {"scale": 65536.0, "_growth_tracker": 7},
+        "args": argparse.Namespace(
+            model="convnextv2_atto", input_size=[16, 32, 32], nb_classes=4, lr=None, finetune="checkpoint-799.pth"
+        ),
+    }
 
 
 @functools.cache
@@ -91,8 +97,11 @@ class Reference:
 
     def identity_norm_encoder(self) -> ConvNeXtV2:
         """The encoder as FCMAE would give it: no final LayerNorm (identity)."""
-        enc = ConvNeXtV2(self.x.shape[1], [len(s) for s in self.encoder.stages],
-                         [self.encoder.stages[i][0].dwconv.weight.shape[0] for i in range(4)])
+        enc = ConvNeXtV2(
+            self.x.shape[1],
+            [len(s) for s in self.encoder.stages],
+            [self.encoder.stages[i][0].dwconv.weight.shape[0] for i in range(4)],
+        )
         sd = {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("norm.")}
         enc.load_state_dict(sd, strict=False)
         return enc.eval()
@@ -133,8 +142,7 @@ def test_format_a_parity(ref, model_a):
     assert meta["torch_buffers"] == {"head.1.num_batches_tracked": 1234}
     assert isinstance(next(iter(variables["params"]["encoder"]["stages"])), int)
     logits, feats = pfq_outputs(spec, variables, ref.x.numpy())
-    print(f"\nA {SMALL}: logits {max_diff(logits, ref.logits):.2e} "
-          f"features {max_diff(feats, ref.features):.2e}")
+    print(f"\nA {SMALL}: logits {max_diff(logits, ref.logits):.2e} features {max_diff(feats, ref.features):.2e}")
     assert max_diff(logits, ref.logits) <= TOL
     assert max_diff(feats, ref.features) <= TOL
 
@@ -186,8 +194,7 @@ def test_tiny_parity(tmp_path):
     out = convert_checkpoint(tiny.write_a())
     assert out.spec.depths == SIZES["tiny"][0] and out.spec.dims == SIZES["tiny"][1]
     logits, feats = pfq_outputs(out.spec, out.variables, tiny.x.numpy())
-    print(f"\nA tiny: logits {max_diff(logits, tiny.logits):.2e} "
-          f"features {max_diff(feats, tiny.features):.2e}")
+    print(f"\nA tiny: logits {max_diff(logits, tiny.logits):.2e} features {max_diff(feats, tiny.features):.2e}")
     assert max_diff(logits, tiny.logits) <= TOL
     assert max_diff(feats, tiny.features) <= TOL
 
@@ -263,9 +270,12 @@ def test_round_trip_is_bitwise_and_loads_strictly(ref, model_a):
 
 def doc_shape_table(depths, dims, in_chans: int, num_classes: int | None) -> dict[str, tuple[int, ...]]:
     """Upstream dense names and shapes, written out from the spec's table A.2."""
-    t = {"encoder.downsample_layers.0.0.weight": (dims[0], in_chans, 4, 4, 4),
-         "encoder.downsample_layers.0.0.bias": (dims[0],),
-         "encoder.downsample_layers.0.1.weight": (dims[0],), "encoder.downsample_layers.0.1.bias": (dims[0],)}
+    t = {
+        "encoder.downsample_layers.0.0.weight": (dims[0], in_chans, 4, 4, 4),
+        "encoder.downsample_layers.0.0.bias": (dims[0],),
+        "encoder.downsample_layers.0.1.weight": (dims[0],),
+        "encoder.downsample_layers.0.1.bias": (dims[0],),
+    }
     for i in (1, 2, 3):
         k = 1 if i == 3 else 2
         p = f"encoder.downsample_layers.{i}"
@@ -275,16 +285,31 @@ def doc_shape_table(depths, dims, in_chans: int, num_classes: int | None) -> dic
     for i, (n, d) in enumerate(zip(depths, dims, strict=True)):
         for j in range(n):
             p = f"encoder.stages.{i}.{j}"
-            t |= {f"{p}.dwconv.weight": (d, 1, 7, 7, 7), f"{p}.dwconv.bias": (d,), f"{p}.norm.weight": (d,),
-                  f"{p}.norm.bias": (d,), f"{p}.pwconv1.weight": (4 * d, d), f"{p}.pwconv1.bias": (4 * d,),
-                  f"{p}.grn.gamma": (1, 1, 1, 1, 4 * d), f"{p}.grn.beta": (1, 1, 1, 1, 4 * d),
-                  f"{p}.pwconv2.weight": (d, 4 * d), f"{p}.pwconv2.bias": (d,)}
+            t |= {
+                f"{p}.dwconv.weight": (d, 1, 7, 7, 7),
+                f"{p}.dwconv.bias": (d,),
+                f"{p}.norm.weight": (d,),
+                f"{p}.norm.bias": (d,),
+                f"{p}.pwconv1.weight": (4 * d, d),
+                f"{p}.pwconv1.bias": (4 * d,),
+                f"{p}.grn.gamma": (1, 1, 1, 1, 4 * d),
+                f"{p}.grn.beta": (1, 1, 1, 1, 4 * d),
+                f"{p}.pwconv2.weight": (d, 4 * d),
+                f"{p}.pwconv2.bias": (d,),
+            }
     t["encoder.norm.weight"] = t["encoder.norm.bias"] = (dims[-1],)
     if num_classes is not None:
-        t |= {"head.0.weight": (256, dims[-1]), "head.0.bias": (256,), "head.1.weight": (256,),
-              "head.1.bias": (256,), "head.1.running_mean": (256,), "head.1.running_var": (256,),
-              "head.1.num_batches_tracked": (), "head.3.weight": (num_classes, 256),
-              "head.3.bias": (num_classes,)}
+        t |= {
+            "head.0.weight": (256, dims[-1]),
+            "head.0.bias": (256,),
+            "head.1.weight": (256,),
+            "head.1.bias": (256,),
+            "head.1.running_mean": (256,),
+            "head.1.running_var": (256,),
+            "head.1.num_batches_tracked": (),
+            "head.3.weight": (num_classes, 256),
+            "head.3.bias": (num_classes,),
+        }
     return t
 
 
@@ -321,8 +346,9 @@ def test_size_inference_in_chans_and_forcing():
 def test_forced_wrong_size_lists_mismatches(ref):
     with pytest.raises(ConvertError) as e:
         convert_checkpoint(ref.write_a("forced.pth"), size="femto")
-    assert ("wrong shape: encoder.downsample_layers.0.0.weight: got (40, 3, 4, 4, 4), "
-            "expected (48, 3, 4, 4, 4)") in str(e.value)
+    assert (
+        "wrong shape: encoder.downsample_layers.0.0.weight: got (40, 3, 4, 4, 4), expected (48, 3, 4, 4, 4)"
+    ) in str(e.value)
 
 
 # ------------------------------------------------------------------------------ wrong input, CLI, store
@@ -364,8 +390,21 @@ def test_predict_cli(ref, model_a, tmp_path):
     x = np.concatenate([ref.x.numpy(), ref.x.numpy()[:1]])  # N=3 with batch size 2: a padded last batch
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "y.npy"
-    assert predict.main(["--checkpoint", str(model_a), "--array", str(tmp_path / "x.npy"),
-                         "--output", str(out), "--batch-size", "2"]) == 0
+    assert (
+        predict.main(
+            [
+                "--checkpoint",
+                str(model_a),
+                "--array",
+                str(tmp_path / "x.npy"),
+                "--output",
+                str(out),
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     y = np.load(out)
     assert y.shape == (3, 4)
     assert max_diff(y, np.concatenate([ref.logits, ref.logits[:1]])) <= TOL
@@ -375,8 +414,7 @@ def test_predict_encoder_only_needs_features(ref, tmp_path, capsys):
     dest = tmp_path / "enc"
     convert_file(ref.write_c("c_predict.pt"), dest)
     np.save(tmp_path / "x.npy", ref.x.numpy())
-    args = ["--checkpoint", str(dest), "--array", str(tmp_path / "x.npy"),
-            "--output", str(tmp_path / "f.npy")]
+    args = ["--checkpoint", str(dest), "--array", str(tmp_path / "x.npy"), "--output", str(tmp_path / "f.npy")]
     assert predict.main(args) == 2 and "--features" in capsys.readouterr().err
     assert predict.main(args + ["--features"]) == 0
     assert max_diff(np.load(tmp_path / "f.npy"), ref.features) <= TOL
@@ -402,8 +440,7 @@ def test_converter_runs_without_torch(ref, tmp_path):
         print("ok")
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
     assert json.loads((tmp_path / "B" / "pfq_model.json").read_text())["source_format"] == "B"

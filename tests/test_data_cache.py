@@ -63,7 +63,8 @@ def test_touch_keeps_the_entry_and_a_content_change_replaces_it(tmp_path, study,
 def test_config_change_is_a_new_entry(tmp_path, study):
     a = VolumeCache(tmp_path / "cache", CONFIG).ensure(study.cases[0])
     b = VolumeCache(tmp_path / "cache", PreprocessConfig(input_size=(8, 12, 12), spacing=(3.0, 0.5, 0.5))).ensure(
-        study.cases[0])
+        study.cases[0]
+    )
     c = VolumeCache(tmp_path / "cache", PreprocessConfig(input_size=(8, 12, 10))).ensure(study.cases[0])
     assert len({a, b, c}) == 3
 
@@ -79,8 +80,24 @@ def test_corrupt_entry_is_rebuilt(tmp_path, study):
 
 def test_prepare_cli_with_workers_matches_in_process(tmp_path, study, capsys):
     manifest = study.path
-    assert main(["prepare", str(manifest), "--cache", str(tmp_path / "w"), "--workers", "2",
-                 "--input-size", "8", "12", "12", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(manifest),
+                "--cache",
+                str(tmp_path / "w"),
+                "--workers",
+                "2",
+                "--input-size",
+                "8",
+                "12",
+                "12",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     serial, _ = VolumeCache(tmp_path / "s", CONFIG).prepare(study.cases, progress=False)
     parallel, _ = VolumeCache(tmp_path / "w", CONFIG).prepare(study.cases, progress=False)
     for a, b in zip(serial, parallel, strict=True):

@@ -30,8 +30,17 @@ def pool():
 def dataset(pool, lane_sets=None, seeds=(0, 1), steps=8, batch_size=4, **kwargs):
     source, labels, is_hq = pool
     lane_sets = lane_sets or [np.arange(0, 20), np.arange(4, 24)]
-    return train_dataset(source, labels, lane_sets, list(seeds), batch_size=batch_size, num_steps=steps,
-                         augment_config=AugmentConfig(), is_hq=is_hq, **kwargs)
+    return train_dataset(
+        source,
+        labels,
+        lane_sets,
+        list(seeds),
+        batch_size=batch_size,
+        num_steps=steps,
+        augment_config=AugmentConfig(),
+        is_hq=is_hq,
+        **kwargs,
+    )
 
 
 def take(iterator, n):

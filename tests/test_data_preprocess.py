@@ -32,13 +32,16 @@ def rotation_z(degrees: float) -> np.ndarray:
     return r
 
 
-@pytest.mark.parametrize("perm, flips, oblique", [
-    ((0, 1, 2), (False, False, False), 0.0),  # RAS
-    ((0, 1, 2), (True, True, False), 0.0),  # LPS, the DICOM convention
-    ((0, 1, 2), (False, False, True), 0.0),  # slices stored head to foot
-    ((2, 0, 1), (True, False, True), 0.0),  # permuted and flipped axes
-    ((1, 0, 2), (False, True, False), 10.0),  # permuted, flipped, 10 degrees oblique
-])
+@pytest.mark.parametrize(
+    "perm, flips, oblique",
+    [
+        ((0, 1, 2), (False, False, False), 0.0),  # RAS
+        ((0, 1, 2), (True, True, False), 0.0),  # LPS, the DICOM convention
+        ((0, 1, 2), (False, False, True), 0.0),  # slices stored head to foot
+        ((2, 0, 1), (True, False, True), 0.0),  # permuted and flipped axes
+        ((1, 0, 2), (False, True, False), 10.0),  # permuted, flipped, 10 degrees oblique
+    ],
+)
 def test_orientations_load_as_ras_then_dhw(tmp_path, perm, flips, oblique):
     ras = smooth_volume(SHAPE, 1)
     stored, affine = to_storage(ras, ras_affine(), perm, flips)
@@ -48,13 +51,16 @@ def test_orientations_load_as_ras_then_dhw(tmp_path, perm, flips, oblique):
     np.testing.assert_allclose(canonical, rotation_z(oblique) @ ras_affine(), atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype, slope, inter, big_endian", [
-    (np.int16, 2.5, -10.0, True),  # big-endian int16 with scl_slope/inter
-    (np.int16, 0.5, None, False),
-    (np.uint8, None, None, False),
-    (np.float64, None, None, True),
-    (np.float32, 2.0, 1.0, False),
-])
+@pytest.mark.parametrize(
+    "dtype, slope, inter, big_endian",
+    [
+        (np.int16, 2.5, -10.0, True),  # big-endian int16 with scl_slope/inter
+        (np.int16, 0.5, None, False),
+        (np.uint8, None, None, False),
+        (np.float64, None, None, True),
+        (np.float32, 2.0, 1.0, False),
+    ],
+)
 def test_dtypes_and_scaling(tmp_path, dtype, slope, inter, big_endian):
     raw = (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 200 + 1).astype(dtype)
     write_nifti(tmp_path / "v.nii", raw, ras_affine(), dtype=dtype, slope=slope, inter=inter, big_endian=big_endian)
@@ -92,8 +98,14 @@ def test_adc_at_half_resolution_is_resampled_onto_t2w(tmp_path):
     t2w_stored, t2w_affine = to_storage(t2w, t2w_ras_affine, (0, 1, 2), (True, True, False))
     adc_shape = (SHAPE[0] // 2, SHAPE[1] // 2, SHAPE[2])
     adc_affine = ras_affine((1.0, 1.2, 3.0), origin=np.array((-10.0, 5.0, 20.0)) + (0.25, 0.3, 0.0))
-    case = case_with(tmp_path, {"t2w": (t2w_stored, t2w_affine), "highb": (t2w_stored, t2w_affine),
-                                "adc": (linear_image(adc_shape, adc_affine), adc_affine)})
+    case = case_with(
+        tmp_path,
+        {
+            "t2w": (t2w_stored, t2w_affine),
+            "highb": (t2w_stored, t2w_affine),
+            "adc": (linear_image(adc_shape, adc_affine), adc_affine),
+        },
+    )
     volumes = read_case(case)
     assert grid_problems(case, volumes) == []
     t2w_c, highb_c, adc_c = aligned_channels(volumes, None)
@@ -119,8 +131,11 @@ def test_target_spacing_resamples_every_channel(tmp_path):
 def test_unoriented_channel_with_t2w_shape_counts_as_same_grid(tmp_path):
     data = smooth_volume(SHAPE)
     stored, affine = to_storage(data, ras_affine(), (0, 1, 2), (True, False, False))
-    case = case_with(tmp_path, {"t2w": (stored, affine), "highb": (stored, affine), "adc": (stored, affine)},
-                     adc={"codes": (0, 0), "pixdim": (0.5, 0.6, 3.0)})
+    case = case_with(
+        tmp_path,
+        {"t2w": (stored, affine), "highb": (stored, affine), "adc": (stored, affine)},
+        adc={"codes": (0, 0), "pixdim": (0.5, 0.6, 3.0)},
+    )
     volumes = read_case(case)
     assert not volumes["adc"].oriented and grid_problems(case, volumes) == []
     channels = aligned_channels(volumes, None)
@@ -129,8 +144,11 @@ def test_unoriented_channel_with_t2w_shape_counts_as_same_grid(tmp_path):
 
 def test_unoriented_channel_on_another_grid_is_refused(tmp_path):
     data = smooth_volume(SHAPE)
-    case = case_with(tmp_path, {"t2w": (data, ras_affine()), "highb": (data, ras_affine()),
-                                "adc": (data[::2], ras_affine())}, adc={"codes": (0, 0), "pixdim": (1.0, 0.6, 3.0)})
+    case = case_with(
+        tmp_path,
+        {"t2w": (data, ras_affine()), "highb": (data, ras_affine()), "adc": (data[::2], ras_affine())},
+        adc={"codes": (0, 0), "pixdim": (1.0, 0.6, 3.0)},
+    )
     [problem] = grid_problems(case, read_case(case))
     assert problem.column == "adc" and "no usable affine" in problem.message and problem.file.endswith("adc.nii.gz")
     with pytest.raises(CaseError, match="cannot be resampled"):
@@ -174,18 +192,20 @@ def test_volume_error_names_file(tmp_path):
     assert info.value.file == tmp_path / "nope.nii.gz"
 
 
-@pytest.mark.parametrize("scale, offset, shape", [
-    ((0.5, 0.5, 1 / 3), (-0.25, -0.25, -1 / 3), (20, 16, 15)),  # upsampling, edges blend to zero
-    ((2.0, 1.0, 1.5), (0.5, 0.0, 0.25), (5, 10, 4)),  # downsampling
-    ((-1.0, 0.7, 1.0), (11.0, -2.0, 3.5), (12, 18, 6)),  # a flip, partly outside the source
-])
+@pytest.mark.parametrize(
+    "scale, offset, shape",
+    [
+        ((0.5, 0.5, 1 / 3), (-0.25, -0.25, -1 / 3), (20, 16, 15)),  # upsampling, edges blend to zero
+        ((2.0, 1.0, 1.5), (0.5, 0.0, 0.25), (5, 10, 4)),  # downsampling
+        ((-1.0, 0.7, 1.0), (11.0, -2.0, 3.5), (12, 18, 6)),  # a flip, partly outside the source
+    ],
+)
 def test_separable_resampling_equals_the_general_path(scale, offset, shape):
     from pfq.data.preprocess import _resample_general, resample_separable
 
     data = smooth_volume(SHAPE, 4)
     expected = _resample_general(data, np.diag(scale), np.array(offset), shape)
-    np.testing.assert_allclose(resample_separable(data, np.array(scale), np.array(offset), shape), expected,
-                               atol=1e-5)
+    np.testing.assert_allclose(resample_separable(data, np.array(scale), np.array(offset), shape), expected, atol=1e-5)
 
 
 def test_general_resampling_edges():
@@ -218,8 +238,9 @@ def _zero_background_case(folder, foreground, seed=0):
     values = foreground(np.random.default_rng(seed), shape)
     data = np.where(tissue, values, 0).astype(np.float32)
     t, u = np.deg2rad(20), 0.3
-    rot = (np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
-           @ np.array([[1, 0, 0], [0, np.cos(u), -np.sin(u)], [0, np.sin(u), np.cos(u)]]))
+    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.array(
+        [[1, 0, 0], [0, np.cos(u), -np.sin(u)], [0, np.sin(u), np.cos(u)]]
+    )
     affine = np.eye(4)
     affine[:3, :3] = (rot @ np.diag([0.6, 0.6, 3.0]))[:, [1, 0, 2]] * [1, -1, 1]
     affine[:3, 3] = [-12.0, 7.0, 30.0]
@@ -240,8 +261,9 @@ def test_target_spacing_the_image_already_has_resamples_nothing(tmp_path):
     assert own != (3.0, 0.6, 0.6)
     native = load_case(case, PreprocessConfig(input_size=(12, 36, 40)))
     np.testing.assert_array_equal(load_case(case, PreprocessConfig(input_size=(12, 36, 40), spacing=own)), native)
-    np.testing.assert_array_equal(load_case(case, PreprocessConfig(input_size=(12, 36, 40),
-                                                                   spacing=(3.0, 0.6, 0.6))), native)
+    np.testing.assert_array_equal(
+        load_case(case, PreprocessConfig(input_size=(12, 36, 40), spacing=(3.0, 0.6, 0.6))), native
+    )
 
 
 def test_resampling_carries_the_zero_background(tmp_path):

@@ -65,8 +65,9 @@ def test_sets_are_exact_balanced_and_deterministic(pool, size, r, seed):
         s = stratified_set(is_hq, labels, size, r, seed)
     except StratificationError as e:  # only when a stratum is genuinely short
         counts = stratum_counts(size, r, np.bincount(labels).astype(float))
-        have = np.array([[np.sum((labels == c) & is_hq), np.sum((labels == c) & ~is_hq)]
-                         for c in range(labels.max() + 1)])
+        have = np.array(
+            [[np.sum((labels == c) & is_hq), np.sum((labels == c) & ~is_hq)] for c in range(labels.max() + 1)]
+        )
         assert np.any(counts > have) and "short by" in str(e)
         return
     chosen_labels, chosen_hq = labels[s.indices], is_hq[s.indices]

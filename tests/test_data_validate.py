@@ -60,20 +60,42 @@ IMAGE_CASES = [
     ("not-nifti", lambda t, b: [row(b, highb=not_nifti(t))], (2, "highb", "not a readable NIfTI")),
     ("4d", lambda t, b: [row(b, adc=bad_image(t, "4d.nii", smooth_volume(SHAPE + (2,))))], (2, "adc", "3-D")),
     ("2d", lambda t, b: [row(b, adc=bad_image(t, "2d.nii", smooth_volume(SHAPE[:2])))], (2, "adc", "3-D")),
-    ("all-zero", lambda t, b: [row(b, t2w=bad_image(t, "z.nii", np.zeros(SHAPE, np.float32)))],
-     (2, "t2w", "all voxels are zero")),
+    (
+        "all-zero",
+        lambda t, b: [row(b, t2w=bad_image(t, "z.nii", np.zeros(SHAPE, np.float32)))],
+        (2, "t2w", "all voxels are zero"),
+    ),
     ("nan", lambda t, b: [row(b, adc=bad_image(t, "n.nii", nan_volume(np.nan)))], (2, "adc", "NaN/Inf")),
     ("inf", lambda t, b: [row(b, adc=bad_image(t, "i.nii", nan_volume(np.inf)))], (2, "adc", "NaN/Inf")),
-    ("grid-no-affine", lambda t, b: [row(b, adc=bad_image(t, "g.nii", smooth_volume((6, 5, 6)), codes=(0, 0),
-                                                          pixdim=(1.0, 1.2, 3.0)))], (2, "adc", "no usable affine")),
-    ("no-overlap", lambda t, b: [row(b, adc=bad_image(t, "o.nii", smooth_volume((6, 5, 6)),
-                                                      ras_affine((1.0, 1.2, 3.0), origin=(500.0, 0.0, 0.0))))],
-     (2, "adc", "does not overlap")),
-    ("absurd-spacing", lambda t, b: [row(b, highb=bad_image(t, "s.nii", smooth_volume(SHAPE),
-                                                            ras_affine((0.5, 0.6, 300.0))))],
-     (2, "highb", "absurd voxel spacing")),
-    ("zero-spacing", lambda t, b: [row(b, highb=bad_image(t, "s0.nii", smooth_volume(SHAPE), codes=(0, 0),
-                                                          pixdim=(0.5, 0.0, 3.0)))], (2, "highb", "absurd voxel")),
+    (
+        "grid-no-affine",
+        lambda t, b: [
+            row(b, adc=bad_image(t, "g.nii", smooth_volume((6, 5, 6)), codes=(0, 0), pixdim=(1.0, 1.2, 3.0)))
+        ],
+        (2, "adc", "no usable affine"),
+    ),
+    (
+        "no-overlap",
+        lambda t, b: [
+            row(
+                b,
+                adc=bad_image(
+                    t, "o.nii", smooth_volume((6, 5, 6)), ras_affine((1.0, 1.2, 3.0), origin=(500.0, 0.0, 0.0))
+                ),
+            )
+        ],
+        (2, "adc", "does not overlap"),
+    ),
+    (
+        "absurd-spacing",
+        lambda t, b: [row(b, highb=bad_image(t, "s.nii", smooth_volume(SHAPE), ras_affine((0.5, 0.6, 300.0))))],
+        (2, "highb", "absurd voxel spacing"),
+    ),
+    (
+        "zero-spacing",
+        lambda t, b: [row(b, highb=bad_image(t, "s0.nii", smooth_volume(SHAPE), codes=(0, 0), pixdim=(0.5, 0.0, 3.0)))],
+        (2, "highb", "absurd voxel"),
+    ),
 ]
 CSV_CASES = [
     ("label-out-of-range", lambda t, b: [row(b, pirads="7")], (2, "pirads", "not an integer in")),
@@ -88,8 +110,9 @@ CSV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("build, expected", [c[1:] for c in IMAGE_CASES + CSV_CASES],
-                         ids=[c[0] for c in IMAGE_CASES + CSV_CASES])
+@pytest.mark.parametrize(
+    "build, expected", [c[1:] for c in IMAGE_CASES + CSV_CASES], ids=[c[0] for c in IMAGE_CASES + CSV_CASES]
+)
 def test_each_bad_row_is_named(tmp_path, base, build, expected):
     rows = build(tmp_path, base)
     columns = ["case_id", "t2w", "highb", "adc", "pirads", "quality"] + (["split"] if "split" in rows[0] else [])
@@ -103,16 +126,19 @@ def test_each_bad_row_is_named(tmp_path, base, build, expected):
         assert p.file == rows[0][column]
 
 
-@pytest.mark.parametrize("text, fragment", [
-    (b"", "empty manifest"),
-    (b"case_id,t2w,highb,adc,pirads,quality\n", "no cases"),
-    (b"case_id,t2w,highb,pirads,quality\na,x,y,4,hq\n", "missing required column (adc)"),
-    (b"case_id,t2w,highb,adc,quality\na,x,y,z,hq\n", "missing label column"),
-    (b"case_id,t2w,highb,adc,pirads\na,x,y,z,4\n", "missing required column (quality"),
-    (b"case_id,t2w,hbv,dwi,adc,pirads,quality\n", "several columns name the same image"),
-    (b"case_id,t2w,highb,adc,pirads,quality\na,x,y,z,4,hq,extra\n", "more field(s) than the header"),
-    (b"case_id,t2w,highb,adc,pirads,quality\n\xff\xfe,x,y,z,4,hq\n", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (b"", "empty manifest"),
+        (b"case_id,t2w,highb,adc,pirads,quality\n", "no cases"),
+        (b"case_id,t2w,highb,pirads,quality\na,x,y,4,hq\n", "missing required column (adc)"),
+        (b"case_id,t2w,highb,adc,quality\na,x,y,z,hq\n", "missing label column"),
+        (b"case_id,t2w,highb,adc,pirads\na,x,y,z,4\n", "missing required column (quality"),
+        (b"case_id,t2w,hbv,dwi,adc,pirads,quality\n", "several columns name the same image"),
+        (b"case_id,t2w,highb,adc,pirads,quality\na,x,y,z,4,hq,extra\n", "more field(s) than the header"),
+        (b"case_id,t2w,highb,adc,pirads,quality\n\xff\xfe,x,y,z,4,hq\n", "not UTF-8"),
+    ],
+)
 def test_manifest_structure_errors(tmp_path, text, fragment):
     path = tmp_path / "m.csv"
     path.write_bytes(text)
@@ -128,9 +154,16 @@ def test_missing_manifest(tmp_path):
 def test_bom_crlf_spaces_unicode_and_aliases_validate(tmp_path):
     folder = tmp_path / "dossier données" / "patiënt 1"
     cells = write_case(folder, "cas é", shape=SHAPE)
-    rows = [{"case_id": "é1", "t2w": f"dossier données/patiënt 1/{cells['t2w']}",
-             "dwi": f"dossier données/patiënt 1/{cells['highb']}", "adc": f"dossier données/patiënt 1/{cells['adc']}",
-             "pirads": "5", "quality": "3"}]
+    rows = [
+        {
+            "case_id": "é1",
+            "t2w": f"dossier données/patiënt 1/{cells['t2w']}",
+            "dwi": f"dossier données/patiënt 1/{cells['highb']}",
+            "adc": f"dossier données/patiënt 1/{cells['adc']}",
+            "pirads": "5",
+            "quality": "3",
+        }
+    ]
     path = write_manifest(tmp_path / "m.csv", rows, newline="\r\n", bom=True)
     report = validate_manifest(path, task=TASK, quality_scale="piqual_v2", quality_threshold=2)
     assert report.ok, report.problems
@@ -138,10 +171,17 @@ def test_bom_crlf_spaces_unicode_and_aliases_validate(tmp_path):
     assert list(report.labels) == [1]
 
 
-@pytest.mark.parametrize("scale, threshold, score, quality", [
-    ("piqual_v1", None, "4", "hq"), ("piqual_v1", None, "3", "lq"), ("piqual_v1", 5, "4", "lq"),
-    ("piqual_v2", None, "2", "lq"), ("piqual_v2", None, "3", "hq"), ("piqual_v2", 2, "2", "hq"),
-])
+@pytest.mark.parametrize(
+    "scale, threshold, score, quality",
+    [
+        ("piqual_v1", None, "4", "hq"),
+        ("piqual_v1", None, "3", "lq"),
+        ("piqual_v1", 5, "4", "lq"),
+        ("piqual_v2", None, "2", "lq"),
+        ("piqual_v2", None, "3", "hq"),
+        ("piqual_v2", 2, "2", "hq"),
+    ],
+)
 def test_quality_scales(tmp_path, base, scale, threshold, score, quality):
     path = write_manifest(tmp_path / "m.csv", [row(base, quality=score)])
     report = validate_manifest(path, quality_scale=scale, quality_threshold=threshold, check_images=False)
@@ -161,8 +201,11 @@ def test_cli_prints_one_line_per_problem_and_exits_nonzero(tmp_path, base, capsy
 
 
 def test_training_refuses_a_bad_manifest_listing_every_problem(tmp_path, base):
-    rows = [row(base), row(base, case_id="b", pirads="9"),
-            row(base, case_id="c", t2w=bad_image(tmp_path, "z.nii", np.zeros(SHAPE, np.float32)))]
+    rows = [
+        row(base),
+        row(base, case_id="b", pirads="9"),
+        row(base, case_id="c", t2w=bad_image(tmp_path, "z.nii", np.zeros(SHAPE, np.float32))),
+    ]
     config = base_config()
     config.data.manifest = str(write_manifest(tmp_path / "m.csv", rows))
     config.data.cache_dir = str(tmp_path / "cache")
@@ -191,8 +234,9 @@ def test_training_loads_a_valid_manifest_through_the_cache(tmp_path, monkeypatch
 
 def test_phantom_set_validates_and_loads(tmp_path):
     phantoms = pytest.importorskip("pfq.data.phantom_set")
-    manifest = phantoms.write_phantom_set(tmp_path / "ph", 8, seed=0, shape=(16, 32, 32), spacing=(2.0, 1.0, 1.0),
-                                          hq_fraction=0.5, progress=False)
+    manifest = phantoms.write_phantom_set(
+        tmp_path / "ph", 8, seed=0, shape=(16, 32, 32), spacing=(2.0, 1.0, 1.0), hq_fraction=0.5, progress=False
+    )
     report = validate_manifest(manifest, task=TASK)
     assert report.ok, report.problems
     config = base_config()
@@ -203,14 +247,17 @@ def test_phantom_set_validates_and_loads(tmp_path):
     assert data.source[0].shape == (16, 32, 32, 3) and data.is_hq.sum() == 4
 
 
-@pytest.mark.parametrize("changes, column, fragment", [
-    ({"pirads": "9"}, "pirads", "PI-RADS 1-5"),
-    ({"pirads": "3.5"}, "pirads", "not an integer in"),
-    ({"isup": "6"}, "isup", "ISUP grade group 0-5"),
-    ({"gleason": "11"}, "gleason", "Gleason score"),
-    ({"gleason": "3+6"}, "gleason", "Gleason score"),
-    ({"case_csPCa": "maybe"}, "case_csPCa", "YES/NO"),
-])
+@pytest.mark.parametrize(
+    "changes, column, fragment",
+    [
+        ({"pirads": "9"}, "pirads", "PI-RADS 1-5"),
+        ({"pirads": "3.5"}, "pirads", "not an integer in"),
+        ({"isup": "6"}, "isup", "ISUP grade group 0-5"),
+        ({"gleason": "11"}, "gleason", "Gleason score"),
+        ({"gleason": "3+6"}, "gleason", "Gleason score"),
+        ({"case_csPCa": "maybe"}, "case_csPCa", "YES/NO"),
+    ],
+)
 def test_known_label_columns_are_checked_without_a_task(tmp_path, base, changes, column, fragment, capsys):
     columns = ["case_id", "t2w", "highb", "adc", "pirads", "isup", "gleason", "case_csPCa", "quality"]
     good = {"pirads": "4", "isup": "", "gleason": "3+4", "case_csPCa": "YES"}  # empty cells are fine

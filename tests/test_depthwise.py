@@ -49,21 +49,31 @@ def _reference(x, k, g):
         for b in range(ks[1]):
             for c in range(ks[2]):
                 w = k[a, b, c, 0]
-                win = xp[:, a:a + n[0], b:b + n[1], c:c + n[2], :]
+                win = xp[:, a : a + n[0], b : b + n[1], c : c + n[2], :]
                 y += win * w
                 dk[a, b, c, 0] = np.sum(win * g, axis=(0, 1, 2, 3))
                 # y[i] reads x[i + a - p]: so x[j] receives g[j - a + p] * w
-                dx += gp[:, 2 * p[0] - a:2 * p[0] - a + n[0], 2 * p[1] - b:2 * p[1] - b + n[1],
-                         2 * p[2] - c:2 * p[2] - c + n[2], :] * w
+                dx += (
+                    gp[
+                        :,
+                        2 * p[0] - a : 2 * p[0] - a + n[0],
+                        2 * p[1] - b : 2 * p[1] - b + n[1],
+                        2 * p[2] - c : 2 * p[2] - c + n[2],
+                        :,
+                    ]
+                    * w
+                )
     return y, dx, dk
 
 
 def _value_and_grads(impl, x, k, g):
     """One jitted computation (eager dispatch op by op is slower than compiling once)."""
+
     @jax.jit
     def run(x, k, g):
         y, vjp = jax.vjp(lambda x, k: depthwise_conv3d(x, k, impl=impl), x, k)
         return (y, *vjp(g))
+
     return tuple(np.asarray(a) for a in run(x, k, g))
 
 
@@ -144,13 +154,16 @@ def test_resolve_impl():
         resolve_impl("winograd")
 
 
-@pytest.mark.parametrize("xs,kshape", [
-    ((2, 4, 4, 4), (7, 7, 7, 1, 4)),          # x not 5-D
-    ((1, 4, 4, 4, 4), (7, 7, 7, 4)),          # kernel not 5-D
-    ((1, 4, 4, 4, 4), (7, 7, 7, 1, 3)),       # channel mismatch
-    ((1, 4, 4, 4, 4), (7, 7, 7, 2, 4)),       # not depthwise
-    ((1, 4, 4, 4, 4), (6, 7, 7, 1, 4)),       # even kernel: no 'SAME' centre
-])
+@pytest.mark.parametrize(
+    "xs,kshape",
+    [
+        ((2, 4, 4, 4), (7, 7, 7, 1, 4)),  # x not 5-D
+        ((1, 4, 4, 4, 4), (7, 7, 7, 4)),  # kernel not 5-D
+        ((1, 4, 4, 4, 4), (7, 7, 7, 1, 3)),  # channel mismatch
+        ((1, 4, 4, 4, 4), (7, 7, 7, 2, 4)),  # not depthwise
+        ((1, 4, 4, 4, 4), (6, 7, 7, 1, 4)),  # even kernel: no 'SAME' centre
+    ],
+)
 def test_bad_shapes_raise(xs, kshape):
     with pytest.raises(ValueError):
         depthwise_conv3d(jnp.zeros(xs), jnp.zeros(kshape))

@@ -46,9 +46,19 @@ def test_binary_metrics_ties_and_threshold():
     # tp 1, fn 1, tn 2, fp 0. The ROC points are (0,0) (1,0) (2,1) (2,2): the tie is one point, so
     # specificity 1 reaches sensitivity 1/2 only, and sensitivity 1 costs specificity 1/2.
     got = ev.binary_metrics(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.2, 0.8]))
-    assert got == pytest.approx({"auc": 0.875, "accuracy": 0.75, "f1": 2 / 3, "sensitivity": 0.5,
-                                 "specificity": 1.0, "spec_at_sens80": 0.5, "sens_at_spec80": 0.5,
-                                 "spec_at_sens90": 0.5, "sens_at_spec90": 0.5})
+    assert got == pytest.approx(
+        {
+            "auc": 0.875,
+            "accuracy": 0.75,
+            "f1": 2 / 3,
+            "sensitivity": 0.5,
+            "specificity": 1.0,
+            "spec_at_sens80": 0.5,
+            "sens_at_spec80": 0.5,
+            "spec_at_sens90": 0.5,
+            "sens_at_spec90": 0.5,
+        }
+    )
 
 
 def test_binary_metrics_one_class_is_nan_not_an_error():
@@ -61,10 +71,14 @@ def test_binary_metrics_one_class_is_nan_not_an_error():
 # Multi-class, by hand.
 # ----------------------------------------------------------------------------------------------
 Y4 = np.array([0, 1, 2, 2])
-P4 = np.array([[0.7, 0.2, 0.1],   # predicted 0 (right)
-               [0.1, 0.3, 0.6],   # predicted 2 (wrong)
-               [0.2, 0.2, 0.6],   # predicted 2 (right)
-               [0.1, 0.5, 0.4]])  # predicted 1 (wrong)
+P4 = np.array(
+    [
+        [0.7, 0.2, 0.1],  # predicted 0 (right)
+        [0.1, 0.3, 0.6],  # predicted 2 (wrong)
+        [0.2, 0.2, 0.6],  # predicted 2 (right)
+        [0.1, 0.5, 0.4],
+    ]
+)  # predicted 1 (wrong)
 
 
 def test_multiclass_metrics_hand_computed():
@@ -93,8 +107,9 @@ def test_multiclass_auc_equals_sklearn_ovr_and_skips_absent_classes():
     assert got["kappa_unweighted"] == pytest.approx(skm.cohen_kappa_score(y, probs.argmax(1)))
     # Class 5 neither present nor predicted: left out of macro F1 (as upstream) and of the AUC.
     y2 = np.array([0, 0, 1, 1])
-    p2 = np.array([[0.6, 0.3, 0.1, 0, 0, 0], [0.3, 0.6, 0.1, 0, 0, 0], [0.2, 0.7, 0.1, 0, 0, 0],
-                   [0.1, 0.8, 0.1, 0, 0, 0]])
+    p2 = np.array(
+        [[0.6, 0.3, 0.1, 0, 0, 0], [0.3, 0.6, 0.1, 0, 0, 0], [0.2, 0.7, 0.1, 0, 0, 0], [0.1, 0.8, 0.1, 0, 0, 0]]
+    )
     got2 = ev.multiclass_metrics(y2, p2)
     assert got2["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # class 0: 2/(2+0+1); class 1: 4/(4+1+0)
     assert got2["auc"] == pytest.approx(1.0)
@@ -224,8 +239,9 @@ def test_score_subsets_point_lanes_and_validity():
     probs = rng.dirichlet(np.ones(2), (3, 90))
     probs[2, 5] = np.nan
     draws = [ev.test_subsets(is_hq, labels, [0.3], 30, 3, seed=9, num_classes=2)[(0.3, d)] for d in range(3)]
-    rows = ev.score_subsets(labels, is_hq, probs, draws, resamples=100, seed=[1, 2],
-                            valid=np.array([True, False, True]))
+    rows = ev.score_subsets(
+        labels, is_hq, probs, draws, resamples=100, seed=[1, 2], valid=np.array([True, False, True])
+    )
     names = ev.metric_names(2)
     assert list(rows[0]) == [f"{n}{s}" for n in names for s in ("", "_ci_low", "_ci_high")]
     # The point value is the mean over draws of the scikit-learn metrics.
@@ -260,15 +276,26 @@ def test_lane_rows_columns_and_status():
     hq, lq = np.flatnonzero(is_hq)[:8], np.flatnonzero(~is_hq)[:8]
     lane_set = np.sort(np.concatenate([hq, lq]))  # 8 HQ of 16: the realised count the row reports
     status = lane_status(SimpleNamespace(diverged_step=np.array([-1, 7]), diverged_reason=np.array([0, 0])))
-    data = SimpleNamespace(labels=np.concatenate([labels, [0] * 10]), is_hq=np.concatenate([is_hq, [True] * 10]),
-                           test_pool=np.arange(80))
+    data = SimpleNamespace(
+        labels=np.concatenate([labels, [0] * 10]), is_hq=np.concatenate([is_hq, [True] * 10]), test_pool=np.arange(80)
+    )
     plan = ev.scoring_plan(data.is_hq[data.test_pool], data.labels[data.test_pool], sweep, 2)
     assert plan.size == ev.max_test_size(is_hq, labels, (0.0, 1.0), 2) and len(plan.subsets) == 4
     probs = rng.dirichlet(np.ones(2), (2, 80)).astype(np.float32)
     rows = ev.lane_rows(lanes, [lane_set, lane_set], status, probs, data, plan, "pirads_ge4")
     assert len(rows) == 4
-    assert list(rows[0])[:10] == ["task", "init", "finetune_hq_ratio", "finetune_hq_count", "train_size", "seed",
-                                  "test_hq_ratio", "n_test", "n_draws", "n_resamples"]
+    assert list(rows[0])[:10] == [
+        "task",
+        "init",
+        "finetune_hq_ratio",
+        "finetune_hq_count",
+        "train_size",
+        "seed",
+        "test_hq_ratio",
+        "n_test",
+        "n_draws",
+        "n_resamples",
+    ]
     assert list(rows[0])[-1] == "status"
     assert {"auc", "auc_ci_low", "auc_ci_high", "sens_at_spec90_ci_high"} <= set(rows[0])
     assert rows[0]["status"] == "ok" and rows[0]["finetune_hq_count"] == 8

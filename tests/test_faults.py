@@ -85,11 +85,13 @@ def run_chain(workdir: Path, study: Path, chain: list, **caches) -> int:
     for fault, expected, damage in chain:
         note = damage(workdir) if damage else None
         if fault == "small_file_limit":
-            before = {s: sorted(p.name for p in (workdir / "checkpoints/group0" / str(s)).rglob("*"))
-                      for s in committed_steps(workdir)}
+            before = {
+                s: sorted(p.name for p in (workdir / "checkpoints/group0" / str(s)).rglob("*"))
+                for s in committed_steps(workdir)
+            }
             proc = run_train(workdir, study, preexec_fn=small_file_limit, **caches)
             assert proc.returncode == expected, proc.stderr[-3000:]
-            error = proc.stderr[proc.stderr.index("error:"):]
+            error = proc.stderr[proc.stderr.index("error:") :]
             assert "could not write a checkpoint" in error and "File too large" in error, error
             assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
             for s, names in before.items():  # the checkpoints that were there are untouched
@@ -118,8 +120,14 @@ def assert_same_outputs(workdir: Path, reference: Path) -> None:
 
 def test_kill_anywhere_and_resume_gives_identical_results(small_study, jax_cache, volume_cache, request, tmp_path):
     with ThreadPoolExecutor(1) as pool:  # the training chain runs beside the reference run, then beside the other
-        training = pool.submit(run_chain, tmp_path / "training", small_study, TRAINING_CHAIN, jax_cache=jax_cache,
-                               pfq_cache=tmp_path / "own_cache")
+        training = pool.submit(
+            run_chain,
+            tmp_path / "training",
+            small_study,
+            TRAINING_CHAIN,
+            jax_cache=jax_cache,
+            pfq_cache=tmp_path / "own_cache",
+        )
         reference = request.getfixturevalue("small_reference")
         outputs = tmp_path / "outputs"
         shutil.copytree(reference / "checkpoints", outputs / "checkpoints")
@@ -166,8 +174,12 @@ def test_random_kills(small_study, jax_cache, volume_cache, small_reference, tmp
     rng = random.Random(int(os.environ.get("PFQ_FAULT_SEED", "0")))
     workdir, kills = tmp_path / "run", 0
     for attempt in range(60):
-        proc = subprocess.Popen(train_command(workdir, small_study), env=cli_env(jax_cache, None, volume_cache),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            train_command(workdir, small_study),
+            env=cli_env(jax_cache, None, volume_cache),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             proc.wait(timeout=rng.uniform(1.0, 3.0 + attempt))  # later attempts get longer, so one finishes
         except subprocess.TimeoutExpired:
@@ -184,13 +196,34 @@ def test_random_kills(small_study, jax_cache, volume_cache, small_reference, tmp
         assert (workdir / name).read_bytes() == (small_reference / name).read_bytes(), name
 
 
-TRAINING_POINTS = ["train_step:1", "train_step:2", "checkpoint_save:2", "checkpoint_async:2", "train_step:3",
-                   "checkpoint_save:4", "checkpoint_async:4", "train_step:5", "checkpoint_save:6",
-                   "checkpoint_async:6", "checkpoint_wait:1"]
-OUTPUT_POINTS = ["predict_batch:1", "predict_batch:3", "evaluate:1", "evaluate:3", "write:config.json:1",
-                 "write:predictions.csv:1", "write:results.csv:1", "write:run.json:1", "report:1",
-                 "write:heatmap_auc.png:1", "write:label_efficiency_auc.png:1", "write:mismatch_auc.png:1",
-                 "write:report.md:1"]
+TRAINING_POINTS = [
+    "train_step:1",
+    "train_step:2",
+    "checkpoint_save:2",
+    "checkpoint_async:2",
+    "train_step:3",
+    "checkpoint_save:4",
+    "checkpoint_async:4",
+    "train_step:5",
+    "checkpoint_save:6",
+    "checkpoint_async:6",
+    "checkpoint_wait:1",
+]
+OUTPUT_POINTS = [
+    "predict_batch:1",
+    "predict_batch:3",
+    "evaluate:1",
+    "evaluate:3",
+    "write:config.json:1",
+    "write:predictions.csv:1",
+    "write:results.csv:1",
+    "write:run.json:1",
+    "report:1",
+    "write:heatmap_auc.png:1",
+    "write:label_efficiency_auc.png:1",
+    "write:mismatch_auc.png:1",
+    "write:report.md:1",
+]
 
 
 @pytest.mark.slow
@@ -227,8 +260,11 @@ def compiled_programs(jax_cache, volume_cache, monkeypatch):
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {name: getattr(jax.config, name) for name in names}
     for name, value in zip(names, (str(jax_cache), 0.0, 0), strict=True):
         jax.config.update(name, value)
@@ -263,8 +299,9 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_diverging_lane_is_marked_and_the_others_finish(small_study, small_reference, tmp_path, monkeypatch,
-                                                          compiled_programs):
+def test_a_diverging_lane_is_marked_and_the_others_finish(
+    small_study, small_reference, tmp_path, monkeypatch, compiled_programs
+):
     from pfq.data.pipeline import stream_case
     from pfq.train.__main__ import run_sweep
     from pfq.train.lanes import make_lanes
@@ -293,8 +330,9 @@ def test_a_diverging_lane_is_marked_and_the_others_finish(small_study, small_ref
             assert row == ref_row
 
 
-def test_when_every_lane_diverges_the_sweep_stops_after_saving(small_study, tmp_path, monkeypatch, compiled_programs,
-                                                               capsys, caplog):
+def test_when_every_lane_diverges_the_sweep_stops_after_saving(
+    small_study, tmp_path, monkeypatch, compiled_programs, capsys, caplog
+):
     from pfq.train.__main__ import run_sweep
 
     poison(monkeypatch, lambda data: data.train_pool)
@@ -310,8 +348,9 @@ def test_when_every_lane_diverges_the_sweep_stops_after_saving(small_study, tmp_
     assert "every lane had diverged by step 2; not training further" in caplog.text
 
 
-def test_a_full_disk_leaves_the_earlier_results_intact(small_study, small_reference, tmp_path, capsys,
-                                                       compiled_programs):
+def test_a_full_disk_leaves_the_earlier_results_intact(
+    small_study, small_reference, tmp_path, capsys, compiled_programs
+):
     from pfq.train.__main__ import run_sweep
 
     workdir = tmp_path / "w"

@@ -36,8 +36,9 @@ def count(n: int) -> int:
     return max(1, int(n * SCALE))
 
 
-def mutate(data: bytes, rng: np.random.Generator, *, region: tuple[int, int] | None = None,
-           alphabet: bytes | None = None) -> bytes:
+def mutate(
+    data: bytes, rng: np.random.Generator, *, region: tuple[int, int] | None = None, alphabet: bytes | None = None
+) -> bytes:
     """1-4 random edits: flip a byte, overwrite with an interesting value, delete, insert, duplicate."""
     out = bytearray(data)
     lo, hi = region or (0, len(out))
@@ -50,20 +51,26 @@ def mutate(data: bytes, rng: np.random.Generator, *, region: tuple[int, int] | N
             out[at] ^= 1 << int(rng.integers(0, 8))
         elif kind == 1:
             value = [b"\x00", b"\xff", b"\x7f", b"\x80"][int(rng.integers(0, 4))]
-            out[at:at + 1] = value
+            out[at : at + 1] = value
         elif kind == 2:  # an interesting 4-byte value (int32/float32 fields)
-            word = [struct.pack("<f", np.nan), struct.pack("<f", np.inf), struct.pack("<f", -1.0),
-                    struct.pack("<i", 2**31 - 1), struct.pack("<i", -1), struct.pack("<f", 1e38),
-                    b"\x00\x00\x00\x00"][int(rng.integers(0, 7))]
-            out[at:at + 4] = word
+            word = [
+                struct.pack("<f", np.nan),
+                struct.pack("<f", np.inf),
+                struct.pack("<f", -1.0),
+                struct.pack("<i", 2**31 - 1),
+                struct.pack("<i", -1),
+                struct.pack("<f", 1e38),
+                b"\x00\x00\x00\x00",
+            ][int(rng.integers(0, 7))]
+            out[at : at + 4] = word
         elif kind == 3:
-            del out[at:at + int(rng.integers(1, 16))]
+            del out[at : at + int(rng.integers(1, 16))]
         elif kind == 4:
             pool = alphabet or bytes(range(256))
             out[at:at] = bytes(pool[int(i)] for i in rng.integers(0, len(pool), int(rng.integers(1, 8))))
         else:
             size = int(rng.integers(1, 64))
-            out[at:at] = out[at:at + size]
+            out[at:at] = out[at : at + size]
     return bytes(out)
 
 
@@ -97,8 +104,11 @@ def rewritten(original: bytes, rng: np.random.Generator) -> bytes:
     order = rng.permutation(len(rows[0]))
     pad = " " if rng.random() < 0.5 else ""
     out = io.StringIO()
-    writer = csv.writer(out, quoting=csv.QUOTE_ALL if rng.random() < 0.5 else csv.QUOTE_MINIMAL,
-                        lineterminator="\r\n" if rng.random() < 0.5 else "\n")
+    writer = csv.writer(
+        out,
+        quoting=csv.QUOTE_ALL if rng.random() < 0.5 else csv.QUOTE_MINIMAL,
+        lineterminator="\r\n" if rng.random() < 0.5 else "\n",
+    )
     for row in rows:
         writer.writerow([pad + row[j] + pad for j in order])
     bom = "\ufeff" if rng.random() < 0.5 else ""
@@ -106,8 +116,10 @@ def rewritten(original: bytes, rng: np.random.Generator) -> bytes:
 
 
 def parsed(report) -> list:
-    return [(c.case_id, c.quality, dict(c.images), int(label))
-            for c, label in zip(report.manifest.cases, report.labels, strict=True)]
+    return [
+        (c.case_id, c.quality, dict(c.images), int(label))
+        for c, label in zip(report.manifest.cases, report.labels, strict=True)
+    ]
 
 
 def test_fuzzed_manifests_are_accepted_or_located(study, tmp_path):
@@ -134,8 +146,11 @@ def test_fuzzed_manifests_are_accepted_or_located(study, tmp_path):
             tally["same table, same cases"] += 1
             continue
         for problem in report.problems:
-            assert problem.line is not None or problem.column is not None or problem.file is not None, \
-                (i, mutant.read_bytes(), str(problem))
+            assert problem.line is not None or problem.column is not None or problem.file is not None, (
+                i,
+                mutant.read_bytes(),
+                str(problem),
+            )
         tally["refused" if report.problems else "accepted"] += 1
     print(tally)
     assert tally["refused"] > 0
@@ -272,8 +287,9 @@ def test_fuzzed_checkpoint_metadata_falls_back_or_resumes(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Through the sweep entry point: a finished workdir must not change.
 # ----------------------------------------------------------------------------------------------
-def test_fuzzed_manifests_through_the_sweep_leave_a_finished_workdir_unchanged(small_study, volume_cache, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_fuzzed_manifests_through_the_sweep_leave_a_finished_workdir_unchanged(
+    small_study, volume_cache, tmp_path, monkeypatch, capsys
+):
     """Mutants that validation refuses, run with --overwrite over a finished run's workdir (a valid
     mutant would train for minutes; the in-process test above covers those)."""
     from pfq.data.validate import validate_manifest

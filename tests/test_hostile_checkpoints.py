@@ -27,8 +27,13 @@ from pfq.convert.cli import main as convert_main
 TENSOR_ARGS = b"((Vstorage\nctorch\nFloatStorage\nV0\nVcpu\nI1\ntQI0\n(I1\nt(I1\ntI00\n"
 
 
-def torch_zip(path: Path, pickle_bytes: bytes, storages: dict[str, bytes] | None = None,
-              extra: dict[str, bytes] | None = None, compress: dict[str, bool] | None = None) -> Path:
+def torch_zip(
+    path: Path,
+    pickle_bytes: bytes,
+    storages: dict[str, bytes] | None = None,
+    extra: dict[str, bytes] | None = None,
+    compress: dict[str, bool] | None = None,
+) -> Path:
     """A torch-layout zip (`archive/data.pkl`, `archive/data/<key>`) around a hand-made pickle."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", pickle_bytes)
@@ -45,17 +50,28 @@ def torch_zip(path: Path, pickle_bytes: bytes, storages: dict[str, bytes] | None
 def tensor_pickle(numel: int, size: tuple, stride: tuple, offset: int = 0, key: str = "0") -> bytes:
     """{"model": {"encoder.norm.weight": <FloatStorage[numel] viewed as size/stride>}}."""
     tup = lambda xs: b"(" + b"".join(f"I{x}\n".encode() for x in xs) + b"t"
-    return (b"}(Vmodel\n}(Vencoder.norm.weight\nctorch._utils\n_rebuild_tensor_v2\n((Vstorage\nctorch\n"
-            + b"FloatStorage\nV" + key.encode() + b"\nVcpu\n" + f"I{numel}\ntQI{offset}\n".encode()
-            + tup(size) + tup(stride) + b"I00\nccollections\nOrderedDict\n)RtRuu.")
+    return (
+        b"}(Vmodel\n}(Vencoder.norm.weight\nctorch._utils\n_rebuild_tensor_v2\n((Vstorage\nctorch\n"
+        + b"FloatStorage\nV"
+        + key.encode()
+        + b"\nVcpu\n"
+        + f"I{numel}\ntQI{offset}\n".encode()
+        + tup(size)
+        + tup(stride)
+        + b"I00\nccollections\nOrderedDict\n)RtRuu."
+    )
 
 
 def many_views(count: int) -> bytes:
     """A state dict of `count` keys, each a full view of one 1 MiB storage (tied weights gone wild)."""
     numel = 1 << 18
-    entries = b"".join(f"Vk{i}\n".encode() + b"ctorch._utils\n_rebuild_tensor_v2\n((Vstorage\nctorch\nFloatStorage\n"
-                       + f"V0\nVcpu\nI{numel}\ntQI0\n(I{numel}\nt(I1\ntI00\nccollections\nOrderedDict\n)Rt"
-                       .encode() + b"R" for i in range(count))
+    entries = b"".join(
+        f"Vk{i}\n".encode()
+        + b"ctorch._utils\n_rebuild_tensor_v2\n((Vstorage\nctorch\nFloatStorage\n"
+        + f"V0\nVcpu\nI{numel}\ntQI0\n(I{numel}\nt(I1\ntI00\nccollections\nOrderedDict\n)Rt".encode()
+        + b"R"
+        for i in range(count)
+    )
     return b"}(Vmodel\n}(" + entries + b"uu."
 
 
@@ -78,31 +94,47 @@ def payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
         "pickled __reduce__ (posix.system)": (pickle.dumps(Evil(cmd.decode()), protocol=2), "refusing global posix"),
         "builtins.eval": (b"cbuiltins\neval\n(V" + py + b"\ntR.", "refusing global builtins.eval"),
         "builtins.exec": (b"cbuiltins\nexec\n(V" + py + b"\ntR.", "refusing global builtins.exec"),
-        "STACK_GLOBAL subprocess.Popen": (b"\x80\x04\x8c\nsubprocess\x8c\x05Popen\x93(V" + cmd + b"\nI1\ntR.",
-                                          "refusing global subprocess.Popen"),
+        "STACK_GLOBAL subprocess.Popen": (
+            b"\x80\x04\x8c\nsubprocess\x8c\x05Popen\x93(V" + cmd + b"\nI1\ntR.",
+            "refusing global subprocess.Popen",
+        ),
         "INST opcode os.system": (b"(V" + cmd + b"\nios\nsystem\n.", "refusing global os.system"),
-        "nested REDUCE in an allowed call": (b"ccollections\nOrderedDict\n((Vk\ncos\nsystem\n(V" + cmd + b"\ntRttR.",
-                                             "refusing global os.system"),
-        "getattr on an allowed class": (b"ctorch._utils\n_rebuild_tensor_v2\n" + TENSOR_ARGS
-                                        + b"cbuiltins\ngetattr\n(ccollections\nOrderedDict\nVfromkeys\ntR)RtR.",
-                                        "refusing global builtins.getattr"),
+        "nested REDUCE in an allowed call": (
+            b"ccollections\nOrderedDict\n((Vk\ncos\nsystem\n(V" + cmd + b"\ntRttR.",
+            "refusing global os.system",
+        ),
+        "getattr on an allowed class": (
+            b"ctorch._utils\n_rebuild_tensor_v2\n"
+            + TENSOR_ARGS
+            + b"cbuiltins\ngetattr\n(ccollections\nOrderedDict\nVfromkeys\ntR)RtR.",
+            "refusing global builtins.getattr",
+        ),
         "builtins.__import__": (b"cbuiltins\n__import__\n(Vos\ntR.", "refusing global builtins.__import__"),
         "importlib.import_module": (b"cimportlib\nimport_module\n(Vos\ntR.", "refusing global importlib"),
-        "torch.load of nested bytes": (b"ctorch.storage\n_load_from_bytes\n(C\x00\ntR.",
-                                       "refusing global torch.storage._load_from_bytes"),
-        "numpy reconstruct": (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I0\ntC\x01b\ntR.",
-                              "refusing global numpy"),
-        "copyreg reconstructor": (b"ccopyreg\n_reconstructor\n(cos\n_wrap_close\ncbuiltins\nobject\nNtR.",
-                                  "refusing global copyreg._reconstructor"),
-        "a class smuggled in as data": (b"cargparse\nNamespace\n)\x81}(Vx\nccollections\nOrderedDict\nub.",
-                                        "unexpected type object"),
-        "storage key with path traversal": (tensor_pickle(1, (1,), (1,), key="../../../etc/passwd"),
-                                            "bad storage key"),
+        "torch.load of nested bytes": (
+            b"ctorch.storage\n_load_from_bytes\n(C\x00\ntR.",
+            "refusing global torch.storage._load_from_bytes",
+        ),
+        "numpy reconstruct": (
+            b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I0\ntC\x01b\ntR.",
+            "refusing global numpy",
+        ),
+        "copyreg reconstructor": (
+            b"ccopyreg\n_reconstructor\n(cos\n_wrap_close\ncbuiltins\nobject\nNtR.",
+            "refusing global copyreg._reconstructor",
+        ),
+        "a class smuggled in as data": (
+            b"cargparse\nNamespace\n)\x81}(Vx\nccollections\nOrderedDict\nub.",
+            "unexpected type object",
+        ),
+        "storage key with path traversal": (tensor_pickle(1, (1,), (1,), key="../../../etc/passwd"), "bad storage key"),
         "storage declaring 4 TB": (tensor_pickle(10**12, (4,), (1,)), "declares 4000000000000 bytes"),
         "negative size": (tensor_pickle(4, (-4,), (1,)), "must be a non-negative int"),
         "view reading past its storage": (tensor_pickle(4, (4,), (1,), offset=2), "reads past"),
-        "64 GiB stride-0 view of one float": (tensor_pickle(1, (1 << 17, 1 << 17), (0, 0)),
-                                              "17179869184 elements) is a view of storage"),
+        "64 GiB stride-0 view of one float": (
+            tensor_pickle(1, (1 << 17, 1 << 17), (0, 0)),
+            "17179869184 elements) is a view of storage",
+        ),
         "many views of one storage": (many_views(200), "over the"),
     }
 
@@ -126,8 +158,11 @@ def refused(tmp_path: Path, src: Path, fragment: str, capsys) -> None:
 @pytest.mark.parametrize("name", PAYLOAD_NAMES)
 def test_hostile_pickle_is_refused(name, tmp_path, capsys):
     data, fragment = payloads(tmp_path / "pwned")[name]
-    floats = {"getattr on an allowed class": 1, "64 GiB stride-0 view of one float": 1,
-              "many views of one storage": 1 << 18}.get(name, 4)
+    floats = {
+        "getattr on an allowed class": 1,
+        "64 GiB stride-0 view of one float": 1,
+        "many views of one storage": 1 << 18,
+    }.get(name, 4)
     src = torch_zip(tmp_path / "evil.pth", data, {"0": np.zeros(floats, "<f4").tobytes()})
     refused(tmp_path, src, fragment, capsys)
 
@@ -161,8 +196,9 @@ def test_zip_member_names_are_refused(name, tmp_path, capsys):
 
 
 def test_zip_bomb_truncation_and_duplicates_are_refused(tmp_path, capsys):
-    bomb = torch_zip(tmp_path / "bomb.pth", tensor_pickle(1 << 24, (1 << 24,), (1,)),
-                     {"0": bytes(1 << 26)}, compress={"0": True})
+    bomb = torch_zip(
+        tmp_path / "bomb.pth", tensor_pickle(1 << 24, (1 << 24,), (1,)), {"0": bytes(1 << 26)}, compress={"0": True}
+    )
     refused(tmp_path, bomb, "would expand", capsys)
     bomb.unlink()
     good = torch_zip(tmp_path / "good.pth", tensor_pickle(4, (4,), (1,)), {"0": bytes(16)})
@@ -194,8 +230,13 @@ def test_tools_convert_weights_end_to_end(tmp_path):
     """The real script in a subprocess: exit 2, the refusal named, no marker, no output."""
     marker = tmp_path / "pwned"
     src = torch_zip(tmp_path / "evil.pth", payloads(marker)["GLOBAL os.system"][0])
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_weights.py"), str(src),
-                           str(tmp_path / "model")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_weights.py"), str(src), str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "refusing global os.system" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists() and not (tmp_path / "model").exists()

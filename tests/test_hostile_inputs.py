@@ -35,8 +35,10 @@ class Hang(BaseException):
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging (the old reader blocked forever on a FIFO or /dev/zero)."""
+
     def expire(*_):
         raise Hang(f"no answer within {seconds} s: the reader hangs")
+
     old = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
@@ -65,9 +67,18 @@ def study(pristine, tmp_path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Raw NIfTI-1 header surgery (offsets from the NIfTI-1 standard).
 # ----------------------------------------------------------------------------------------------
-FIELDS = {"dim": (40, "8h"), "datatype": (70, "h"), "bitpix": (72, "h"), "pixdim": (76, "8f"),
-          "vox_offset": (108, "f"), "scl_slope": (112, "f"), "scl_inter": (116, "f"), "qform_code": (252, "h"),
-          "sform_code": (254, "h"), "magic": (344, "4s")}
+FIELDS = {
+    "dim": (40, "8h"),
+    "datatype": (70, "h"),
+    "bitpix": (72, "h"),
+    "pixdim": (76, "8f"),
+    "vox_offset": (108, "f"),
+    "scl_slope": (112, "f"),
+    "scl_inter": (116, "f"),
+    "qform_code": (252, "h"),
+    "sform_code": (254, "h"),
+    "magic": (344, "4s"),
+}
 
 
 def nifti_bytes(data: np.ndarray | None = None, **fields) -> bytes:
@@ -98,11 +109,13 @@ def write_image(make: Callable[[], bytes], name: str = "bad.nii", compress: bool
         path.write_bytes(gzip.compress(data) if compress else data)
         point_row_at(manifest, f"images/{name}", role)
         return name
+
     return edit
 
 
 def special(kind: str):
     """A path that is not a regular file: a device, a FIFO, a symlink to one, a loop, a folder."""
+
     def edit(manifest: Path) -> str:
         images = manifest.parent / "images"
         if kind == "dev_zero":
@@ -131,6 +144,7 @@ def special(kind: str):
             point_row_at(manifest, "images/dir.nii")
             return "dir.nii"
         raise AssertionError(kind)
+
     return edit
 
 
@@ -147,16 +161,19 @@ def duplicate_column(second: str):
         lines[1:] = [line + ",images/c000_adc.nii.gz" for line in lines[1:]]
         manifest.write_text("\n".join(lines) + "\n")
         return "adc"
+
     return edit
 
 
 def claims_many_voxels(dims, datatype=2, bitpix=8, payload=b"") -> Callable[[], bytes]:
     """A header claiming `dims` voxels followed by `payload` (the bomb's compressed zeros)."""
+
     def make() -> bytes:
         head = bytearray(nifti_bytes()[:352])
         struct.pack_into("<8h", head, 40, len(dims), *dims, *([1] * (7 - len(dims))))
         struct.pack_into("<hh", head, 70, datatype, bitpix)
         return bytes(head) + payload
+
     return make
 
 
@@ -175,37 +192,56 @@ CORPUS: dict[str, tuple[Callable[[Path], str], tuple[str, ...]]] = {
     "NUL byte in the path": (nul_in_path, ("control character",)),
     "two adc columns": (duplicate_column("adc"), ("line 1", "'adc' 2 times")),
     "adc and ' adc' columns": (duplicate_column(" adc"), ("line 1", "'adc' 2 times")),
-    "complex64 voxels": (write_image(lambda: nib.Nifti1Image(
-        np.ones(SHAPE, np.complex64), np.eye(4)).to_bytes()), ("complex",)),
+    "complex64 voxels": (
+        write_image(lambda: nib.Nifti1Image(np.ones(SHAPE, np.complex64), np.eye(4)).to_bytes()),
+        ("complex",),
+    ),
     "RGB24 voxels": (write_image(lambda: nifti_bytes(datatype=128, bitpix=24)), ("unsupported voxel type",)),
     "unknown datatype code": (write_image(lambda: nifti_bytes(datatype=999)), ("datatype code 999",)),
     "scl_slope inf": (write_image(lambda: nifti_bytes(scl_slope=np.inf)), ("scl_slope is inf",)),
-    "scl_slope -inf, .nii.gz": (write_image(lambda: nifti_bytes(scl_slope=-np.inf), "bad.nii.gz", True),
-                                ("scl_slope is -inf",)),
+    "scl_slope -inf, .nii.gz": (
+        write_image(lambda: nifti_bytes(scl_slope=-np.inf), "bad.nii.gz", True),
+        ("scl_slope is -inf",),
+    ),
     "scl_inter inf": (write_image(lambda: nifti_bytes(scl_slope=1.0, scl_inter=np.inf)), ("scl_inter is inf",)),
-    "qform-only, pixdim 0": (write_image(lambda: nifti_bytes(pixdim=(1, 0, 0, 0, 1, 1, 1, 1), qform_code=1,
-                                                             sform_code=0)), ("qform-only", "pixdim")),
-    "qform-only, pixdim NaN": (write_image(lambda: nifti_bytes(pixdim=(1, 1, np.nan, 2, 1, 1, 1, 1), qform_code=1,
-                                                               sform_code=0)), ("qform-only",)),
-    "vox_offset past the end, .nii": (write_image(lambda: nifti_bytes(vox_offset=1e6)),
-                                      ("vox_offset 1000000 is past the end",)),
-    "vox_offset past the end, .nii.gz": (write_image(lambda: nifti_bytes(vox_offset=1e6), "bad.nii.gz", True),
-                                         ("vox_offset 1000000 is past the end",)),
+    "qform-only, pixdim 0": (
+        write_image(lambda: nifti_bytes(pixdim=(1, 0, 0, 0, 1, 1, 1, 1), qform_code=1, sform_code=0)),
+        ("qform-only", "pixdim"),
+    ),
+    "qform-only, pixdim NaN": (
+        write_image(lambda: nifti_bytes(pixdim=(1, 1, np.nan, 2, 1, 1, 1, 1), qform_code=1, sform_code=0)),
+        ("qform-only",),
+    ),
+    "vox_offset past the end, .nii": (
+        write_image(lambda: nifti_bytes(vox_offset=1e6)),
+        ("vox_offset 1000000 is past the end",),
+    ),
+    "vox_offset past the end, .nii.gz": (
+        write_image(lambda: nifti_bytes(vox_offset=1e6), "bad.nii.gz", True),
+        ("vox_offset 1000000 is past the end",),
+    ),
     "vox_offset inside the header": (write_image(lambda: nifti_bytes(vox_offset=100.0)), ("inside",)),
     "vox_offset NaN": (write_image(lambda: nifti_bytes(vox_offset=np.nan)), ("vox_offset nan",)),
     "zero dimension": (write_image(lambda: nifti_bytes(dim=(3, 8, 0, 8, 1, 1, 1, 1))), ("not all positive",)),
     "two-file (ni1) header": (write_image(two_file_header), ("two-file",)),
     "truncated .nii by 4 bytes": (write_image(lambda: nifti_bytes()[:-4]), ("truncated",)),
     "empty .nii.gz": (write_image(lambda: b"", "bad.nii.gz"), ("not a readable NIfTI",)),
-    "gzip magic, then garbage": (write_image(lambda: b"\x1f\x8b\x08\x00" + b"\xff" * 200, "bad.nii.gz"),
-                                 ("not a readable NIfTI",)),
-    "76-byte .nii.gz claiming 1 GiB": (write_image(claims_many_voxels((1024, 1024, 1024)), "big.nii.gz", True),
-                                       ("over the cap",)),
+    "gzip magic, then garbage": (
+        write_image(lambda: b"\x1f\x8b\x08\x00" + b"\xff" * 200, "bad.nii.gz"),
+        ("not a readable NIfTI",),
+    ),
+    "76-byte .nii.gz claiming 1 GiB": (
+        write_image(claims_many_voxels((1024, 1024, 1024)), "big.nii.gz", True),
+        ("over the cap",),
+    ),
     "gzip bomb: 2 GiB of zeros behind a 1 GiB header": (
         write_image(claims_many_voxels((1024, 1024, 512), 16, 32, payload=bytes(64 << 20)), "bomb.nii.gz", True),
-        ("over the cap",)),
+        ("over the cap",),
+    ),
     "header within the cap, data missing (.nii.gz)": (
-        write_image(claims_many_voxels((512, 512, 256), 16, 32), "short.nii.gz", True), ("truncated",)),
+        write_image(claims_many_voxels((512, 512, 256), 16, 32), "short.nii.gz", True),
+        ("truncated",),
+    ),
 }
 
 
@@ -272,7 +308,7 @@ def test_the_voxel_cap_is_configurable(study, monkeypatch):
     monkeypatch.setenv("PFQ_MAX_VOXELS", "100")
     report = validate_manifest(study, task=get_task("pirads_ge4"))
     assert report.problems and all("over the cap of 100" in p.message for p in report.problems)
-    monkeypatch.setenv("PFQ_MAX_VOXELS", str(8 ** 3))
+    monkeypatch.setenv("PFQ_MAX_VOXELS", str(8**3))
     assert validate_manifest(study, task=get_task("pirads_ge4")).ok
 
 

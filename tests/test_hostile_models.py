@@ -41,13 +41,13 @@ def _patch_zip(path: Path, name: str, *, flags: int = 0, method: int | None = No
         while (at := data.find(sig, start)) >= 0:
             start = at + 4
             n = struct.unpack_from("<H", data, at + (26 if sig == b"PK\x03\x04" else 28))[0]
-            if bytes(data[at + name_at:at + name_at + n]) != raw:
+            if bytes(data[at + name_at : at + name_at + n]) != raw:
                 continue
             struct.pack_into("<H", data, at + flag_at, struct.unpack_from("<H", data, at + flag_at)[0] | flags)
             if method is not None:
                 struct.pack_into("<H", data, at + method_at, method)
             if new_name is not None:
-                data[at + name_at:at + name_at + n] = new_name
+                data[at + name_at : at + name_at + n] = new_name
     path.write_bytes(bytes(data))
     return path
 
@@ -84,6 +84,7 @@ def weights(kind: str) -> Callable[[Path], tuple[Path, str]]:
             src.symlink_to("/dev/zero")
             return src, "character device"
         raise AssertionError(kind)
+
     return make
 
 
@@ -98,8 +99,17 @@ def nan_safetensors(path: Path) -> Path:
     return path
 
 
-WEIGHTS = ["encrypted", "deflate64", "bzip2", "bad utf-8 name", "huge LONG4 epoch", "huge LONG4 storage size",
-           "all-NaN weights", "FIFO", "/dev/zero"]
+WEIGHTS = [
+    "encrypted",
+    "deflate64",
+    "bzip2",
+    "bad utf-8 name",
+    "huge LONG4 epoch",
+    "huge LONG4 storage size",
+    "all-NaN weights",
+    "FIFO",
+    "/dev/zero",
+]
 
 
 @pytest.mark.parametrize("kind", WEIGHTS)
@@ -131,6 +141,7 @@ def edit_meta(change: Callable[[dict], object]) -> Callable[[Path], None]:
     def edit(path: Path) -> None:
         meta = json.loads((path / "pfq_model.json").read_text())
         (path / "pfq_model.json").write_text(json.dumps(change(meta)))
+
     return edit
 
 
@@ -170,8 +181,10 @@ MODEL_DIRS: dict[str, tuple[Callable[[Path], None], str]] = {
     "pfq_model.json a FIFO": (meta_fifo, "FIFO"),
     "no variables/": (no_variables, "variables"),
     "damaged variables/": (damaged_variables, "variables"),
-    "all-NaN weights": (lambda path: shutil.copytree(model_dir(path.parent / "nan", np.nan), path,
-                                                      dirs_exist_ok=True), "non-finite"),
+    "all-NaN weights": (
+        lambda path: shutil.copytree(model_dir(path.parent / "nan", np.nan), path, dirs_exist_ok=True),
+        "non-finite",
+    ),
 }
 
 
@@ -196,8 +209,9 @@ def test_damaged_model_directory_is_a_clear_error(name, entry, tmp_path, capsys)
             err = capsys.readouterr().err
         elif entry == "pfq.predict":
             np.save(tmp_path / "x.npy", np.ones((1, 3, 32, 32, 32), np.float32))
-            status = predict.main(["--checkpoint", str(path), "--array", str(tmp_path / "x.npy"),
-                                   "--output", str(tmp_path / "y.npy")])
+            status = predict.main(
+                ["--checkpoint", str(path), "--array", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")]
+            )
             err = capsys.readouterr().err
         else:
             try:
@@ -222,20 +236,44 @@ def _predict(model: Path, x: Path, out: Path, *extra: str) -> int:
 
 
 PREDICT_CASES = {
-    "an .npz for --array": (lambda t: np.savez(t / "x.npz", x=np.ones((1, 3, 32, 32, 32), np.float32)) or "x.npz",
-                            "out.npy", ".npz"),
-    "an object-array .npy": (lambda t: np.save(t / "o.npy", np.array([{"a": 1}], object), allow_pickle=True) or "o.npy",
-                             "out.npy", "o.npy"),
-    "all-NaN input": (lambda t: np.save(t / "n.npy", np.full((2, 3, 32, 32, 32), np.nan, np.float32)) or "n.npy",
-                      "out.npy", "NaN"),
-    "one NaN voxel in case 1": (lambda t: np.save(t / "v.npy", np.where(np.arange(2)[:, None, None, None, None] == 1,
-                                                                      np.nan, np.ones((2, 3, 32, 32, 32), np.float32)
-                                                                      ).astype(np.float32)) or "v.npy",
-                                "out.npy", "case 1"),
-    "output in a missing folder": (lambda t: np.save(t / "g.npy", np.ones((1, 3, 32, 32, 32), np.float32)) or "g.npy",
-                                   "missing/out.npy", "missing"),
-    "output is a folder": (lambda t: (np.save(t / "g.npy", np.ones((1, 3, 32, 32, 32), np.float32)),
-                                      (t / "outdir").mkdir()) and "g.npy", "outdir", "outdir"),
+    "an .npz for --array": (
+        lambda t: np.savez(t / "x.npz", x=np.ones((1, 3, 32, 32, 32), np.float32)) or "x.npz",
+        "out.npy",
+        ".npz",
+    ),
+    "an object-array .npy": (
+        lambda t: np.save(t / "o.npy", np.array([{"a": 1}], object), allow_pickle=True) or "o.npy",
+        "out.npy",
+        "o.npy",
+    ),
+    "all-NaN input": (
+        lambda t: np.save(t / "n.npy", np.full((2, 3, 32, 32, 32), np.nan, np.float32)) or "n.npy",
+        "out.npy",
+        "NaN",
+    ),
+    "one NaN voxel in case 1": (
+        lambda t: (
+            np.save(
+                t / "v.npy",
+                np.where(
+                    np.arange(2)[:, None, None, None, None] == 1, np.nan, np.ones((2, 3, 32, 32, 32), np.float32)
+                ).astype(np.float32),
+            )
+            or "v.npy"
+        ),
+        "out.npy",
+        "case 1",
+    ),
+    "output in a missing folder": (
+        lambda t: np.save(t / "g.npy", np.ones((1, 3, 32, 32, 32), np.float32)) or "g.npy",
+        "missing/out.npy",
+        "missing",
+    ),
+    "output is a folder": (
+        lambda t: (np.save(t / "g.npy", np.ones((1, 3, 32, 32, 32), np.float32)), (t / "outdir").mkdir()) and "g.npy",
+        "outdir",
+        "outdir",
+    ),
     "--array a FIFO": (lambda t: os.mkfifo(t / "f.npy") or "f.npy", "out.npy", "FIFO"),
 }
 

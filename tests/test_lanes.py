@@ -18,11 +18,15 @@ OPTIM = base_config().optim
 OPTIM.update({"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 1, "grad_clip": 1.0, "layer_decay": 0.8})
 
 
-
 def _batches(lanes, steps, batch=2, shape=(16, 16, 16, 3)):
     rng = np.random.default_rng(0)
-    return [{"image": rng.normal(size=(lanes, batch) + shape).astype(np.float32),
-             "label": rng.integers(0, 2, size=(lanes, batch)).astype(np.int32)} for _ in range(steps)]
+    return [
+        {
+            "image": rng.normal(size=(lanes, batch) + shape).astype(np.float32),
+            "label": rng.integers(0, 2, size=(lanes, batch)).astype(np.int32),
+        }
+        for _ in range(steps)
+    ]
 
 
 def test_vmapped_lanes_equal_sequential_runs():
@@ -99,12 +103,13 @@ def test_linear_probe_freezes_the_encoder_and_layer_decay_scales_by_depth():
     step, state = jax.jit(make_train_step(SPEC, tx)), init_state(variables, tx)
     for batch in _batches(1, 2):  # two steps: the warm-up's first learning rate is 0
         state, _ = step(state, jax.tree.map(lambda x: x[0], batch), jax.random.key(0))
-    for a, b in zip(jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(variables["params"]["encoder"]),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(variables["params"]["encoder"]), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(state["params"]["head"][3]["kernel"], variables["params"]["head"][3]["kernel"])
 
     scales = traverse_util.flatten_dict(lr_scales(variables["params"], SPEC.depths, 0.5))
     assert scales[("head", 3, "kernel")] == 1.0
-    assert scales[("encoder", "downsample_layers", 0, 0, "kernel")] == 0.5 ** 13  # the stem: deepest decay
-    assert scales[("encoder", "stages", 0, 0, "dwconv", "kernel")] == 0.5 ** 12
+    assert scales[("encoder", "downsample_layers", 0, 0, "kernel")] == 0.5**13  # the stem: deepest decay
+    assert scales[("encoder", "stages", 0, 0, "dwconv", "kernel")] == 0.5**12

@@ -77,8 +77,9 @@ def test_grn_matches_definition():
 def test_gelu_is_the_exact_erf_form_with_its_gradient():
     x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
     np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
-    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x),
-                               jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6)
+    np.testing.assert_allclose(
+        jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6
+    )
     # Not the tanh approximation (0.5 x (1 + tanh(...))): they differ by up to ~5e-4 near |x| = 2.
     assert float(jnp.max(jnp.abs(gelu(x) - jax.nn.gelu(x, approximate=True)))) > 1e-4
 

@@ -27,6 +27,7 @@ def _loss(spec: ModelSpec):
     def loss(params, stats, x, y, key):
         logits, _ = apply(spec, {"params": params, "batch_stats": stats}, x, train=True, key=key)
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+
     return loss
 
 
@@ -61,6 +62,7 @@ def _primitive_dtypes(jaxpr) -> collections.Counter:
                 sub = getattr(p, "jaxpr", p)
                 if hasattr(sub, "eqns"):
                     walk(sub)
+
     walk(jaxpr)
     return out
 
@@ -97,8 +99,9 @@ def test_bf16_model_trains():
         return optax.apply_updates(params, updates), opt_state, loss
 
     params, opt_state = v["params"], tx.init(v["params"])
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(opt_state) if hasattr(leaf, "dtype")
-               and leaf.ndim > 0)
+    assert all(
+        leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(opt_state) if hasattr(leaf, "dtype") and leaf.ndim > 0
+    )
     losses = []
     for i in range(25):
         params, opt_state, loss = step(params, v["batch_stats"], opt_state, jax.random.key(i))
@@ -119,11 +122,16 @@ def test_entry_points_set_memory_frugal_cpu_scheduler_unless_user_chose():
     import pfq
 
     root = os.path.dirname(os.path.dirname(pfq.__file__))  # this checkout's pfq, not an installed one
-    code = ("import os, pfq, pfq.train.trainer, pfq.predict; before = os.environ['XLA_FLAGS']; "
-            "from pfq import xla_flags; xla_flags.set_defaults(); print(before); print(os.environ['XLA_FLAGS'])")
+    code = (
+        "import os, pfq, pfq.train.trainer, pfq.predict; before = os.environ['XLA_FLAGS']; "
+        "from pfq import xla_flags; xla_flags.set_defaults(); print(before); print(os.environ['XLA_FLAGS'])"
+    )
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
-    for given, expected in [("", f"{flag}=false"), ("--xla_dump_to=/tmp/x", f"--xla_dump_to=/tmp/x {flag}=false"),
-                            (f"{flag}=true", f"{flag}=true")]:
+    for given, expected in [
+        ("", f"{flag}=false"),
+        ("--xla_dump_to=/tmp/x", f"--xla_dump_to=/tmp/x {flag}=false"),
+        (f"{flag}=true", f"{flag}=true"),
+    ]:
         env = dict(os.environ, XLA_FLAGS=given, PYTHONPATH=root)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.splitlines() == [given, expected]

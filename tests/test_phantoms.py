@@ -62,8 +62,7 @@ def t2_cnr(case: ph.PhantomCase) -> float:
 def cohort() -> dict[str, list[ph.PhantomCase]]:
     seeds = range(1000, 1000 + N_PER_QUALITY)  # the same patients at both qualities
     return {
-        q: [ph.generate_case(i, quality=q, shape=COHORT_SHAPE, spacing=SPACING) for i in seeds]
-        for q in ("hq", "lq")
+        q: [ph.generate_case(i, quality=q, shape=COHORT_SHAPE, spacing=SPACING) for i in seeds] for q in ("hq", "lq")
     }
 
 
@@ -263,8 +262,25 @@ def test_quality_assignment_is_exact():
 
 
 def test_synth_main(tmp_path, capsys):
-    argv = ["--out", str(tmp_path / "s"), "--cases", "3", "--seed", "2", "--shape", "8", "16", "16",
-            "--spacing", "2", "1", "1", "--hq-fraction", "0.34", "--no-progress"]
+    argv = [
+        "--out",
+        str(tmp_path / "s"),
+        "--cases",
+        "3",
+        "--seed",
+        "2",
+        "--shape",
+        "8",
+        "16",
+        "16",
+        "--spacing",
+        "2",
+        "1",
+        "1",
+        "--hq-fraction",
+        "0.34",
+        "--no-progress",
+    ]
     assert ps.synth_main(argv) == 0
     _, rows = read_manifest(tmp_path / "s" / "manifest.csv")
     assert len(rows) == 3 and sum(r["quality"] == "hq" for r in rows) == 1

@@ -32,8 +32,22 @@ def study(tmp_path_factory) -> tuple[Path, Path]:
 
 def _run(study, tmp_path, *extra: str) -> int:
     manifest, model = study
-    return predict.main(["--checkpoint", str(model), "--manifest", str(manifest), "--input-size", *SIZE,
-                         "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--batch-size", "2", *extra])
+    return predict.main(
+        [
+            "--checkpoint",
+            str(model),
+            "--manifest",
+            str(manifest),
+            "--input-size",
+            *SIZE,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-progress",
+            "--batch-size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def _expected(manifest: Path, model: Path, want_features: bool = False) -> np.ndarray:

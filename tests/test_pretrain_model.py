@@ -52,8 +52,9 @@ def _dense_map(model, x):
 
 
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("grn_stats, batch", [pytest.param("batch", 1, marks=pytest.mark.slow), ("sample", 1),
-                                              ("sample", 2)])
+@pytest.mark.parametrize(
+    "grn_stats, batch", [pytest.param("batch", 1, marks=pytest.mark.slow), ("sample", 1), ("sample", 2)]
+)
 def test_nothing_masked_equals_the_dense_encoder(grn_stats, batch):
     spec = _spec(grn_stats=grn_stats)
     params = _randomised(spec)
@@ -114,8 +115,10 @@ class Sparse:
 
     def neighbours(self, offset) -> tuple[np.ndarray, np.ndarray]:
         """(rows with an active neighbour at `offset`, that neighbour's rows)."""
-        pairs = [(i, self.row.get((c[0], c[1] + offset[0], c[2] + offset[1], c[3] + offset[2])))
-                 for i, c in enumerate(self.coords.tolist())]
+        pairs = [
+            (i, self.row.get((c[0], c[1] + offset[0], c[2] + offset[1], c[3] + offset[2])))
+            for i, c in enumerate(self.coords.tolist())
+        ]
         pairs = [(i, j) for i, j in pairs if j is not None]
         return np.array([i for i, _ in pairs], int), np.array([j for _, j in pairs], int)
 
@@ -132,7 +135,7 @@ def _sparse_block(x: Sparse, p: dict) -> Sparse:
     y = _ln(y, np.asarray(p["norm"]["scale"]), np.asarray(p["norm"]["bias"]))
     y = y @ np.asarray(p["pwconv1"]["kernel"], np.float64) + np.asarray(p["pwconv1"]["bias"])
     y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
-    g = np.sqrt((y ** 2).sum(0))  # over every active row of every sample: MinkowskiGRN
+    g = np.sqrt((y**2).sum(0))  # over every active row of every sample: MinkowskiGRN
     y = np.asarray(p["grn"]["gamma"]) * (y * g / (g.mean() + 1e-6)) + np.asarray(p["grn"]["beta"]) + y
     y = y @ np.asarray(p["pwconv2"]["kernel"], np.float64) + np.asarray(p["pwconv2"]["bias"])
     return Sparse(x.coords, x.feats + y)
@@ -195,7 +198,7 @@ def test_mask_keeps_upstream_count():
 def test_patchify_round_trip_and_order():
     x = _image(0, (1, 32, 16, 16, 3))
     p = M.patchify(x)
-    assert p.shape == (1, 2, 1, 1, 16 ** 3 * 3)
+    assert p.shape == (1, 2, 1, 1, 16**3 * 3)
     np.testing.assert_array_equal(M.unpatchify(p, 3), x)
     # channel fastest, then W, H, D within the patch (upstream's permute (0, 2, 4, 6, 3, 5, 7, 1))
     np.testing.assert_array_equal(p[0, 1, 0, 0, :6], np.asarray(x)[0, 16, 0, 0:2, :].reshape(-1))
@@ -234,7 +237,7 @@ def test_decoder_and_loss_match_a_torch_reference():
             p = 16
             nn_, ch, d, h, w = imgs.shape
             t = imgs.reshape(nn_, ch, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
-            t = t.reshape(nn_, -1, p ** 3 * ch)
+            t = t.reshape(nn_, -1, p**3 * ch)
             mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
             t = (t - mean) / (var + 1.0e-6) ** 0.5
             loss = ((pred - t) ** 2).mean(dim=-1)
@@ -265,14 +268,19 @@ def test_format_b_export_round_trips_through_the_converter(tmp_path):
     spec = _spec()
     params = _randomised(spec, seed=11)
     src = save_format_b(tmp_path / "fcmae.safetensors", spec, params)
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(src),
-                           str(tmp_path / "model")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(src), str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     _, variables, meta = load_model_dir(tmp_path / "model")
     assert meta["source_format"] == "B"
     want = encoder_variables(params)["params"]["encoder"]
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 variables["params"]["encoder"], want)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), variables["params"]["encoder"], want
+    )
 
 
 def test_grn_gradient_is_finite_when_a_channel_is_zero_everywhere():

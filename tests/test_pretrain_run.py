@@ -58,8 +58,13 @@ def test_loss_falls_on_a_tiny_pool():
 
 def _pretrain(workdir: Path, *args: str, env_extra: dict | None = None, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PFQ_CACHE": str(cache), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "pfq.pretrain", "--config", SMOKE, "--workdir", str(workdir),
-                           "--progress=false", *args], capture_output=True, text=True, env=env, timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "pfq.pretrain", "--config", SMOKE, "--workdir", str(workdir), "--progress=false", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
 
 
 def test_bad_pretrain_config_is_refused_before_anything_is_written(tmp_path):
@@ -72,8 +77,12 @@ def test_bad_pretrain_config_is_refused_before_anything_is_written(tmp_path):
 def test_quality_filter_needs_a_quality_column(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("case_id,t2w,highb,adc\n")
-    proc = _pretrain(tmp_path / "w", f"--config.pretrain.manifest={manifest}", "--config.pretrain.quality=hq",
-                     cache=tmp_path / "cache")
+    proc = _pretrain(
+        tmp_path / "w",
+        f"--config.pretrain.manifest={manifest}",
+        "--config.pretrain.quality=hq",
+        cache=tmp_path / "cache",
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "quality" in proc.stderr
     assert not (tmp_path / "w").exists()
@@ -98,14 +107,19 @@ def test_pretrain_cli_outputs_and_kill_resume_identity(tmp_path):
     proc = _pretrain(cut, every, env_extra={"PFQ_FAULT_POINT": "train_step:5"}, cache=cache)
     assert proc.returncode == -9 and "kill at train_step:5" in proc.stderr
     proc = _pretrain(cut, every, cache=cache)
-    assert proc.returncode == 0 and ("resumed from step 2" in proc.stderr or "resumed from step 4" in proc.stderr), \
+    assert proc.returncode == 0 and ("resumed from step 2" in proc.stderr or "resumed from step 4" in proc.stderr), (
         proc.stderr[-3000:]
+    )
     assert (cut / "loss.csv").read_bytes() == (full / "loss.csv").read_bytes()
     a, b = load_file(str(full / "fcmae.safetensors")), load_file(str(cut / "fcmae.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     converted = tmp_path / "converted"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(full / "fcmae.safetensors"),
-                    str(converted)], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_weights.py"), str(full / "fcmae.safetensors"), str(converted)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     _, x, _ = load_model_dir(converted)
     _, y, meta = load_model_dir(full / "model")
     assert meta["source_format"] == "pfq-fcmae"
@@ -120,14 +134,25 @@ def test_pretrain_cli_outputs_and_kill_resume_identity(tmp_path):
 def test_pretrain_section_has_upstream_defaults():
     p = base_config().pretrain
     assert (p.mask_ratio, p.b2, p.weight_decay, p.grn_stats, p.init, p.norm_pix_loss) == (
-        0.6, 0.95, 0.05, "batch", "upstream", True)
+        0.6,
+        0.95,
+        0.05,
+        "batch",
+        "upstream",
+        True,
+    )
 
 
 @pytest.mark.slow
 def test_sweep_with_the_fcmae_init_pretrains_then_finetunes_both(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PFQ_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "pfq.train", "--config", SMOKE, "--workdir", str(tmp_path / "w"),
-                           "--progress=false"], capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pfq.train", "--config", SMOKE, "--workdir", str(tmp_path / "w"), "--progress=false"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import csv
 
@@ -139,8 +164,21 @@ def test_sweep_with_the_fcmae_init_pretrains_then_finetunes_both(tmp_path):
 
 def test_a_bad_pretrain_section_stops_a_sweep_that_pretrains(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PFQ_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "pfq.train", "--config", SMOKE, "--workdir", str(tmp_path / "w"),
-                           "--config.pretrain.grn_stats=global"], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pfq.train",
+            "--config",
+            SMOKE,
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.pretrain.grn_stats=global",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 2 and "invalid config" in proc.stderr and "grn_stats" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "w").exists()

@@ -15,8 +15,9 @@ from pfq.results import ResultsError, read_results
 CKPT = "/ckpts/profound_conv_tiny"
 
 
-def synthetic_rows(inits=(CKPT, "scratch"), sizes=(16, 64), ratios=(0.0, 0.5, 1.0), seeds=(0, 1, 2),
-                   diverged=(), task="pirads_ge4") -> list[dict]:
+def synthetic_rows(
+    inits=(CKPT, "scratch"), sizes=(16, 64), ratios=(0.0, 0.5, 1.0), seeds=(0, 1, 2), diverged=(), task="pirads_ge4"
+) -> list[dict]:
     """Rows shaped like the trainer's: AUC falls with |finetune - test| mismatch, rises with train size,
     and is higher for the pretrained init; `diverged` lists (init, ratio, size, seed) lanes."""
     rng = np.random.default_rng(0)
@@ -27,15 +28,35 @@ def synthetic_rows(inits=(CKPT, "scratch"), sizes=(16, 64), ratios=(0.0, 0.5, 1.
                 for seed in seeds:
                     bad = (init, f, size, seed) in diverged
                     for t in ratios:
-                        auc = (0.62 + 0.05 * math.log2(size / 16) + (0.08 if init != "scratch" else 0.0)
-                               - 0.15 * abs(f - t) + rng.normal(0, 0.02))
+                        auc = (
+                            0.62
+                            + 0.05 * math.log2(size / 16)
+                            + (0.08 if init != "scratch" else 0.0)
+                            - 0.15 * abs(f - t)
+                            + rng.normal(0, 0.02)
+                        )
                         auc = math.nan if bad else auc
-                        rows.append({"task": task, "init": init, "finetune_hq_ratio": f,
-                                     "finetune_hq_count": int(f * size + 0.5), "train_size": size, "seed": seed,
-                                     "test_hq_ratio": t, "n_test": 40, "n_draws": 3, "n_resamples": 200,
-                                     "auc": auc, "auc_ci_low": auc - 0.1, "auc_ci_high": auc + 0.1,
-                                     "f1": auc - 0.1, "f1_ci_low": auc - 0.2, "f1_ci_high": auc,
-                                     "status": "diverged at step 3: non-finite loss" if bad else "ok"})
+                        rows.append(
+                            {
+                                "task": task,
+                                "init": init,
+                                "finetune_hq_ratio": f,
+                                "finetune_hq_count": int(f * size + 0.5),
+                                "train_size": size,
+                                "seed": seed,
+                                "test_hq_ratio": t,
+                                "n_test": 40,
+                                "n_draws": 3,
+                                "n_resamples": 200,
+                                "auc": auc,
+                                "auc_ci_low": auc - 0.1,
+                                "auc_ci_high": auc + 0.1,
+                                "f1": auc - 0.1,
+                                "f1_ci_low": auc - 0.2,
+                                "f1_ci_high": auc,
+                                "status": "diverged at step 3: non-finite loss" if bad else "ok",
+                            }
+                        )
     return rows
 
 
@@ -147,8 +168,9 @@ def test_degrades_with_one_init_one_size_one_seed(tmp_path):
 
 
 def test_all_lanes_diverged_and_other_metric(tmp_path):
-    rows = synthetic_rows(inits=("scratch",), sizes=(16,), seeds=(0,),
-                          diverged={("scratch", f, 16, 0) for f in (0.0, 0.5, 1.0)})
+    rows = synthetic_rows(
+        inits=("scratch",), sizes=(16,), seeds=(0,), diverged={("scratch", f, 16, 0) for f in (0.0, 0.5, 1.0)}
+    )
     workdir = write_results(tmp_path, rows)
     report.write_report(workdir, metric="f1")
     text = (workdir / "report.md").read_text()

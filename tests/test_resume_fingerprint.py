@@ -24,6 +24,7 @@ def edit_rows(change: Callable[[list[dict]], list[dict]]) -> Callable[[Path], No
     def edit(root: Path) -> None:
         rows = change(read_rows(root / "manifest.csv"))
         write_manifest(root / "manifest.csv", rows, header=list(rows[0]))
+
     return edit
 
 
@@ -31,14 +32,16 @@ def set_cell(index: int, column: str, value: str) -> Callable[[Path], None]:
     def change(rows):
         rows[index][column] = value
         return rows
+
     return edit_rows(change)
 
 
 def replace_image(root: Path) -> None:
     import numpy as np
 
-    save_nifti(root / "images" / "c005_t2w.nii.gz", np.random.default_rng(9).normal(100, 10, (32, 32, 16))
-               .astype(np.float32))
+    save_nifti(
+        root / "images" / "c005_t2w.nii.gz", np.random.default_rng(9).normal(100, 10, (32, 32, 16)).astype(np.float32)
+    )
 
 
 CHANGES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
@@ -46,10 +49,11 @@ CHANGES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "a quality grade flipped": (set_cell(4, "quality", "lq"), ("case 'c004'", "quality 'hq' -> 'lq'")),
     "an image replaced": (replace_image, ("case 'c005'", "column 't2w'", "content changed")),
     "a case dropped": (edit_rows(lambda rows: rows[:-1]), ("no longer in the manifest", "'c047'")),
-    "a case added": (edit_rows(lambda rows: rows + [dict(rows[0], case_id="c999")]), ("new in the manifest",
-                                                                                       "'c999'")),
-    "cases swapped between pools": (edit_rows(lambda rows: [dict(r, split="test" if i < 24 else "train")
-                                                            for i, r in enumerate(rows)]), ("pool",)),
+    "a case added": (edit_rows(lambda rows: rows + [dict(rows[0], case_id="c999")]), ("new in the manifest", "'c999'")),
+    "cases swapped between pools": (
+        edit_rows(lambda rows: [dict(r, split="test" if i < 24 else "train") for i, r in enumerate(rows)]),
+        ("pool",),
+    ),
 }
 
 
@@ -99,10 +103,8 @@ def test_the_same_data_resumes_even_from_another_folder(interrupted, tmp_path):
     """Unchanged data passes the check; so does a copy of it elsewhere (the same content)."""
     root, workdir, config = interrupted
     task = get_task(config.task)
-    fingerprint.check(workdir, fingerprint.data_fingerprint(load_study_data(config, task, progress=False),
-                                                            config.data))
+    fingerprint.check(workdir, fingerprint.data_fingerprint(load_study_data(config, task, progress=False), config.data))
     moved = tmp_path / "elsewhere"
     shutil.copytree(root, moved)
     config.data.manifest = str(moved / "manifest.csv")
-    fingerprint.check(workdir, fingerprint.data_fingerprint(load_study_data(config, task, progress=False),
-                                                            config.data))
+    fingerprint.check(workdir, fingerprint.data_fingerprint(load_study_data(config, task, progress=False), config.data))

@@ -19,8 +19,13 @@ from pfq.convert import ConvertError, UnsafeCheckpointError, torch_zip
 from pfq.convert.reader import read_source
 
 
-def write_zip(path: Path, pickle_bytes: bytes, storages: dict[str, bytes] | None = None,
-              extra: dict[str, bytes] | None = None, prefix: str = "archive") -> Path:
+def write_zip(
+    path: Path,
+    pickle_bytes: bytes,
+    storages: dict[str, bytes] | None = None,
+    extra: dict[str, bytes] | None = None,
+    prefix: str = "archive",
+) -> Path:
     """A torch-layout zip with a hand-made data.pkl."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr(f"{prefix}/data.pkl", pickle_bytes)
@@ -36,14 +41,20 @@ def write_zip(path: Path, pickle_bytes: bytes, storages: dict[str, bytes] | None
 def test_reads_real_torch_files_exactly(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
     sd = OrderedDict(
-        w=torch.randn(5, 3), view=base.permute(2, 0, 1)[1:, :, ::2],
+        w=torch.randn(5, 3),
+        view=base.permute(2, 0, 1)[1:, :, ::2],
         scalar=torch.tensor(7, dtype=torch.int64),
-        bf16=torch.randn(4).to(torch.bfloat16), half=torch.randn(3).half(), flag=torch.tensor([True, False]),
-        empty=torch.zeros(0, 3), param=torch.nn.Parameter(torch.randn(2, 2)),
-        u16=torch.tensor([1, 2, 60000], dtype=torch.int32).to(torch.uint16))  # a _rebuild_tensor_v3 dtype
+        bf16=torch.randn(4).to(torch.bfloat16),
+        half=torch.randn(3).half(),
+        flag=torch.tensor([True, False]),
+        empty=torch.zeros(0, 3),
+        param=torch.nn.Parameter(torch.randn(2, 2)),
+        u16=torch.tensor([1, 2, 60000], dtype=torch.int32).to(torch.uint16),
+    )  # a _rebuild_tensor_v3 dtype
     path = tmp_path / "real.pth"
-    torch.save({"model": sd, "args": argparse.Namespace(lr=0.1, name="x", sizes=(1, 2)), "blob": b"\x00\xff",
-                "epoch": 3}, path)
+    torch.save(
+        {"model": sd, "args": argparse.Namespace(lr=0.1, name="x", sizes=(1, 2)), "blob": b"\x00\xff", "epoch": 3}, path
+    )
     tree = torch_zip.load(path)
     assert tree["epoch"] == 3 and tree["blob"] == b"\x00\xff"
     assert tree["args"].as_dict() == {"lr": 0.1, "name": "x", "sizes": (1, 2)}
@@ -86,19 +97,29 @@ def _hostile_pickles(marker: Path) -> dict[str, bytes]:
         "subprocess.Popen": b"\x80\x04\x8c\nsubprocess\x8c\x05Popen\x93(V" + cmd + b"\nI1\ntR.",
         # an allowed call whose argument is built by a nested REDUCE of a forbidden global
         "nested:os.system": b"ccollections\nOrderedDict\n((Vk\ncos\nsystem\n(V" + cmd + b"\ntRttR.",
-        "nested:_rebuild_tensor_v2": b"ctorch._utils\n_rebuild_tensor_v2\n" + tensor_args
+        "nested:_rebuild_tensor_v2": b"ctorch._utils\n_rebuild_tensor_v2\n"
+        + tensor_args
         + b"cbuiltins\ngetattr\n(ccollections\nOrderedDict\nVfromkeys\ntR)RtR.",
     }
 
 
-@pytest.mark.parametrize("case", ["os.system", "posix.system", "builtins.eval", "builtins.exec",
-                                  "subprocess.Popen", "nested:os.system", "nested:_rebuild_tensor_v2"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "os.system",
+        "posix.system",
+        "builtins.eval",
+        "builtins.exec",
+        "subprocess.Popen",
+        "nested:os.system",
+        "nested:_rebuild_tensor_v2",
+    ],
+)
 def test_hostile_pickles_are_refused_without_running(tmp_path, case):
     marker = tmp_path / "pwned"
     payload = _hostile_pickles(marker)[case]
     path = write_zip(tmp_path / "evil.pth", payload, {"0": b"\x00" * 4})
-    expected = {"nested:os.system": "os.system",
-                "nested:_rebuild_tensor_v2": "builtins.getattr"}.get(case, case)
+    expected = {"nested:os.system": "os.system", "nested:_rebuild_tensor_v2": "builtins.getattr"}.get(case, case)
     with pytest.raises(UnsafeCheckpointError, match=f"refusing global {expected}"):
         read_source(path)
     assert not marker.exists()
@@ -149,14 +170,16 @@ def test_path_traversal_member_names(tmp_path):
 
 
 def _tensor_pickle(numel: int, size: int, offset: int = 0) -> bytes:
-    return (b"}(Vt\nctorch._utils\n_rebuild_tensor_v2\n((Vstorage\nctorch\nFloatStorage\nV0\nVcpu\n"
-            + f"I{numel}\ntQI{offset}\n(I{size}\nt(I1\ntI00\nccollections\nOrderedDict\n)RtRu.".encode())
+    return (
+        b"}(Vt\nctorch._utils\n_rebuild_tensor_v2\n((Vstorage\nctorch\nFloatStorage\nV0\nVcpu\n"
+        + f"I{numel}\ntQI{offset}\n(I{size}\nt(I1\ntI00\nccollections\nOrderedDict\n)RtRu.".encode()
+    )
 
 
 def test_absurd_sizes_are_refused(tmp_path):
     good = write_zip(tmp_path / "ok.pth", _tensor_pickle(4, 4), {"0": np.arange(4, dtype="<f4").tobytes()})
     np.testing.assert_array_equal(read_source(good).tree["t"].numpy(), np.arange(4, dtype=np.float32))
-    huge = write_zip(tmp_path / "huge.pth", _tensor_pickle(10 ** 12, 4), {"0": b"\x00" * 16})
+    huge = write_zip(tmp_path / "huge.pth", _tensor_pickle(10**12, 4), {"0": b"\x00" * 16})
     with pytest.raises(UnsafeCheckpointError, match="declares 4000000000000 bytes"):
         read_source(huge)
     past_end = write_zip(tmp_path / "past.pth", _tensor_pickle(4, 4, offset=2), {"0": b"\x00" * 16})
@@ -173,4 +196,5 @@ def test_cyclic_pickle_terminates(tmp_path):
     assert tree[0] is tree
     with pytest.raises(ConvertError, match="not a dict"):
         from pfq.convert.formats import to_dense
+
         to_dense(tree)

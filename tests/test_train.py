@@ -24,10 +24,25 @@ def train(cache, jax_cache):
     """`python -m pfq.train` on the smoke config and its phantoms, sharing the session's compiled programs;
     asserts exit status 0 unless `check=False`."""
 
-    def run(workdir: Path, *args: str, devices: int = 1, check: bool = True, background: bool = False,
-            env_extra: dict | None = None):
-        proc = run_train(workdir, None, *args, sweep=(), jax_cache=jax_cache, pfq_cache=cache, devices=devices,
-                         background=background, env_extra=env_extra)
+    def run(
+        workdir: Path,
+        *args: str,
+        devices: int = 1,
+        check: bool = True,
+        background: bool = False,
+        env_extra: dict | None = None,
+    ):
+        proc = run_train(
+            workdir,
+            None,
+            *args,
+            sweep=(),
+            jax_cache=jax_cache,
+            pfq_cache=cache,
+            devices=devices,
+            background=background,
+            env_extra=env_extra,
+        )
         if check and not background:
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
@@ -103,8 +118,22 @@ def check_predict_manifest_matches_the_sweep(workdir: Path, cache: Path) -> None
     want = {case: p for (name, case), p in probabilities(workdir).items() if name == lane}
     (manifest,) = (cache / "phantoms").glob("*/manifest.csv")
     out = workdir / "predicted.csv"
-    assert predict.main(["--checkpoint", str(workdir / "models" / lane), "--manifest", str(manifest),
-                         "--output", str(out), "--cache-dir", str(cache / "volumes"), "--no-progress"]) == 0
+    assert (
+        predict.main(
+            [
+                "--checkpoint",
+                str(workdir / "models" / lane),
+                "--manifest",
+                str(manifest),
+                "--output",
+                str(out),
+                "--cache-dir",
+                str(cache / "volumes"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert [r["case_id"] for r in rows] == [c["case_id"] for c in read_csv(manifest)]
     assert {r["quality"] for r in rows} == {"hq", "lq"} and {r["label"] for r in rows} == {"0", "1"}

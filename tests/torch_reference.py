@@ -81,19 +81,22 @@ class Block(nn.Module):
 
 
 class ConvNeXtV2(nn.Module):
-    def __init__(self, in_chans: int, depths: Sequence[int], dims: Sequence[int], gelu: str = "none",
-                 drop_path_rate: float = 0.0):
+    def __init__(
+        self, in_chans: int, depths: Sequence[int], dims: Sequence[int], gelu: str = "none", drop_path_rate: float = 0.0
+    ):
         super().__init__()
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv3d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm(dims[0], "channels_first"))])
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv3d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm(dims[0], "channels_first"))]
+        )
         for i in range(1, 4):
             k = 1 if i == 3 else 2  # the last transition is 1x1x1 with stride 1
             conv = nn.Conv3d(dims[i - 1], dims[i], kernel_size=k, stride=k)
             self.downsample_layers.append(nn.Sequential(LayerNorm(dims[i - 1], "channels_first"), conv))
         rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()  # upstream: linear in depth
         starts = np.cumsum([0, *depths]).tolist()
-        self.stages = nn.ModuleList([nn.Sequential(*[Block(dims[i], gelu, rates[starts[i] + j])
-                                                     for j in range(depths[i])]) for i in range(4)])
+        self.stages = nn.ModuleList(
+            [nn.Sequential(*[Block(dims[i], gelu, rates[starts[i] + j]) for j in range(depths[i])]) for i in range(4)]
+        )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,15 +127,20 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         dim = encoder.norm.normalized_shape[0]
-        self.head = nn.Sequential(nn.Linear(dim, HEAD_HIDDEN), BatchNorm1dAnyBatch(HEAD_HIDDEN), nn.ReLU(),
-                                  nn.Linear(HEAD_HIDDEN, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(dim, HEAD_HIDDEN),
+            BatchNorm1dAnyBatch(HEAD_HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HEAD_HIDDEN, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
 
 
-def build(depths: Sequence[int], dims: Sequence[int], in_chans: int = 3, num_classes: int = 2,
-          drop_path_rate: float = 0.0) -> Classifier:
+def build(
+    depths: Sequence[int], dims: Sequence[int], in_chans: int = 3, num_classes: int = 2, drop_path_rate: float = 0.0
+) -> Classifier:
     return Classifier(ConvNeXtV2(in_chans, depths, dims, drop_path_rate=drop_path_rate), num_classes)
 
 
@@ -151,7 +159,7 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
             p.copy_(0.1 * noise)
         else:
             fan_in = p[0].numel()
-            p.copy_(noise / fan_in ** 0.5)
+            p.copy_(noise / fan_in**0.5)
     for name, b in model.named_buffers():
         if name.endswith("running_mean"):
             b.copy_(0.2 * torch.randn(b.shape, generator=g))
@@ -165,18 +173,19 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
 def _sparse_conv(w: torch.Tensor) -> torch.Tensor:
     """(out, in, a, b, c) -> (k^3, in, out) with flat index a + k*b + k^2*c (MinkowskiEngine order)."""
     k = w.shape[-1]
-    return w.permute(4, 3, 2, 1, 0).reshape(k ** 3, w.shape[1], w.shape[0]).contiguous()
+    return w.permute(4, 3, 2, 1, 0).reshape(k**3, w.shape[1], w.shape[0]).contiguous()
 
 
 def _sparse_depthwise(w: torch.Tensor) -> torch.Tensor:
     """(C, 1, a, b, c) -> (k^3, C)."""
     k = w.shape[-1]
-    return w[:, 0].permute(3, 2, 1, 0).reshape(k ** 3, w.shape[0]).contiguous()
+    return w[:, 0].permute(3, 2, 1, 0).reshape(k**3, w.shape[0]).contiguous()
 
 
 @torch.no_grad()
-def fcmae_state_dict(encoder: ConvNeXtV2, decoder_dim: int = 16, patch: int = 16,
-                     seed: int = 1) -> OrderedDict[str, torch.Tensor]:
+def fcmae_state_dict(
+    encoder: ConvNeXtV2, decoder_dim: int = 16, patch: int = 16, seed: int = 1
+) -> OrderedDict[str, torch.Tensor]:
     """The FCMAE `model` state dict (spec B.2) whose remap gives `encoder` (minus its final norm)."""
     g = torch.Generator().manual_seed(seed)
     sd = encoder.state_dict()
@@ -212,6 +221,6 @@ def fcmae_state_dict(encoder: ConvNeXtV2, decoder_dim: int = 16, patch: int = 16
     decoder = Block(decoder_dim)
     for k, v in decoder.state_dict().items():
         out[f"decoder.0.{k}"] = rnd(*v.shape)
-    n_pred = patch ** 3 * in_chans
+    n_pred = patch**3 * in_chans
     out["pred.weight"], out["pred.bias"] = rnd(n_pred, decoder_dim, 1, 1, 1), rnd(n_pred)
     return out

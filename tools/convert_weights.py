@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """ProFound-Conv PyTorch checkpoints <-> pfq model directories. See docs/convert.md.
 
-    python tools/convert_weights.py SRC DEST_DIR [--overwrite] [--size S] [--in-chans N] [--num-classes C]
-    python tools/convert_weights.py --to-torch SRC_DIR DEST.safetensors [--overwrite] [--encoder-only]
+python tools/convert_weights.py SRC DEST_DIR [--overwrite] [--size S] [--in-chans N] [--num-classes C]
+python tools/convert_weights.py --to-torch SRC_DIR DEST.safetensors [--overwrite] [--encoder-only]
 """
 
 import sys

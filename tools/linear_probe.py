@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).resolve().parents[1] / "configs" / "default.py"),
-                                          "Config file.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(Path(__file__).resolve().parents[1] / "configs" / "default.py"), "Config file."
+)
 _MODELS = flags.DEFINE_multi_string("models", [], "pfq model directories (encoders) to probe.")
 _RANDOM = flags.DEFINE_multi_integer("random_seeds", [0], "Seeds of randomly initialised encoders to probe.")
 _SIZES = flags.DEFINE_multi_integer("train_sizes", [50, 400], "Probe training-set sizes.")
@@ -42,7 +43,7 @@ def encoder_features(spec, variables, volumes: np.ndarray, batch: int = 32) -> n
     from pfq.model import features
 
     fn = jax.jit(lambda v, x: features(spec, v, x))
-    return np.concatenate([np.asarray(fn(variables, volumes[i:i + batch])) for i in range(0, len(volumes), batch)])
+    return np.concatenate([np.asarray(fn(variables, volumes[i : i + batch])) for i in range(0, len(volumes), batch)])
 
 
 def probe(feats: np.ndarray, data, sizes, repeats: int) -> dict[int, list[float]]:
@@ -83,19 +84,23 @@ def main(argv) -> int:
     volumes = np.stack([data.source[i] for i in range(len(data.labels))])
     sets = {"intensity percentiles": percentile_features(volumes)}
     for seed in _RANDOM.value:
-        sets[f"random encoder (seed {seed})"] = encoder_features(spec, init_variables(spec, jax.random.key(seed)),
-                                                                volumes)
+        sets[f"random encoder (seed {seed})"] = encoder_features(
+            spec, init_variables(spec, jax.random.key(seed)), volumes
+        )
     for model in _MODELS.value:
         _, enc, _ = load_model_dir(model)
         variables = init_variables(spec, jax.random.key(0))
         variables["params"]["encoder"] = enc["params"]["encoder"]
         sets[f"{model}"] = encoder_features(spec, variables, volumes)
-    print(f"linear probe, task {task.name}: AUC on the test pool ({len(data.test_pool)} cases), "
-          f"mean ± std over {_REPEATS.value} training draws at HQ ratio 0.5")
+    print(
+        f"linear probe, task {task.name}: AUC on the test pool ({len(data.test_pool)} cases), "
+        f"mean ± std over {_REPEATS.value} training draws at HQ ratio 0.5"
+    )
     for name, feats in sets.items():
         result = probe(feats, data, _SIZES.value, _REPEATS.value)
-        cells = "  ".join(f"n={n}: {np.mean(a):.3f} ± {np.std(a, ddof=1) if len(a) > 1 else 0:.3f}"
-                          for n, a in result.items())
+        cells = "  ".join(
+            f"n={n}: {np.mean(a):.3f} ± {np.std(a, ddof=1) if len(a) > 1 else 0:.3f}" for n, a in result.items()
+        )
         print(f"  {name:<40} {cells}", flush=True)
     return 0
 

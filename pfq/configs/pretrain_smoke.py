@@ -20,7 +20,16 @@ def get_config():
     c.sweep.test_draws = 2
     c.optim.update({"steps": 6, "batch_size": 2, "warmup_steps": 2})
     c.checkpoint.every_steps = 3
-    c.pretrain.update({"cases": 12, "input_size": (16, 32, 32), "steps": 6, "batch_size": 2, "warmup_steps": 2,
-                       "decoder_dim": 16, "checkpoint_every": 3})
+    c.pretrain.update(
+        {
+            "cases": 12,
+            "input_size": (16, 32, 32),
+            "steps": 6,
+            "batch_size": 2,
+            "warmup_steps": 2,
+            "decoder_dim": 16,
+            "checkpoint_every": 3,
+        }
+    )
     c.update({"eval_batch_size": 8, "log_every": 2})
     return c

@@ -18,6 +18,5 @@ def get_config():
     c.sweep.train_sizes = (50, 400)
     c.sweep.seeds = (0, 1, 2, 3)
     c.optim.steps = 300
-    c.pretrain.update({"steps": 250, "batch_size": 8, "warmup_steps": 15, "init": "trunc002",
-                       "grn_stats": "sample"})
+    c.pretrain.update({"steps": 250, "batch_size": 8, "warmup_steps": 15, "init": "trunc002", "grn_stats": "sample"})
     return c

@@ -1,6 +1,6 @@
 """Smoke: the default pipeline at toy size, for tests (seconds).
 
-    python -m pfq.train --config smoke --workdir /tmp/pfq-smoke
+python -m pfq.train --config smoke --workdir /tmp/pfq-smoke
 """
 
 from pfq.config import base_config

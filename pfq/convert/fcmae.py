@@ -15,7 +15,7 @@ LAST_DOWNSAMPLE = "downsample_layers.3.1.weight"  # 1x1x1 stride-1: MinkowskiEng
 
 def cube_side(volume: int) -> int | None:
     side = round(volume ** (1 / 3))
-    return side if side ** 3 == volume else None
+    return side if side**3 == volume else None
 
 
 def sparse_conv_to_dense(v: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def remap_sparse(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], l
     for key, v in state.items():
         if key in dropped:
             continue
-        name = key[len("encoder."):] if key.startswith("encoder.") else key
+        name = key[len("encoder.") :] if key.startswith("encoder.") else key
         if name.endswith(".kernel"):
             name = name[: -len(".kernel")] + ".weight"
             problem = _kernel_problem(name, v)

@@ -56,18 +56,20 @@ def _unwrap(tree: Any) -> tuple[Mapping[str, Any], dict[str, Any]]:
             if type(tree.get("epoch")) is int:
                 extras["epoch"] = tree["epoch"]
             if isinstance(tree.get("args"), InertNamespace):
-                extras["args"] = {k: v for k, v in tree["args"].as_dict().items() if _json_scalar(v) or (
-                    isinstance(v, (list, tuple)) and all(_json_scalar(x) for x in v))}
+                extras["args"] = {
+                    k: v
+                    for k, v in tree["args"].as_dict().items()
+                    if _json_scalar(v) or (isinstance(v, (list, tuple)) and all(_json_scalar(x) for x in v))
+                }
             return tree[key], extras
     return tree, {}
 
 
 def _tensors(state: Mapping[str, Any]) -> dict[str, Any]:
-    bad = [f"{k!r}: {type(v).__name__}" for k, v in state.items()
-           if not isinstance(k, str) or not _is_tensor(v)]
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not isinstance(k, str) or not _is_tensor(v)]
     if bad:
         raise ConvertError("the state dict holds entries that are not tensors", bad)
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def _is_sparse(keys: list[str]) -> bool:

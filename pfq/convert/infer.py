@@ -29,22 +29,29 @@ def size_name(depths: tuple[int, ...], dims: tuple[int, ...]) -> str:
 def _dim(shapes: Mapping[str, tuple[int, ...]], key: str, axis: int, problems: list[str]) -> int:
     shape = shapes.get(key)
     if shape is None or len(shape) <= axis:
-        problems.append(f"missing: {key}" if shape is None
-                        else f"{key}: shape {tuple(shape)} has no axis {axis}")
+        problems.append(f"missing: {key}" if shape is None else f"{key}: shape {tuple(shape)} has no axis {axis}")
         return 0
     return int(shape[axis])
 
 
-def infer_spec(shapes: Mapping[str, tuple[int, ...]], *, with_head: bool, size: str | None = None,
-               in_chans: int | None = None, num_classes: int | None = None) -> ModelSpec:
+def infer_spec(
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    with_head: bool,
+    size: str | None = None,
+    in_chans: int | None = None,
+    num_classes: int | None = None,
+) -> ModelSpec:
     problems: list[str] = []
     if size is not None:
         if size not in SIZES:
             raise ConvertError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
         depths, dims = SIZES[size]
     else:
-        dims = (_dim(shapes, STEM, 0, problems),
-                *(_dim(shapes, f"encoder.downsample_layers.{i}.1.weight", 0, problems) for i in (1, 2, 3)))
+        dims = (
+            _dim(shapes, STEM, 0, problems),
+            *(_dim(shapes, f"encoder.downsample_layers.{i}.1.weight", 0, problems) for i in (1, 2, 3)),
+        )
         blocks: dict[int, set[int]] = {}
         for key in shapes:
             m = _STAGE_KEY.match(key)
@@ -61,9 +68,12 @@ def infer_spec(shapes: Mapping[str, tuple[int, ...]], *, with_head: bool, size: 
     elif num_classes is None:
         num_classes = _dim(shapes, HEAD_OUT, 0, problems)
     if not problems and min(*dims, *depths, in_chans, num_classes) <= 0:
-        problems.append(f"non-positive size: depths {depths}, dims {dims}, in_chans {in_chans}, "
-                        f"num_classes {num_classes}")
+        problems.append(
+            f"non-positive size: depths {depths}, dims {dims}, in_chans {in_chans}, num_classes {num_classes}"
+        )
     if problems:
-        raise ConvertError("cannot infer the model size from the checkpoint's shapes "
-                           "(force it with --size/--in-chans/--num-classes)", problems)
+        raise ConvertError(
+            "cannot infer the model size from the checkpoint's shapes (force it with --size/--in-chans/--num-classes)",
+            problems,
+        )
     return ModelSpec(depths=tuple(depths), dims=tuple(dims), in_chans=in_chans, num_classes=num_classes)

@@ -20,8 +20,12 @@ from pfq.model import ModelSpec, abstract_variables
 Path_ = tuple[Any, ...]
 BN_COUNTER = "head.1.num_batches_tracked"  # torch-only buffer: dropped on import, re-emitted on export
 FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
-_LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-               ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,11 @@ def _get(tree: Mapping, path: Path_) -> Any:
 def _mismatch_listing(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> list[str]:
     problems = [f"missing: {k} (expected shape {tuple(s)})" for k, s in expected.items() if k not in got]
     problems += [f"unexpected: {k} (shape {tuple(s)})" for k, s in got.items() if k not in expected]
-    problems += [f"wrong shape: {k}: got {tuple(got[k])}, expected {tuple(s)}"
-                 for k, s in expected.items() if k in got and tuple(got[k]) != tuple(s)]
+    problems += [
+        f"wrong shape: {k}: got {tuple(got[k])}, expected {tuple(s)}"
+        for k, s in expected.items()
+        if k in got and tuple(got[k]) != tuple(s)
+    ]
     return problems
 
 
@@ -113,8 +120,9 @@ def import_state(spec: ModelSpec, state: Mapping[str, np.ndarray], with_head: bo
     Raises ConvertError listing every missing, unexpected and mis-shaped key.
     """
     leaves = leaf_table(spec, with_head)
-    problems = _mismatch_listing({x.torch_name: x.torch_shape for x in leaves},
-                                 {k: np.shape(v) for k, v in state.items()})
+    problems = _mismatch_listing(
+        {x.torch_name: x.torch_shape for x in leaves}, {k: np.shape(v) for k, v in state.items()}
+    )
     if problems:
         raise ConvertError(f"checkpoint does not match a {describe(spec, with_head)}", problems)
     variables: dict = {"params": {}, "batch_stats": {}}
@@ -140,5 +148,4 @@ def variables_problems(spec: ModelSpec, variables: Mapping, with_head: bool) -> 
 
 def describe(spec: ModelSpec, with_head: bool) -> str:
     what = f"classifier with {spec.num_classes} classes" if with_head else "bare encoder"
-    return (f"ProFound-Conv {what} (depths {tuple(spec.depths)}, dims {tuple(spec.dims)}, "
-            f"in_chans {spec.in_chans})")
+    return f"ProFound-Conv {what} (depths {tuple(spec.depths)}, dims {tuple(spec.dims)}, in_chans {spec.in_chans})"

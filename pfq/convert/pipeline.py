@@ -24,14 +24,14 @@ class Converted:
     metadata: dict[str, Any]
 
 
-def convert_checkpoint(src: str | Path, *, size: str | None = None, in_chans: int | None = None,
-                       num_classes: int | None = None) -> Converted:
+def convert_checkpoint(
+    src: str | Path, *, size: str | None = None, in_chans: int | None = None, num_classes: int | None = None
+) -> Converted:
     """Read, detect, remap and check a checkpoint; nothing is written."""
     source = read_source(src)
     dense = to_dense(source.tree)
     shapes = {k: v.shape for k, v in dense.state.items()}
-    spec = infer_spec(shapes, with_head=dense.with_head, size=size, in_chans=in_chans,
-                      num_classes=num_classes)
+    spec = infer_spec(shapes, with_head=dense.with_head, size=size, in_chans=in_chans, num_classes=num_classes)
     variables = import_state(spec, dense.state, dense.with_head)
     if not dense.with_head:
         variables = {"params": {"encoder": variables["params"]["encoder"]}, "batch_stats": {}}
@@ -51,8 +51,15 @@ def convert_checkpoint(src: str | Path, *, size: str | None = None, in_chans: in
     return Converted(spec, variables, metadata)
 
 
-def convert_file(src: str | Path, dest_dir: str | Path, *, overwrite: bool = False, size: str | None = None,
-                 in_chans: int | None = None, num_classes: int | None = None) -> Converted:
+def convert_file(
+    src: str | Path,
+    dest_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    size: str | None = None,
+    in_chans: int | None = None,
+    num_classes: int | None = None,
+) -> Converted:
     if Path(dest_dir).exists() and not overwrite:  # fail before the (possibly long) read
         raise FileExistsError(f"{dest_dir} exists; pass --overwrite to replace it")
     out = convert_checkpoint(src, size=size, in_chans=in_chans, num_classes=num_classes)
@@ -60,8 +67,9 @@ def convert_file(src: str | Path, dest_dir: str | Path, *, overwrite: bool = Fal
     return out
 
 
-def torch_state_dict(spec: ModelSpec, variables: dict, metadata: dict, *,
-                     encoder_only: bool = False) -> dict[str, np.ndarray]:
+def torch_state_dict(
+    spec: ModelSpec, variables: dict, metadata: dict, *, encoder_only: bool = False
+) -> dict[str, np.ndarray]:
     """Upstream dense names and PyTorch layouts. A classifier keeps `encoder.`/`head.` names (for
     `Classifier(convnextv2_*(), C)`); encoder-only output has bare names (for `convnextv2_*()`)."""
     with_head = has_head(variables) and not encoder_only
@@ -70,11 +78,12 @@ def torch_state_dict(spec: ModelSpec, variables: dict, metadata: dict, *,
         count = metadata.get("torch_buffers", {}).get(BN_COUNTER, 0)
         state[BN_COUNTER] = np.array(count, dtype=np.int64)
         return state
-    return {k[len("encoder."):]: v for k, v in state.items()}
+    return {k[len("encoder.") :]: v for k, v in state.items()}
 
 
-def export_torch(src_dir: str | Path, dest: str | Path, *, overwrite: bool = False,
-                 encoder_only: bool = False) -> dict[str, np.ndarray]:
+def export_torch(
+    src_dir: str | Path, dest: str | Path, *, overwrite: bool = False, encoder_only: bool = False
+) -> dict[str, np.ndarray]:
     """Write `torch_state_dict` of a pfq model dir to a safetensors file (atomically)."""
     from safetensors.numpy import save_file
 

@@ -79,6 +79,8 @@ def read_source(path: str | Path) -> SourceFile:
         torch_zip.load(path)  # raises the legacy-format error with the re-save hint
         raise AssertionError("unreachable")
     else:
-        raise ConvertError(f"{path}: neither a torch zip checkpoint (.pth/.pt/.pth.tar) nor a safetensors "
-                           "file (if it is an old torch pickle, " + torch_zip.RESAVE_HINT + ")")
+        raise ConvertError(
+            f"{path}: neither a torch zip checkpoint (.pth/.pt/.pth.tar) nor a safetensors "
+            "file (if it is an old torch pickle, " + torch_zip.RESAVE_HINT + ")"
+        )
     return SourceFile(path, container, tree, sha256_file(path))

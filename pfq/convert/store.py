@@ -35,13 +35,19 @@ def has_head(variables: Mapping) -> bool:
 
 
 def model_metadata(spec: ModelSpec, with_head: bool) -> dict[str, Any]:
-    return {"pfq_model_format": FORMAT_VERSION, "size": size_name(spec.depths, spec.dims),
-            "depths": list(spec.depths), "dims": list(spec.dims), "in_chans": spec.in_chans,
-            "num_classes": spec.num_classes if with_head else None}
+    return {
+        "pfq_model_format": FORMAT_VERSION,
+        "size": size_name(spec.depths, spec.dims),
+        "depths": list(spec.depths),
+        "dims": list(spec.dims),
+        "in_chans": spec.in_chans,
+        "num_classes": spec.num_classes if with_head else None,
+    }
 
 
-def save_model_dir(dest_dir: str | Path, spec: ModelSpec, variables: dict, metadata: dict, *,
-                   overwrite: bool = False) -> Path:
+def save_model_dir(
+    dest_dir: str | Path, spec: ModelSpec, variables: dict, metadata: dict, *, overwrite: bool = False
+) -> Path:
     """Write `variables` (full classifier, or `{"params": {"encoder": ...}}`) and metadata to `dest_dir`.
 
     The structural fields of the metadata (size, depths, dims, in_chans, num_classes) come from
@@ -66,8 +72,12 @@ MAX_METADATA_BYTES = 1 << 20
 
 
 def _positive_ints(value: Any, count: int | None = None) -> bool:
-    return (isinstance(value, list) and (count is None or len(value) == count) and len(value) > 0
-            and all(type(v) is int and v > 0 for v in value))
+    return (
+        isinstance(value, list)
+        and (count is None or len(value) == count)
+        and len(value) > 0
+        and all(type(v) is int and v > 0 for v in value)
+    )
 
 
 def metadata_problems(meta: Any) -> list[str]:
@@ -114,8 +124,7 @@ def read_metadata(src_dir: str | Path) -> dict[str, Any]:
 
 def spec_from_metadata(meta: Mapping[str, Any]) -> ModelSpec:
     kwargs = {} if meta["num_classes"] is None else {"num_classes": int(meta["num_classes"])}
-    return ModelSpec(depths=tuple(meta["depths"]), dims=tuple(meta["dims"]), in_chans=int(meta["in_chans"]),
-                     **kwargs)
+    return ModelSpec(depths=tuple(meta["depths"]), dims=tuple(meta["dims"]), in_chans=int(meta["in_chans"]), **kwargs)
 
 
 def nonfinite_problems(variables: Mapping) -> list[str]:
@@ -133,8 +142,9 @@ def nonfinite_problems(variables: Mapping) -> list[str]:
 def check_finite(variables: Mapping, where: str) -> None:
     problems = nonfinite_problems(variables)
     if problems:
-        raise ConvertError(f"{where}: the weights hold non-finite values (a diverged or damaged model); "
-                           "refusing to use them", problems)
+        raise ConvertError(
+            f"{where}: the weights hold non-finite values (a diverged or damaged model); refusing to use them", problems
+        )
 
 
 def load_model_dir(src_dir: str | Path) -> tuple[ModelSpec, dict, dict]:
@@ -147,8 +157,11 @@ def load_model_dir(src_dir: str | Path) -> tuple[ModelSpec, dict, dict]:
     spec = spec_from_metadata(meta)
     full = abstract_variables(spec)
     # Restoring against a target keeps the integer list keys (Orbax alone would return strings).
-    target = {"params": full["params"]} if meta["num_classes"] is not None else \
-        {"params": {"encoder": full["params"]["encoder"]}}
+    target = (
+        {"params": full["params"]}
+        if meta["num_classes"] is not None
+        else {"params": {"encoder": full["params"]["encoder"]}}
+    )
     if meta["num_classes"] is not None:
         target["batch_stats"] = full["batch_stats"]
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
@@ -156,12 +169,14 @@ def load_model_dir(src_dir: str | Path) -> tuple[ModelSpec, dict, dict]:
     if not path.is_dir():
         raise ConvertError(f"{src_dir}: not a complete pfq model directory (no {VARIABLES_DIR}/ folder)")
     try:
-        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args))
+        restored = ocp.PyTreeCheckpointer().restore(
+            path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+        )
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged checkpoint
         text = " ".join(str(e).split())
-        raise ConvertError(f"{src_dir}: the stored {VARIABLES_DIR}/ cannot be read ({type(e).__name__}: "
-                           f"{text[:300]})") from None
+        raise ConvertError(
+            f"{src_dir}: the stored {VARIABLES_DIR}/ cannot be read ({type(e).__name__}: {text[:300]})"
+        ) from None
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
     problems = variables_problems(spec, variables, meta["num_classes"] is not None)
     if problems:

@@ -40,8 +40,10 @@ MAX_INT_BITS = 64  # every integer a weights file holds (sizes, strides, epochs)
 # Legacy (non-zip) torch.save output starts with a protocol-2 pickle of this magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
-RESAVE_HINT = ("re-save it with a torch >= 1.6 you trust, e.g. "
-               "`sd = torch.load(path, map_location='cpu', weights_only=True); torch.save(sd, 'new.pth')`")
+RESAVE_HINT = (
+    "re-save it with a torch >= 1.6 you trust, e.g. "
+    "`sd = torch.load(path, map_location='cpu', weights_only=True); torch.save(sd, 'new.pth')`"
+)
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,33 @@ class _TorchDtype:
 
 
 _STORAGE_DTYPES: dict[str, Any] = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-    "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+    "ComplexFloatStorage": np.complex64,
+    "ComplexDoubleStorage": np.complex128,
 }
 # dtypes that newer torch writes as UntypedStorage + `_rebuild_tensor_v3(..., dtype)`
 _V3_DTYPES: dict[str, Any] = {
-    "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
-    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
-    "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
-    "int64": np.int64, "int32": np.int32, "uint8": np.uint8, "bool": np.bool_,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "uint8": np.uint8,
+    "bool": np.bool_,
 }
 
 
@@ -101,30 +119,36 @@ class _Archive:
         except zipfile.BadZipFile as e:
             raise ConvertError(f"{path}: not a readable zip archive ({e}); the file may be truncated") from e
         except UnicodeDecodeError as e:  # a member flagged UTF-8 whose name is not
-            raise UnsafeCheckpointError(f"{path}: a zip member name is flagged UTF-8 but is not valid UTF-8 "
-                                        f"({e.reason} at byte {e.start})") from None
+            raise UnsafeCheckpointError(
+                f"{path}: a zip member name is flagged UTF-8 but is not valid UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
         except (OSError, ValueError) as e:
             raise ConvertError(f"{path}: not a readable zip archive ({e})") from None
         self.members = {}
         for info in self.zf.infolist():
             _check_member_name(info.filename)
             if info.flag_bits & 0x1:
-                raise UnsafeCheckpointError(f"{path}: zip member {info.filename!r} is encrypted; a weights file "
-                                            "never is")
+                raise UnsafeCheckpointError(
+                    f"{path}: zip member {info.filename!r} is encrypted; a weights file never is"
+                )
             if info.compress_type not in _READABLE_METHODS:
-                raise ConvertError(f"{path}: zip member {info.filename!r} uses compression method "
-                                   f"{info.compress_type}; torch writes stored (0) or deflated (8) members only")
+                raise ConvertError(
+                    f"{path}: zip member {info.filename!r} uses compression method "
+                    f"{info.compress_type}; torch writes stored (0) or deflated (8) members only"
+                )
             if info.filename in self.members:
                 raise UnsafeCheckpointError(f"{path}: duplicate zip member {info.filename!r}")
             end = info.header_offset + _LOCAL_HEADER + len(info.filename.encode()) + info.compress_size
             if end > self.size:
-                raise ConvertError(f"{path}: zip member {info.filename!r} extends past the end of the "
-                                   "file; the file is truncated")
+                raise ConvertError(
+                    f"{path}: zip member {info.filename!r} extends past the end of the file; the file is truncated"
+                )
             self.members[info.filename] = info
         pickles = [n for n in self.members if re.fullmatch(r"[^/]+/data\.pkl", n)]
         if len(pickles) != 1:
-            raise ConvertError(f"{path}: a torch zip checkpoint has exactly one '<name>/data.pkl', found "
-                               f"{pickles or 'none'}")
+            raise ConvertError(
+                f"{path}: a torch zip checkpoint has exactly one '<name>/data.pkl', found {pickles or 'none'}"
+            )
         self.prefix = pickles[0].split("/")[0]
         strays = [n for n in self.members if n.split("/")[0] != self.prefix]
         if strays:
@@ -139,16 +163,19 @@ class _Archive:
     def charge(self, nbytes: int, what: str) -> None:
         """Count bytes about to be materialised from this file; refuse past `read_limit`."""
         if self.read_total + nbytes > self.read_limit:
-            raise UnsafeCheckpointError(f"{self.path}: {what} would bring the tensors read from this {self.size}-byte "
-                                        f"file to {self.read_total + nbytes} bytes, over the {self.read_limit}-byte "
-                                        "limit; a weights file's tensors are no larger than the file")
+            raise UnsafeCheckpointError(
+                f"{self.path}: {what} would bring the tensors read from this {self.size}-byte "
+                f"file to {self.read_total + nbytes} bytes, over the {self.read_limit}-byte "
+                "limit; a weights file's tensors are no larger than the file"
+            )
         self.read_total += nbytes
 
     def read_pickle(self) -> bytes:
         info = self.members[f"{self.prefix}/data.pkl"]
         if info.file_size > MAX_PICKLE_BYTES:
-            raise UnsafeCheckpointError(f"{self.path}: data.pkl declares {info.file_size} bytes, over the "
-                                        f"{MAX_PICKLE_BYTES}-byte limit")
+            raise UnsafeCheckpointError(
+                f"{self.path}: data.pkl declares {info.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte limit"
+            )
         return self._read(info, info.file_size)
 
     def storage_member(self, key: str, nbytes: int) -> zipfile.ZipInfo:
@@ -157,14 +184,16 @@ class _Archive:
         if info is None:
             raise ConvertError(f"{self.path}: storage {key!r} has no zip member {name!r}")
         if info.file_size != nbytes:
-            raise UnsafeCheckpointError(f"{self.path}: storage {key!r} declares {nbytes} bytes but its "
-                                        f"member holds {info.file_size}")
+            raise UnsafeCheckpointError(
+                f"{self.path}: storage {key!r} declares {nbytes} bytes but its member holds {info.file_size}"
+            )
         if info.compress_type == zipfile.ZIP_STORED:
             if info.compress_size != info.file_size:
                 raise UnsafeCheckpointError(f"{self.path}: stored member {name!r} has inconsistent sizes")
         elif info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
-            raise UnsafeCheckpointError(f"{self.path}: member {name!r} would expand {info.compress_size} "
-                                        f"bytes to {info.file_size}")
+            raise UnsafeCheckpointError(
+                f"{self.path}: member {name!r} would expand {info.compress_size} bytes to {info.file_size}"
+            )
         return info
 
     def _read(self, info: zipfile.ZipInfo, nbytes: int) -> bytes | bytearray:
@@ -188,8 +217,14 @@ class _Archive:
 
 def _check_member_name(name: str) -> None:
     parts = name.split("/")
-    if (not name or name.startswith("/") or "\\" in name or "\x00" in name or ":" in parts[0]
-            or any(p in ("..", ".") for p in parts)):
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\x00" in name
+        or ":" in parts[0]
+        or any(p in ("..", ".") for p in parts)
+    ):
         raise UnsafeCheckpointError(f"refusing zip member name {name!r} (absolute or path traversal)")
 
 
@@ -222,13 +257,15 @@ class TensorRef:
         """A fresh C-contiguous array with the tensor's values."""
         if math.prod(self.shape) == 0:
             return np.zeros(self.shape, self.dtype)
-        self.storage.archive.charge(math.prod(self.shape) * self.dtype.itemsize,
-                                    f"a tensor of shape {self.shape} from storage {self.storage.key!r}")
+        self.storage.archive.charge(
+            math.prod(self.shape) * self.dtype.itemsize,
+            f"a tensor of shape {self.shape} from storage {self.storage.key!r}",
+        )
         flat = self.storage.array()
         if flat.dtype != self.dtype:  # _rebuild_tensor_v3 reinterprets an untyped (byte) storage
             flat = flat.view(self.dtype)
         strides = tuple(s * self.dtype.itemsize for s in self.stride)
-        view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.shape, strides, writeable=False)
+        view = np.lib.stride_tricks.as_strided(flat[self.offset :], self.shape, strides, writeable=False)
         return np.array(view, copy=True, order="C")
 
 
@@ -244,32 +281,37 @@ def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dty
     if not isinstance(storage, _Storage):
         raise UnsafeCheckpointError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
     if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride):
-        raise UnsafeCheckpointError(f"tensor size/stride must be equal-length tuples: "
-                                    f"{size!r:.80}, {stride!r:.80}")
+        raise UnsafeCheckpointError(f"tensor size/stride must be equal-length tuples: {size!r:.80}, {stride!r:.80}")
     offset = _as_int(offset, "offset")
     size = tuple(_as_int(s, "size") for s in size)
     stride = tuple(_as_int(s, "stride") for s in stride)
     numel = storage.numel * storage.dtype.itemsize // dtype.itemsize
     if math.prod(size) * dtype.itemsize > storage.archive.read_limit:
-        raise UnsafeCheckpointError(f"tensor of size {size} ({math.prod(size)} elements) is a view of storage "
-                                    f"{storage.key!r} ({numel} elements) larger than the whole file allows")
+        raise UnsafeCheckpointError(
+            f"tensor of size {size} ({math.prod(size)} elements) is a view of storage "
+            f"{storage.key!r} ({numel} elements) larger than the whole file allows"
+        )
     if math.prod(size) > 0:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= numel:
-            raise UnsafeCheckpointError(f"tensor of size {size} stride {stride} offset {offset} reads past "
-                                        f"storage {storage.key!r} ({numel} elements)")
+            raise UnsafeCheckpointError(
+                f"tensor of size {size} stride {stride} offset {offset} reads past "
+                f"storage {storage.key!r} ({numel} elements)"
+            )
     return TensorRef(storage, offset, size, stride, dtype)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> TensorRef:
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+) -> TensorRef:
     if not isinstance(storage, _Storage):
         raise UnsafeCheckpointError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
     return _tensor_ref(storage, storage_offset, size, stride, storage.dtype)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
-                       metadata=None) -> TensorRef:
+def _rebuild_tensor_v3(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+) -> TensorRef:
     if not isinstance(dtype, _TorchDtype):
         raise UnsafeCheckpointError(f"_rebuild_tensor_v3 needs a torch dtype, got {type(dtype).__name__}")
     if isinstance(storage, _Storage) and storage.numel * storage.dtype.itemsize % dtype.dtype.itemsize:
@@ -321,8 +363,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         obj = _ALLOWED.get(f"{module}.{name}")
         if obj is None:
-            raise UnsafeCheckpointError(f"{self.archive.path}: refusing global {module}.{name}: a weights "
-                                        "file never needs it, and loading it could run code")
+            raise UnsafeCheckpointError(
+                f"{self.archive.path}: refusing global {module}.{name}: a weights "
+                "file never needs it, and loading it could run code"
+            )
         return obj
 
     def persistent_load(self, pid: Any) -> _Storage:
@@ -338,8 +382,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         cached = self.storages.get(key)
         if cached is not None:
             if cached.dtype != dtype or cached.numel != numel:
-                raise UnsafeCheckpointError(f"{self.archive.path}: storage {key!r} declared twice "
-                                            "with different types or sizes")
+                raise UnsafeCheckpointError(
+                    f"{self.archive.path}: storage {key!r} declared twice with different types or sizes"
+                )
             return cached
         info = self.archive.storage_member(key, numel * dtype.itemsize)
         storage = _Storage(self.archive, key, dtype, numel, info)
@@ -356,8 +401,9 @@ def _check_tree(obj: Any) -> None:
     while stack:
         x = stack.pop()
         if type(x) is int and x.bit_length() > MAX_INT_BITS:
-            raise UnsafeCheckpointError(f"checkpoint holds an integer of {x.bit_length()} bits; a weights file's "
-                                        f"integers fit in {MAX_INT_BITS}")
+            raise UnsafeCheckpointError(
+                f"checkpoint holds an integer of {x.bit_length()} bits; a weights file's integers fit in {MAX_INT_BITS}"
+            )
         if isinstance(x, _INERT_LEAVES) or id(x) in seen:  # the memo can make shared or cyclic refs
             continue
         seen.add(id(x))
@@ -383,8 +429,9 @@ def load(path: str | Path) -> Any:
     with open_regular(path) as f:
         head = f.read(512)
     if is_legacy_torch(head):
-        raise ConvertError(f"{path}: legacy (pre-zip) torch serialization is not read, as it cannot be "
-                           f"parsed safely; {RESAVE_HINT}")
+        raise ConvertError(
+            f"{path}: legacy (pre-zip) torch serialization is not read, as it cannot be parsed safely; {RESAVE_HINT}"
+        )
     archive = _Archive(path)
     data = archive.read_pickle()
     try:
@@ -394,7 +441,16 @@ def load(path: str | Path) -> Any:
         if str(path) in str(e):
             raise
         raise type(e)(f"{path}: {e.args[0] if e.args else e}", e.problems) from None
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
-            KeyError, RecursionError, MemoryError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RecursionError,
+        MemoryError,
+    ) as e:
         raise ConvertError(f"{path}: malformed checkpoint pickle: {type(e).__name__}: {str(e)[:300]}") from e
     return obj

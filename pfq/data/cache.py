@@ -124,8 +124,9 @@ class VolumeCache:
         _write(path, lambda f: np.save(f, array, allow_pickle=False))
         return path
 
-    def prepare(self, cases: Sequence[CaseRecord], *, workers: int = 0, progress: bool = True,
-                desc: str = "preprocessing") -> tuple[list[Path | None], list[Problem]]:
+    def prepare(
+        self, cases: Sequence[CaseRecord], *, workers: int = 0, progress: bool = True, desc: str = "preprocessing"
+    ) -> tuple[list[Path | None], list[Problem]]:
         """Ensure every case is cached: (entry per case, None where it failed; every problem)."""
         paths: list[Path | None] = [None] * len(cases)
         problems: list[Problem] = []
@@ -186,17 +187,22 @@ def stale_temporaries(root: Path | str, *, older_than_s: float = 3600.0, now: fl
     return pfq_io.stale_temporaries(root, "*/*/*", older_than_s=older_than_s, now=now)
 
 
-def select_for_pruning(entries: Sequence[CacheEntry], *, now: float, older_than_days: float | None = None,
-                       max_bytes: int | None = None, keep_recent_hours: float = 24.0) -> list[CacheEntry]:
+def select_for_pruning(
+    entries: Sequence[CacheEntry],
+    *,
+    now: float,
+    older_than_days: float | None = None,
+    max_bytes: int | None = None,
+    keep_recent_hours: float = 24.0,
+) -> list[CacheEntry]:
     """Least recently used first: every entry unused for `older_than_days`, then more until the
     rest fits in `max_bytes`; entries used within `keep_recent_hours` are never selected."""
     protected_after = now - keep_recent_hours * 3600.0
-    candidates = [e for e in sorted(entries, key=lambda e: (e.last_used, str(e.path)))
-                  if e.last_used < protected_after]
+    candidates = [e for e in sorted(entries, key=lambda e: (e.last_used, str(e.path))) if e.last_used < protected_after]
     chosen = [e for e in candidates if older_than_days is not None and e.last_used < now - older_than_days * 86400.0]
     if max_bytes is not None:
         remaining = sum(e.size for e in entries) - sum(e.size for e in chosen)
-        for e in candidates[len(chosen):]:
+        for e in candidates[len(chosen) :]:
             if remaining <= max_bytes:
                 break
             chosen.append(e)

@@ -104,9 +104,7 @@ def rfft_freqs(shape: Shape, spacing: Spacing) -> tuple[np.ndarray, np.ndarray, 
     return fz, fy, fx
 
 
-def resolution_transfer(
-    shape: Shape, spacing: Spacing, sigma_mm: float, extra_slice_mm: float
-) -> np.ndarray:
+def resolution_transfer(shape: Shape, spacing: Spacing, sigma_mm: float, extra_slice_mm: float) -> np.ndarray:
     """Transfer function of an in-plane Gaussian PSF and a box slice profile widened by ``extra_slice_mm``.
 
     The clean grid is point-sampled, so sigma 0 and no extra width give the identity.
@@ -231,9 +229,7 @@ def _reference_level(img: np.ndarray, reference: float | None) -> float:
 # ----------------------------------------------------------------------------- DWI geometry
 
 
-def ap_shift_field(
-    shape: Shape, s: float, rng: np.random.Generator, focus: np.ndarray | None = None
-) -> np.ndarray:
+def ap_shift_field(shape: Shape, s: float, rng: np.random.Generator, focus: np.ndarray | None = None) -> np.ndarray:
     """Anterior-posterior (H) displacement in mm: peak 2-6s mm, concentrated where ``focus`` ~ 1.
 
     Susceptibility at the rectal gas/wall interface is the dominant source in prostate EPI, so the
@@ -295,9 +291,7 @@ def susceptibility_loss(focus: np.ndarray, s: float, rng: np.random.Generator) -
 # ----------------------------------------------------------------------------- full acquisitions
 
 
-def _kspace_degrade(
-    spec: np.ndarray, shape: Shape, line_gain: np.ndarray, transfer: np.ndarray
-) -> np.ndarray:
+def _kspace_degrade(spec: np.ndarray, shape: Shape, line_gain: np.ndarray, transfer: np.ndarray) -> np.ndarray:
     """Apply ghosting line gains and the resolution transfer, back to the image (real part, abs)."""
     spec = spec * line_gain[None, :, None] * transfer
     return np.abs(sfft.irfftn(spec, s=shape, axes=(0, 1, 2))).astype(np.float32)

@@ -20,8 +20,7 @@ import numpy as np
 from pfq.safe_open import UnsafeFileError, open_regular
 
 IMAGE_COLUMNS: tuple[str, ...] = ("t2w", "highb", "adc")
-COLUMN_ALIASES: dict[str, tuple[str, ...]] = {"t2w": ("t2w",), "highb": ("highb", "hbv", "dwi"),
-                                              "adc": ("adc",)}
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {"t2w": ("t2w",), "highb": ("highb", "hbv", "dwi"), "adc": ("adc",)}
 QUALITY_WORDS = {"hq": "hq", "high": "hq", "lq": "lq", "low": "lq"}
 
 
@@ -37,7 +36,8 @@ class QualityScale:
 
 
 QUALITY_SCALES: dict[str, QualityScale] = {
-    s.name: s for s in [
+    s.name: s
+    for s in [
         # v1 (2020): 1-5; >=4 means all three sequences are independently diagnostic.
         QualityScale("piqual_v1", 1, 5, 4.0, "PI-QUAL v1, 1-5"),
         # v2 (2024): 1 inadequate, 2 acceptable, 3 optimal; 3 is the analogue of v1 >=4.
@@ -62,11 +62,14 @@ class QualityRule:
         try:
             score = float(text)
         except ValueError:
-            raise ValueError(f"unknown quality value {raw!r}: expected hq/lq or a {self.scale.description} "
-                             "score") from None
+            raise ValueError(
+                f"unknown quality value {raw!r}: expected hq/lq or a {self.scale.description} score"
+            ) from None
         if not np.isfinite(score) or score != int(score) or not self.scale.low <= score <= self.scale.high:
-            raise ValueError(f"quality score {raw!r} is not an integer in [{self.scale.low}, {self.scale.high}] "
-                             f"({self.scale.description})")
+            raise ValueError(
+                f"quality score {raw!r} is not an integer in [{self.scale.low}, {self.scale.high}] "
+                f"({self.scale.description})"
+            )
         return "hq" if score >= self.threshold else "lq"
 
 
@@ -151,8 +154,14 @@ def _resolve_columns(header: Sequence[str]) -> tuple[dict[str, str], list[Proble
     for name in sorted(present):  # csv.DictReader keeps only the last of two equal names
         positions = [i + 1 for i, h in enumerate(header) if h.strip() == name]
         if len(positions) > 1 and name:
-            problems.append(Problem(f"the header names column {name!r} {len(positions)} times (fields "
-                                    f"{', '.join(map(str, positions))})", line=1, column=name))
+            problems.append(
+                Problem(
+                    f"the header names column {name!r} {len(positions)} times (fields "
+                    f"{', '.join(map(str, positions))})",
+                    line=1,
+                    column=name,
+                )
+            )
     for role in IMAGE_COLUMNS:
         found = [a for a in COLUMN_ALIASES[role] if a in present]
         if not found:
@@ -176,9 +185,14 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     return header, rows
 
 
-def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, quality_scale: str = "piqual_v1",
-                   require_quality: bool = True, label_column: str | None = None
-                   ) -> tuple[Manifest | None, list[Problem]]:
+def parse_manifest(
+    path: str | Path,
+    *,
+    quality_threshold: float | None = None,
+    quality_scale: str = "piqual_v1",
+    require_quality: bool = True,
+    label_column: str | None = None,
+) -> tuple[Manifest | None, list[Problem]]:
     """Parse a manifest and collect every structural problem (columns, ids, paths, quality values;
     `label_column` is only checked for presence, `label_problems` checks its values). Returns
     (None, problems) when the file cannot be read as a table at all. Without `require_quality`,
@@ -200,8 +214,9 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
     stripped = {h.strip() for h in header}
     has_quality = "quality" in stripped
     if require_quality and not has_quality:
-        problems.append(Problem("missing required column (quality: hq/lq or a PI-QUAL score)", line=1,
-                                column="quality"))
+        problems.append(
+            Problem("missing required column (quality: hq/lq or a PI-QUAL score)", line=1, column="quality")
+        )
     if label_column is not None and label_column not in stripped:
         problems.append(Problem(f"missing label column for the task ({label_column})", line=1, column=label_column))
     if problems:
@@ -217,13 +232,21 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
         raw = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
         case_id = raw.get("case_id") or f"row{line}"
         if extra:
-            problems.append(Problem(f"{len(extra)} more field(s) than the header has columns (an unquoted comma?)",
-                                    line=line, case_id=case_id))
+            problems.append(
+                Problem(
+                    f"{len(extra)} more field(s) than the header has columns (an unquoted comma?)",
+                    line=line,
+                    case_id=case_id,
+                )
+            )
         if has_ids and not raw.get("case_id"):
             problems.append(Problem("empty case_id", line=line, case_id=case_id, column="case_id"))
         elif case_id in seen:
-            problems.append(Problem(f"duplicate case_id (first on line {seen[case_id]})", line=line,
-                                    case_id=case_id, column="case_id"))
+            problems.append(
+                Problem(
+                    f"duplicate case_id (first on line {seen[case_id]})", line=line, case_id=case_id, column="case_id"
+                )
+            )
         seen.setdefault(case_id, line)
         images = {}
         for role, column in columns.items():
@@ -232,34 +255,56 @@ def parse_manifest(path: str | Path, *, quality_threshold: float | None = None, 
                 problems.append(Problem("empty image path", line=line, case_id=case_id, column=column))
                 continue
             if any(ord(ch) < 32 for ch in value):  # a NUL would make the OS cut or refuse the path
-                problems.append(Problem(f"image path {value!r} contains a control character", line=line,
-                                        case_id=case_id, column=column))
+                problems.append(
+                    Problem(
+                        f"image path {value!r} contains a control character", line=line, case_id=case_id, column=column
+                    )
+                )
                 continue
             try:
                 images[role] = (path.parent / value).resolve()
             except (RuntimeError, OSError) as e:  # pathlib raises RuntimeError for a symlink loop
                 reason = "a symlink loop" if isinstance(e, RuntimeError) else e.strerror
-                problems.append(Problem(f"image path cannot be resolved: {reason}", line=line, case_id=case_id,
-                                        column=column, file=value))
+                problems.append(
+                    Problem(
+                        f"image path cannot be resolved: {reason}",
+                        line=line,
+                        case_id=case_id,
+                        column=column,
+                        file=value,
+                    )
+                )
         quality = None
         if has_quality and (require_quality or raw.get("quality")):  # not required: blank cells are ungraded
             try:
                 quality = rule.classify(raw.get("quality", ""))
             except ValueError as e:
                 problems.append(Problem(str(e), line=line, case_id=case_id, column="quality"))
-        cases.append(CaseRecord(line=line, case_id=case_id, images=images, quality=quality, raw=raw,
-                                columns=dict(columns)))
+        cases.append(
+            CaseRecord(line=line, case_id=case_id, images=images, quality=quality, raw=raw, columns=dict(columns))
+        )
     return Manifest(path=path, cases=cases), problems
 
 
-def read_manifest(path: str | Path, *, quality_threshold: float | None = None, quality_scale: str = "piqual_v1",
-                  require_quality: bool = True, label_column: str | None = None) -> Manifest:
+def read_manifest(
+    path: str | Path,
+    *,
+    quality_threshold: float | None = None,
+    quality_scale: str = "piqual_v1",
+    require_quality: bool = True,
+    label_column: str | None = None,
+) -> Manifest:
     """Parse a manifest, raising `ManifestError` with every structural problem.
 
     This checks the CSV itself; `pfq.data.validate` additionally checks labels and opens every image.
     """
-    manifest, problems = parse_manifest(path, quality_threshold=quality_threshold, quality_scale=quality_scale,
-                                        require_quality=require_quality, label_column=label_column)
+    manifest, problems = parse_manifest(
+        path,
+        quality_threshold=quality_threshold,
+        quality_scale=quality_scale,
+        require_quality=require_quality,
+        label_column=label_column,
+    )
     if problems or manifest is None:
         raise ManifestError(path, problems)
     return manifest
@@ -277,8 +322,11 @@ def label_problems(manifest: Manifest, task) -> tuple[np.ndarray, list[Problem]]
         try:
             labels.append(task.to_class(raw))
         except ValueError as e:
-            problems.append(Problem(f"invalid label for task {task.name}: {e}", line=case.line,
-                                    case_id=case.case_id, column=task.column))
+            problems.append(
+                Problem(
+                    f"invalid label for task {task.name}: {e}", line=case.line, case_id=case.case_id, column=task.column
+                )
+            )
             labels.append(-1)
     return np.asarray(labels, dtype=np.int32), problems
 
@@ -298,7 +346,9 @@ def domain_problems(manifest: Manifest, skip: tuple[tuple[int, str], ...] = ()) 
             try:
                 check(raw)
             except ValueError as e:
-                problems.append(Problem(f"invalid {column} value ({domain}): {e}", line=case.line,
-                                        case_id=case.case_id, column=column))
+                problems.append(
+                    Problem(
+                        f"invalid {column} value ({domain}): {e}", line=case.line, case_id=case.case_id, column=column
+                    )
+                )
     return problems
-

@@ -64,8 +64,9 @@ def _header_class(head: bytes) -> type:
                 return nib.Nifti1Header
             if head[344:348] == b"ni1\x00":
                 raise NiftiError("a two-file NIfTI (.hdr/.img) header; pfq reads single-file .nii or .nii.gz")
-            raise NiftiError("not a readable NIfTI image (348-byte header without the NIfTI-1 magic 'n+1'; "
-                             "an Analyze file?)")
+            raise NiftiError(
+                "not a readable NIfTI image (348-byte header without the NIfTI-1 magic 'n+1'; an Analyze file?)"
+            )
         if size == 540:
             if len(head) >= 12 and head[4:12] == _NIFTI2_MAGIC:
                 return nib.Nifti2Header
@@ -79,7 +80,7 @@ def check_header(header, file_size: int | None) -> tuple[int, int]:
     ndim = dim[0]
     if not 1 <= ndim <= 7:
         raise NiftiError(f"header dim[0] = {ndim}: the number of dimensions must be 1 to 7")
-    shape = dim[1:ndim + 1]
+    shape = dim[1 : ndim + 1]
     if min(shape) < 1:
         raise NiftiError(f"header dimensions {shape} are not all positive")
     code = int(header["datatype"])
@@ -93,17 +94,21 @@ def check_header(header, file_size: int | None) -> tuple[int, int]:
         raise NiftiError(f"unsupported voxel type {dtype} (datatype code {code}); pfq reads integer or float images")
     voxels, cap = math.prod(shape), max_voxels()
     if voxels > cap:
-        raise NiftiError(f"the header claims {voxels} voxels {tuple(shape)}, over the cap of {cap} "
-                         "(PFQ_MAX_VOXELS); refused before reading")
+        raise NiftiError(
+            f"the header claims {voxels} voxels {tuple(shape)}, over the cap of {cap} "
+            "(PFQ_MAX_VOXELS); refused before reading"
+        )
     for field in ("scl_slope", "scl_inter"):
         value = float(header[field])
         if math.isinf(value):  # NaN is how nibabel itself writes "no scaling"; an infinity is damage
             raise NiftiError(f"{field} is {value} (must be finite; 0 or NaN means no scaling)")
     sform, qform = int(header["sform_code"]), int(header["qform_code"])
     pixdim = [float(p) for p in header["pixdim"][1:4]]
-    if sform == 0 and qform > 0 and not all(math.isfinite(p) and p > 0 for p in pixdim[:min(ndim, 3)]):
-        raise NiftiError(f"qform-only header (sform code 0) with voxel sizes pixdim[1:4] = {pixdim}: each must be "
-                         "positive and finite for the qform to mean anything")
+    if sform == 0 and qform > 0 and not all(math.isfinite(p) and p > 0 for p in pixdim[: min(ndim, 3)]):
+        raise NiftiError(
+            f"qform-only header (sform code 0) with voxel sizes pixdim[1:4] = {pixdim}: each must be "
+            "positive and finite for the qform to mean anything"
+        )
     header_end = int(header["sizeof_hdr"]) + 4  # the header plus the 4-byte extension flag
     raw_offset = float(header["vox_offset"])
     if not math.isfinite(raw_offset) or raw_offset != int(raw_offset) or raw_offset < 0:
@@ -116,8 +121,10 @@ def check_header(header, file_size: int | None) -> tuple[int, int]:
         if offset >= file_size:
             raise NiftiError(f"vox_offset {offset} is past the end of the file ({file_size} bytes)")
         if offset + nbytes > file_size:
-            raise NiftiError(f"truncated: the header claims {nbytes} bytes of voxel data from offset {offset}, "
-                             f"the file has {file_size - offset}")
+            raise NiftiError(
+                f"truncated: the header claims {nbytes} bytes of voxel data from offset {offset}, "
+                f"the file has {file_size - offset}"
+            )
     return offset, nbytes
 
 
@@ -145,8 +152,10 @@ def load_image(path: str | Path) -> tuple[nib.Nifti1Image, object]:
     if len(data) < offset:
         raise NiftiError(f"vox_offset {offset} is past the end of {where} ({len(data)} bytes)")
     if len(data) < total:
-        raise NiftiError(f"truncated: the header claims {nbytes} bytes of voxel data from offset {offset}, "
-                         f"{where} has {len(data) - offset}")
+        raise NiftiError(
+            f"truncated: the header claims {nbytes} bytes of voxel data from offset {offset}, "
+            f"{where} has {len(data) - offset}"
+        )
     image_class = nib.Nifti1Image if klass is nib.Nifti1Header else nib.Nifti2Image
     try:
         image = image_class.from_bytes(data)

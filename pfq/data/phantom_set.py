@@ -78,8 +78,9 @@ def save_nifti(arr: np.ndarray, spacing: Spacing, path: pathlib.Path) -> None:
         nib.save(img, tmp)
 
 
-def _set_params(n_cases: int, seed: int, shape: Shape, spacing: Spacing, hq_fraction: float,
-                lesion_scale: float = 1.0) -> dict:
+def _set_params(
+    n_cases: int, seed: int, shape: Shape, spacing: Spacing, hq_fraction: float, lesion_scale: float = 1.0
+) -> dict:
     return {
         "lesion_scale": float(lesion_scale),
         "generator_version": GENERATOR_VERSION,
@@ -151,9 +152,15 @@ def write_phantom_set(
         row.update(pirads=case.pirads, isup=case.isup, quality=case.quality)
         row.update({f"severity_{a}": round(v, 4) for a, v in case.severities.items()})
         rows.append(row)
-        details.append({"case_id": cid, "case_seed": cseed, "severity": round(case.severity, 4),
-                        "severities": {a: round(v, 4) for a, v in case.severities.items()},
-                        "lesions": [asdict(les) for les in case.lesions]})
+        details.append(
+            {
+                "case_id": cid,
+                "case_seed": cseed,
+                "severity": round(case.severity, 4),
+                "severities": {a: round(v, 4) for a, v in case.severities.items()},
+                "lesions": [asdict(les) for les in case.lesions],
+            }
+        )
 
     atomic_write_text(manifest, _manifest_text(rows))
     record = {"params": params, "cases": details}
@@ -224,14 +231,26 @@ def cache_root() -> pathlib.Path:
 def phantom_manifest(phantoms, progress: bool = True) -> pathlib.Path:
     """The manifest of the phantom set that config section `phantoms` describes, generated unless a
     complete copy exists: in `phantoms.dir`, or else in the cache folder keyed by the parameters."""
-    params = {"cases": int(phantoms.cases), "seed": int(phantoms.seed), "shape": list(phantoms.shape),
-              "spacing": list(phantoms.spacing), "hq_fraction": float(phantoms.hq_fraction),
-              "lesion_scale": float(phantoms.lesion_scale)}
+    params = {
+        "cases": int(phantoms.cases),
+        "seed": int(phantoms.seed),
+        "shape": list(phantoms.shape),
+        "spacing": list(phantoms.spacing),
+        "hq_fraction": float(phantoms.hq_fraction),
+        "lesion_scale": float(phantoms.lesion_scale),
+    }
     if phantoms.dir:
         out = pathlib.Path(phantoms.dir)
     else:
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
         out = cache_root() / "phantoms" / digest
-    return write_phantom_set(out, params["cases"], seed=params["seed"], shape=tuple(params["shape"]),
-                             spacing=tuple(params["spacing"]), hq_fraction=params["hq_fraction"],
-                             lesion_scale=params["lesion_scale"], progress=progress)
+    return write_phantom_set(
+        out,
+        params["cases"],
+        seed=params["seed"],
+        shape=tuple(params["shape"]),
+        spacing=tuple(params["spacing"]),
+        hq_fraction=params["hq_fraction"],
+        lesion_scale=params["lesion_scale"],
+        progress=progress,
+    )

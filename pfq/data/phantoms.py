@@ -220,8 +220,7 @@ class _Canvas:
 def _make_canvas(shape: Shape, spacing: Spacing, rng: np.random.Generator) -> _Canvas:
     """Grid coordinates rotated by up to +-10 deg about each axis around a jittered gland centre."""
     axes = [
-        (np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(sp)
-        for n, sp in zip(shape, spacing, strict=True)
+        (np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(sp) for n, sp in zip(shape, spacing, strict=True)
     ]
     gz, gy, gx = np.meshgrid(*axes, indexing="ij")
     origin = np.array([rng.normal(0, 1.5), 3.0 + rng.normal(0, 1.5), rng.normal(0, 2.0)])
@@ -441,9 +440,7 @@ def _paint_prostatitis(cv: _Canvas, anat: _Anatomy, rng: np.random.Generator) ->
     return _finding(cv, "prostatitis", "pz", 0, (), alpha)
 
 
-def _paint_stromal_nodule(
-    cv: _Canvas, anat: _Anatomy, rng: np.random.Generator, avoid: np.ndarray
-) -> _Finding:
+def _paint_stromal_nodule(cv: _Canvas, anat: _Anatomy, rng: np.random.Generator, avoid: np.ndarray) -> _Finding:
     """Round, well-circumscribed, encapsulated TZ nodule: low T2 and ADC, but benign (PI-RADS 2)."""
     r = rng.uniform(3.0, 7.0)
     deep = anat.masks["tz"] & ~avoid & ~anat.masks["urethra"]
@@ -519,7 +516,12 @@ def _acquire(cv: _Canvas, anat: _Anatomy, s: dg.Severity, rng: np.random.Generat
     # Susceptibility focus: around the rectal wall, much weaker when the rectum holds gel.
     focus = np.exp(-((np.maximum(anat.rectum_sd, 0.0) / 10.0) ** 2)) * (1.0 if anat.rectal_gas else 0.35)
     dwi = dg.degrade_dwi(
-        [b_low, b_high], s, rng, cv.spacing, focus=focus, reference=_mean_or_none(b_low, gland),
+        [b_low, b_high],
+        s,
+        rng,
+        cv.spacing,
+        focus=focus,
+        reference=_mean_or_none(b_low, gland),
         averages=DWI_AVERAGES,
     )
     adc = dg.compute_adc(*dwi.images, B_LOW, B_HIGH)

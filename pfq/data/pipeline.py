@@ -60,8 +60,12 @@ class AugmentConfig:
     @classmethod
     def from_config(cls, data) -> AugmentConfig:
         """From a run config's `data` section."""
-        return cls(enabled=bool(data.augment), preset=str(data.augment_preset),
-                   rotate_deg=float(data.augment_rotate_deg), zoom=float(data.augment_zoom))
+        return cls(
+            enabled=bool(data.augment),
+            preset=str(data.augment_preset),
+            rotate_deg=float(data.augment_rotate_deg),
+            zoom=float(data.augment_zoom),
+        )
 
 
 def rotate_zoom(volume: np.ndarray, degrees: float, scale: float) -> np.ndarray:
@@ -73,8 +77,9 @@ def rotate_zoom(volume: np.ndarray, degrees: float, scale: float) -> np.ndarray:
     matrix[1:3, 1:3] = rot  # output (h, w) -> input (h, w); D and C untouched
     centre = (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
     offset = centre - matrix @ centre
-    return ndimage.affine_transform(volume, matrix, offset=offset, order=1, mode="constant", cval=0.0,
-                                    prefilter=False, output=np.float32)
+    return ndimage.affine_transform(
+        volume, matrix, offset=offset, order=1, mode="constant", cval=0.0, prefilter=False, output=np.float32
+    )
 
 
 def augment(volume: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
@@ -133,8 +138,17 @@ class LaneStream:
     first s batches together hold round(s*B*share)); HQ and LQ cases come from separate seeded
     streams and are shuffled into the batch's slots."""
 
-    def __init__(self, lane_set: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, *,
-                 balance: bool = False, is_hq: np.ndarray | None = None, exact_quality: bool = False):
+    def __init__(
+        self,
+        lane_set: np.ndarray,
+        labels: np.ndarray,
+        seed: int,
+        batch_size: int,
+        *,
+        balance: bool = False,
+        is_hq: np.ndarray | None = None,
+        exact_quality: bool = False,
+    ):
         self.lane_set = np.asarray(lane_set, dtype=np.int64)
         if len(self.lane_set) == 0:
             raise ValueError(f"lane with seed {seed} has an empty finetuning set")
@@ -153,15 +167,20 @@ class LaneStream:
         """Pool indices of the lane's `batch_size` examples at `step`, in slot order."""
         start = int(step) * self.batch_size
         if not self.exact:
-            return np.array([_draw(self.lane_set, self.weights, [self.seed], start + b)
-                             for b in range(self.batch_size)], dtype=np.int64)
+            return np.array(
+                [_draw(self.lane_set, self.weights, [self.seed], start + b) for b in range(self.batch_size)],
+                dtype=np.int64,
+            )
         n_hq, n = len(self.members[True]), len(self.lane_set)
         before = cumulative_hq(step, self.batch_size, n_hq, n)
         k = cumulative_hq(step + 1, self.batch_size, n_hq, n) - before
         starts = {True: before, False: start - before}
         counts = {True: k, False: self.batch_size - k}
-        cases = [_draw(self.members[q], self.member_weights[q], [self.seed, _QUALITY_TAG[q]], starts[q] + j)
-                 for q in (True, False) for j in range(counts[q])]
+        cases = [
+            _draw(self.members[q], self.member_weights[q], [self.seed, _QUALITY_TAG[q]], starts[q] + j)
+            for q in (True, False)
+            for j in range(counts[q])
+        ]
         slots = np.random.default_rng([self.seed, int(step), _SLOTS]).permutation(self.batch_size)
         return np.asarray(cases, dtype=np.int64)[slots]
 
@@ -172,16 +191,24 @@ Box = tuple[slice, slice]  # (lanes, batch slots) of the global (L, B, ...) batc
 class LaneStep(grain.transforms.Map):
     """step index -> lane-stacked batch: this host's block (`box`) of every lane's batch."""
 
-    def __init__(self, source: VolumeSource, labels: np.ndarray, streams: Sequence[LaneStream],
-                 augment_config: AugmentConfig, box: Box | None = None):
+    def __init__(
+        self,
+        source: VolumeSource,
+        labels: np.ndarray,
+        streams: Sequence[LaneStream],
+        augment_config: AugmentConfig,
+        box: Box | None = None,
+    ):
         self.source, self.labels, self.streams = source, np.asarray(labels), list(streams)
         self.augment_config = augment_config
         lanes, slots = box or (slice(None), slice(None))
         self.lanes = range(*lanes.indices(len(self.streams)))
         self.slots = range(*slots.indices(self.streams[0].batch_size))
         if not self.lanes or not self.slots or self.lanes.step != 1 or self.slots.step != 1:
-            raise ValueError(f"box {box} selects no contiguous block of {len(self.streams)} lanes x "
-                             f"{self.streams[0].batch_size} slots")
+            raise ValueError(
+                f"box {box} selects no contiguous block of {len(self.streams)} lanes x "
+                f"{self.streams[0].batch_size} slots"
+            )
 
     def map(self, step: int) -> dict[str, np.ndarray]:
         images, labels = [], []
@@ -198,13 +225,25 @@ class LaneStep(grain.transforms.Map):
         return {"image": image, "label": np.asarray(labels, np.int32).reshape(shape)}
 
 
-def train_dataset(source: VolumeSource, labels: np.ndarray, lane_sets: Sequence[np.ndarray],
-                  lane_seeds: Sequence[int], *, batch_size: int, num_steps: int,
-                  augment_config: AugmentConfig, balance: bool = False, is_hq: np.ndarray | None = None,
-                  exact_quality: bool = False, box: Box | None = None) -> grain.MapDataset:
+def train_dataset(
+    source: VolumeSource,
+    labels: np.ndarray,
+    lane_sets: Sequence[np.ndarray],
+    lane_seeds: Sequence[int],
+    *,
+    batch_size: int,
+    num_steps: int,
+    augment_config: AugmentConfig,
+    balance: bool = False,
+    is_hq: np.ndarray | None = None,
+    exact_quality: bool = False,
+    box: Box | None = None,
+) -> grain.MapDataset:
     """Lane-stacked training batches, (L, batch_size, ...), or this host's `box` of them."""
-    streams = [LaneStream(s, labels, seed, batch_size, balance=balance, is_hq=is_hq, exact_quality=exact_quality)
-               for s, seed in zip(lane_sets, lane_seeds, strict=True)]
+    streams = [
+        LaneStream(s, labels, seed, batch_size, balance=balance, is_hq=is_hq, exact_quality=exact_quality)
+        for s, seed in zip(lane_sets, lane_seeds, strict=True)
+    ]
     return grain.MapDataset.range(num_steps).map(LaneStep(source, labels, streams, augment_config, box))
 
 
@@ -216,8 +255,9 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def to_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 2, workers: int = 0,
-                worker_buffer: int = 1):
+def to_iterator(
+    dataset: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 2, workers: int = 0, worker_buffer: int = 1
+):
     """A checkpointable iterator (`get_state`/`set_state`); `workers > 0` moves loading into worker
     processes, which return exactly what the main process would."""
     it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
@@ -234,7 +274,7 @@ class EvalBatch(grain.transforms.Map):
         self.source, self.indices, self.batch_size = source, np.asarray(indices), batch_size
 
     def map(self, batch: int) -> dict[str, np.ndarray]:
-        chunk = self.indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+        chunk = self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]
         image = np.stack([np.asarray(self.source[int(i)], dtype=np.float32) for i in chunk])
         if len(chunk) < self.batch_size:
             image = np.concatenate([image, np.zeros((self.batch_size - len(chunk), *image.shape[1:]), np.float32)])

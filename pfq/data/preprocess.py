@@ -65,21 +65,29 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if len(self.input_size) != 3 or min(self.input_size) < 1:
             raise ValueError(f"input_size must be three positive ints (D, H, W), got {self.input_size}")
-        if self.spacing is not None and (len(self.spacing) != 3 or not all(
-                SPACING_RANGE_MM[0] <= float(s) <= SPACING_RANGE_MM[1] for s in self.spacing)):
-            raise ValueError(f"spacing must be three values in {list(SPACING_RANGE_MM)} mm (D, H, W), "
-                             f"got {self.spacing}")
+        if self.spacing is not None and (
+            len(self.spacing) != 3
+            or not all(SPACING_RANGE_MM[0] <= float(s) <= SPACING_RANGE_MM[1] for s in self.spacing)
+        ):
+            raise ValueError(
+                f"spacing must be three values in {list(SPACING_RANGE_MM)} mm (D, H, W), got {self.spacing}"
+            )
 
     @classmethod
     def from_config(cls, data) -> PreprocessConfig:
         """From a run config's `data` section (`spacing` empty or None: no resampling)."""
         spacing = data.spacing or None
-        return cls(input_size=tuple(int(n) for n in data.input_size),
-                   spacing=tuple(float(s) for s in spacing) if spacing else None)
+        return cls(
+            input_size=tuple(int(n) for n in data.input_size),
+            spacing=tuple(float(s) for s in spacing) if spacing else None,
+        )
 
     def key(self) -> dict:
-        return {"version": PREPROCESS_VERSION, "input_size": [int(n) for n in self.input_size],
-                "spacing": None if self.spacing is None else [float(s) for s in self.spacing]}
+        return {
+            "version": PREPROCESS_VERSION,
+            "input_size": [int(n) for n in self.input_size],
+            "spacing": None if self.spacing is None else [float(s) for s in self.spacing],
+        }
 
 
 @dataclass
@@ -126,8 +134,9 @@ def read_volume(path: Path | str) -> Volume:
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     low, high = SPACING_RANGE_MM
     if not (np.isfinite(spacing).all() and low <= spacing.min() and spacing.max() <= high):
-        raise VolumeError(path, f"absurd voxel spacing {np.round(spacing, 6).tolist()} mm "
-                                f"(each axis must be in [{low}, {high}] mm)")
+        raise VolumeError(
+            path, f"absurd voxel spacing {np.round(spacing, 6).tolist()} mm (each axis must be in [{low}, {high}] mm)"
+        )
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as e:
@@ -181,15 +190,24 @@ def grid_problems(case: CaseRecord, volumes: dict[str, Volume]) -> list[Problem]
         where = dict(line=case.line, case_id=case.case_id, column=case.columns.get(role, role), file=str(vol.path))
         if not (vol.oriented and ref.oriented):
             which = " and ".join(n for n, v in ((role, vol), ("t2w", ref)) if not v.oriented)
-            problems.append(Problem(f"grid {vol.shape} differs from T2w's {ref.shape} and {which} has no usable "
-                                    "affine (qform/sform codes 0, or non-finite/singular), so it cannot be resampled",
-                                    **where))
+            problems.append(
+                Problem(
+                    f"grid {vol.shape} differs from T2w's {ref.shape} and {which} has no usable "
+                    "affine (qform/sform codes 0, or non-finite/singular), so it cannot be resampled",
+                    **where,
+                )
+            )
             continue
         inside = (np.linalg.inv(vol.affine) @ ref.affine @ _corners(ref.shape))[:3]
         lo, hi = inside.min(axis=1), inside.max(axis=1)
         if np.any(hi < -0.5) or np.any(lo > np.asarray(vol.shape) - 0.5):
-            problems.append(Problem(f"field of view does not overlap T2w's ({ref.path.name}); the affines place "
-                                    "them in different places", **where))
+            problems.append(
+                Problem(
+                    f"field of view does not overlap T2w's ({ref.path.name}); the affines place "
+                    "them in different places",
+                    **where,
+                )
+            )
     return problems
 
 
@@ -246,8 +264,17 @@ def resample_separable(data: np.ndarray, scale: np.ndarray, offset: np.ndarray, 
 def _resample_general(data: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Trilinear resampling for any affine map, with `resample_separable`'s edge rule."""
     padded = np.pad(data, 1, mode="edge")
-    return ndimage.affine_transform(padded, matrix, offset=np.asarray(offset) + 1.0, output_shape=tuple(shape),
-                                    order=1, mode="constant", cval=0.0, prefilter=False, output=np.float32)
+    return ndimage.affine_transform(
+        padded,
+        matrix,
+        offset=np.asarray(offset) + 1.0,
+        output_shape=tuple(shape),
+        order=1,
+        mode="constant",
+        cval=0.0,
+        prefilter=False,
+        output=np.float32,
+    )
 
 
 def _onto(volume: Volume, source_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -257,11 +284,14 @@ def _onto(volume: Volume, source_affine: np.ndarray, shape: tuple[int, ...], aff
     non-zero source neighbours where those hold at least half of the interpolation weight, else zero."""
     m = np.linalg.inv(source_affine) @ affine  # output voxel -> source voxel
     if _is_diagonal(m[:3, :3]):  # axis-aligned grids (the usual case): separable and fast
+
         def resample(x):
             return resample_separable(x, np.diag(m[:3, :3]), m[:3, 3], shape)
     else:
+
         def resample(x):
             return _resample_general(x, m[:3, :3], m[:3, 3], shape)
+
     out = resample(volume.data)
     if volume.data.all():  # no background inside the field of view
         return out
@@ -298,7 +328,7 @@ def crop_or_pad(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
     `CenterSpatialCrop` / `SpatialPad` (upstream's): a crop starts at n//2 - size//2 (one voxel later
     than (n - size)//2 when n is even and size odd); padding puts (size - n)//2 zeros before."""
     size = tuple(int(n) for n in size)
-    out = np.zeros(size + volume.shape[len(size):], dtype=volume.dtype)
+    out = np.zeros(size + volume.shape[len(size) :], dtype=volume.dtype)
     src, dst = [], []
     for n, target in zip(volume.shape, size, strict=False):
         if n >= target:

@@ -75,8 +75,9 @@ def stratum_counts(size: int, hq_ratio: float, class_weights: np.ndarray) -> np.
 
 def is_nested(small: int, large: int, hq_ratio: float, class_weights: np.ndarray) -> bool:
     """Whether the set of size `small` is a subset of the one of size `large` (same pool, ratio, seed)."""
-    return bool(np.all(stratum_counts(small, hq_ratio, class_weights)
-                       <= stratum_counts(large, hq_ratio, class_weights)))
+    return bool(
+        np.all(stratum_counts(small, hq_ratio, class_weights) <= stratum_counts(large, hq_ratio, class_weights))
+    )
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,17 @@ class StratifiedSet:
         return self.counts.sum(axis=1)
 
 
-def stratified_set(is_hq: np.ndarray, labels: np.ndarray, size: int, hq_ratio: float, seed: int, *,
-                   num_classes: int | None = None, class_weights: np.ndarray | None = None,
-                   salt: int = 0) -> StratifiedSet:
+def stratified_set(
+    is_hq: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    hq_ratio: float,
+    seed: int,
+    *,
+    num_classes: int | None = None,
+    class_weights: np.ndarray | None = None,
+    salt: int = 0,
+) -> StratifiedSet:
     """A set of `size` pool cases with exactly round-half-up(hq_ratio*size) HQ cases.
 
     `class_weights` default to the pool's class frequencies. `salt` separates independent draws
@@ -126,24 +135,35 @@ def stratified_set(is_hq: np.ndarray, labels: np.ndarray, size: int, hq_ratio: f
             want = int(counts[label, column])
             members = np.flatnonzero((labels == label) & (is_hq == (quality == "hq")))
             if want > len(members):
-                shortages.append(f"label {label} / {quality}: need {want}, pool has {len(members)} "
-                                 f"(short by {want - len(members)})")
+                shortages.append(
+                    f"label {label} / {quality}: need {want}, pool has {len(members)} (short by {want - len(members)})"
+                )
                 continue
             order = np.random.default_rng([seed, salt, label, column]).permutation(len(members))
             chosen.append(members[order[:want]])
     if shortages:
-        raise StratificationError(f"pool of {len(labels)} cases cannot supply {size} cases at HQ ratio {hq_ratio}: "
-                                  + "; ".join(shortages))
+        raise StratificationError(
+            f"pool of {len(labels)} cases cannot supply {size} cases at HQ ratio {hq_ratio}: " + "; ".join(shortages)
+        )
     indices = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
     return StratifiedSet(indices=indices, counts=counts, hq_ratio=float(hq_ratio))
 
 
-def stratified_indices(is_hq: np.ndarray, labels: np.ndarray, size: int, hq_ratio: float, seed: int,
-                       *, num_classes: int | None = None, class_weights: np.ndarray | None = None,
-                       salt: int = 0) -> np.ndarray:
+def stratified_indices(
+    is_hq: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    hq_ratio: float,
+    seed: int,
+    *,
+    num_classes: int | None = None,
+    class_weights: np.ndarray | None = None,
+    salt: int = 0,
+) -> np.ndarray:
     """Sorted pool indices of `stratified_set(...)`."""
-    return stratified_set(is_hq, labels, size, hq_ratio, seed, num_classes=num_classes,
-                          class_weights=class_weights, salt=salt).indices
+    return stratified_set(
+        is_hq, labels, size, hq_ratio, seed, num_classes=num_classes, class_weights=class_weights, salt=salt
+    ).indices
 
 
 def split_pool(is_hq: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -48,9 +48,16 @@ def split_by_column(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
     for pool, name, missing in ((train, "finetuning", "train"), (test, "test", "test")):
         if len(pool) == 0:
             only = "test" if missing == "train" else "train"
-            raise ManifestError(manifest.path, [Problem(
-                f"every row says {only!r}, so the {name} pool would be empty; mark some rows {missing!r} or drop "
-                "the column", column="split")])
+            raise ManifestError(
+                manifest.path,
+                [
+                    Problem(
+                        f"every row says {only!r}, so the {name} pool would be empty; "
+                        f"mark some rows {missing!r} or drop the column",
+                        column="split",
+                    )
+                ],
+            )
     return train, test
 
 
@@ -64,16 +71,22 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     data = config.data
     path = Path(data.manifest) if data.manifest else phantom_manifest(config.phantoms, progress)
     from_iqm = data.quality_from == "iqm"
-    report = validate_manifest(path, task=task, quality_scale=data.quality_scale,
-                               quality_threshold=data.quality_threshold, check_images=False,
-                               require_quality=not from_iqm)
+    report = validate_manifest(
+        path,
+        task=task,
+        quality_scale=data.quality_scale,
+        quality_threshold=data.quality_threshold,
+        check_images=False,
+        require_quality=not from_iqm,
+    )
     if report.manifest is None:
         raise ManifestError(path, report.problems)
     manifest, problems = report.manifest, list(report.problems)
     cache = VolumeCache(data.cache_dir or default_cache_root(), PreprocessConfig.from_config(data))
     cases = [c for c in manifest.cases if len(c.images) == 3]
-    paths, image_problems = cache.prepare(cases, workers=int(data.prepare_workers), progress=progress,
-                                          desc="preprocessing (cached)")
+    paths, image_problems = cache.prepare(
+        cases, workers=int(data.prepare_workers), progress=progress, desc="preprocessing (cached)"
+    )
     problems += image_problems
     if problems:
         problems.sort(key=lambda p: p.line if p.line is not None else 0)
@@ -81,8 +94,9 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
     labels, is_hq, grading = report.labels, manifest.is_hq(), None
     if from_iqm:
         root = data.get("cache_dir") or default_cache_root()
-        rows, iqm_problems = manifest_iqms(manifest.cases, root, workers=int(data.get("prepare_workers", 0)),
-                                           progress=progress)
+        rows, iqm_problems = manifest_iqms(
+            manifest.cases, root, workers=int(data.get("prepare_workers", 0)), progress=progress
+        )
         if iqm_problems:
             raise ManifestError(path, iqm_problems)
         grading = grade(rows, [c.quality for c in manifest.cases])

@@ -38,8 +38,11 @@ def split_problems(manifest: Manifest) -> list[Problem]:
     """A `split` column, where present, must say train or test on every row."""
     if not any(c.split for c in manifest.cases):
         return []
-    return [Problem(f"split must be 'train' or 'test', got {c.split!r}", line=c.line, case_id=c.case_id,
-                    column="split") for c in manifest.cases if c.split not in ("train", "test")]
+    return [
+        Problem(f"split must be 'train' or 'test', got {c.split!r}", line=c.line, case_id=c.case_id, column="split")
+        for c in manifest.cases
+        if c.split not in ("train", "test")
+    ]
 
 
 def case_problems(case) -> list[Problem]:
@@ -67,14 +70,26 @@ def image_problems(cases: Sequence, *, workers: int = 0, progress: bool = False)
     return problems
 
 
-def validate_manifest(path: Path | str, *, task=None, quality_scale: str = "piqual_v1",
-                      quality_threshold: float | None = None, require_quality: bool = True,
-                      check_images: bool = True, workers: int = 0, progress: bool = False) -> Report:
+def validate_manifest(
+    path: Path | str,
+    *,
+    task=None,
+    quality_scale: str = "piqual_v1",
+    quality_threshold: float | None = None,
+    require_quality: bool = True,
+    check_images: bool = True,
+    workers: int = 0,
+    progress: bool = False,
+) -> Report:
     """Every problem of a manifest, in line order. `task` is a `pfq.tasks.Task` (or None: the known
     label columns' domains are still checked)."""
-    manifest, problems = parse_manifest(path, quality_threshold=quality_threshold, quality_scale=quality_scale,
-                                        require_quality=require_quality,
-                                        label_column=task.column if task is not None else None)
+    manifest, problems = parse_manifest(
+        path,
+        quality_threshold=quality_threshold,
+        quality_scale=quality_scale,
+        require_quality=require_quality,
+        label_column=task.column if task is not None else None,
+    )
     if manifest is None:
         return Report(None, problems)
     labels, found = None, []
@@ -86,5 +101,5 @@ def validate_manifest(path: Path | str, *, task=None, quality_scale: str = "piqu
     if check_images:
         checkable = [c for c in manifest.cases if len(c.images) == 3]  # rows without paths are reported above
         problems += image_problems(checkable, workers=workers, progress=progress)
-    problems.sort(key=lambda p: (p.line if p.line is not None else 0))
+    problems.sort(key=lambda p: p.line if p.line is not None else 0)
     return Report(manifest, problems, labels)

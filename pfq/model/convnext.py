@@ -93,8 +93,9 @@ class DepthwiseConv3d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return depthwise_conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                self.bias[...].astype(self.dtype), impl=self.impl)
+        return depthwise_conv3d(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype), impl=self.impl
+        )
 
 
 def safe_sqrt(sum_sq: jax.Array) -> jax.Array:
@@ -142,11 +143,9 @@ class Block(nnx.Module):
     def __init__(self, dim: int, drop_path_rate: float, impl: str, dtype, rngs: nnx.Rngs):
         self.dwconv = DepthwiseConv3d(dim, 7, impl, dtype, rngs)
         self.norm = _layer_norm(dim, rngs, dtype)
-        self.pwconv1 = nnx.Linear(dim, 4 * dim, kernel_init=_trunc_normal, bias_init=_zeros,
-                                  dtype=dtype, rngs=rngs)
+        self.pwconv1 = nnx.Linear(dim, 4 * dim, kernel_init=_trunc_normal, bias_init=_zeros, dtype=dtype, rngs=rngs)
         self.grn = GRN(4 * dim)
-        self.pwconv2 = nnx.Linear(4 * dim, dim, kernel_init=_trunc_normal, bias_init=_zeros,
-                                  dtype=dtype, rngs=rngs)
+        self.pwconv2 = nnx.Linear(4 * dim, dim, kernel_init=_trunc_normal, bias_init=_zeros, dtype=dtype, rngs=rngs)
         self.drop_path_rate = drop_path_rate
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -175,7 +174,7 @@ class PatchConv(nnx.Module):
         k = self.k
         n, d, h, w, c = x.shape
         d, h, w = d // k, h // k, w // k  # 'VALID' drops any remainder, as PyTorch does
-        x = x[:, :d * k, :h * k, :w * k].astype(self.dtype)
+        x = x[:, : d * k, : h * k, : w * k].astype(self.dtype)
         patches = x.reshape(n, d, k, h, k, w, k, c)
         y = jnp.einsum("ndahbwce,abcef->ndhwf", patches, self.kernel[...].astype(self.dtype))
         return y + self.bias[...].astype(self.dtype)
@@ -198,8 +197,11 @@ class ConvNeXtV2(nnx.Module):
         rates = np.linspace(0.0, spec.drop_path_rate, sum(depths)).tolist()
         stages, cursor = [], 0
         for i in range(4):
-            stages.append(nnx.List([Block(dims[i], rates[cursor + j], spec.depthwise_impl, dtype, rngs)
-                                    for j in range(depths[i])]))
+            stages.append(
+                nnx.List(
+                    [Block(dims[i], rates[cursor + j], spec.depthwise_impl, dtype, rngs) for j in range(depths[i])]
+                )
+            )
             cursor += depths[i]
         self.stages = nnx.List(stages)
         self.norm = _layer_norm(dims[-1], rngs, jnp.float32)
@@ -241,12 +243,14 @@ class Classifier(nnx.Module):
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
         self.encoder = ConvNeXtV2(spec, rngs)
         e = spec.embed_dim
-        self.head = nnx.List([
-            nnx.Linear(e, HEAD_HIDDEN, kernel_init=_trunc_normal, bias_init=_zeros, rngs=rngs),
-            nnx.BatchNorm(HEAD_HIDDEN, epsilon=BN_EPS, momentum=BN_MOMENTUM, rngs=rngs),
-            ReLU(),
-            nnx.Linear(HEAD_HIDDEN, spec.num_classes, kernel_init=_trunc_normal, bias_init=_zeros, rngs=rngs),
-        ])
+        self.head = nnx.List(
+            [
+                nnx.Linear(e, HEAD_HIDDEN, kernel_init=_trunc_normal, bias_init=_zeros, rngs=rngs),
+                nnx.BatchNorm(HEAD_HIDDEN, epsilon=BN_EPS, momentum=BN_MOMENTUM, rngs=rngs),
+                ReLU(),
+                nnx.Linear(HEAD_HIDDEN, spec.num_classes, kernel_init=_trunc_normal, bias_init=_zeros, rngs=rngs),
+            ]
+        )
 
     def features(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         return self.encoder(x, key)

@@ -33,8 +33,9 @@ DepthwiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def _check(x: jax.Array, kernel: jax.Array) -> None:
     if x.ndim != 5 or kernel.ndim != 5 or kernel.shape[3] != 1 or kernel.shape[4] != x.shape[-1]:
-        raise ValueError(f"depthwise conv expects x (N,D,H,W,C) and kernel (kd,kh,kw,1,C); "
-                         f"got {x.shape} and {kernel.shape}")
+        raise ValueError(
+            f"depthwise conv expects x (N,D,H,W,C) and kernel (kd,kh,kw,1,C); got {x.shape} and {kernel.shape}"
+        )
     if any(k % 2 == 0 for k in kernel.shape[:3]):
         raise ValueError(f"depthwise conv needs odd kernel sizes for 'SAME' padding, got {kernel.shape[:3]}")
 
@@ -43,9 +44,14 @@ def depthwise_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """XLA grouped convolution: the reference formulation."""
     pads = [((k - 1) // 2, (k - 1) // 2) for k in kernel.shape[:3]]
     return jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=(1, 1, 1), padding=pads,
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=x.shape[-1],
-        precision=jax.lax.Precision.HIGHEST)
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(1, 1, 1),
+        padding=pads,
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        feature_group_count=x.shape[-1],
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +75,7 @@ def depthwise_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
 # XLA's FFT transforms the innermost axes, so the spectra live channels-first
 # (N, C, Ld, Lh, Lw//2+1); the transposes in and out are the price of channels-last activations.
 # --------------------------------------------------------------------------------------------
+
 
 def _smooth_length(n: int) -> int:
     """Smallest m >= n whose only prime factors are 2, 3, 5."""
@@ -99,8 +106,7 @@ def _phase(length: int, taps: int, bins: int) -> np.ndarray:
 
 def _bmm(a: jax.Array, b: jax.Array) -> jax.Array:
     """Batched matmul over a shared leading axis: (B, m, k) @ (B, k, n) -> (B, m, n)."""
-    return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))),
-                               precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST)
 
 
 def _kernel_partial_spectrum(k: jax.Array, lengths: tuple[int, int, int]) -> jax.Array:
@@ -112,11 +118,11 @@ def _kernel_partial_spectrum(k: jax.Array, lengths: tuple[int, int, int]) -> jax
     (kd, kh, kw), c = k.shape[:3], k.shape[3]
     ld, _, lw = lengths
     wb = lw // 2 + 1
-    gd = jnp.asarray(_phase(ld, kd, ld))            # (Ld, kd)
-    gw = jnp.asarray(_phase(lw, kw, wb))            # (Wb, kw)
+    gd = jnp.asarray(_phase(ld, kd, ld))  # (Ld, kd)
+    gw = jnp.asarray(_phase(lw, kw, wb))  # (Wb, kw)
     t = jnp.transpose(k, (3, 0, 1, 2)).astype(jnp.complex64).reshape(c, kd * kh, kw)
-    t = _bmm(t, jnp.broadcast_to(gw.T, (c, kw, wb)))                          # (C, kd*kh, Wb)
-    t = _bmm(jnp.broadcast_to(gd, (c, ld, kd)), t.reshape(c, kd, kh * wb))    # (C, Ld, kh*Wb)
+    t = _bmm(t, jnp.broadcast_to(gw.T, (c, kw, wb)))  # (C, kd*kh, Wb)
+    t = _bmm(jnp.broadcast_to(gd, (c, ld, kd)), t.reshape(c, kd, kh * wb))  # (C, Ld, kh*Wb)
     return t.reshape(c, ld, kh, wb)
 
 
@@ -125,10 +131,10 @@ def _times_kernel_spectrum(xs: jax.Array, kp: jax.Array, lh: int, conj: bool) ->
     of `kp` as kh broadcast multiply-adds that XLA fuses with the product (cheaper than a
     batched complex matmul, and nothing spectrum-sized is materialised for the kernel)."""
     kh = kp.shape[2]
-    gh = _phase(lh, kh, lh)                          # (Lh, kh)
+    gh = _phase(lh, kh, lh)  # (Lh, kh)
     if conj:
         kp, gh = jnp.conj(kp), np.conj(gh)
-    ksp = sum(kp[:, :, b:b + 1, :] * jnp.asarray(gh[:, b])[None, None, :, None] for b in range(kh))
+    ksp = sum(kp[:, :, b : b + 1, :] * jnp.asarray(gh[:, b])[None, None, :, None] for b in range(kh))
     return xs * ksp[None]
 
 
@@ -141,16 +147,16 @@ def _kernel_lags(s: jax.Array, lengths: tuple[int, int, int], ks: tuple[int, int
     ld, lh, lw = lengths
     kd, kh, kw = ks
     wb = lw // 2 + 1
-    gd = jnp.asarray(_phase(ld, kd, ld).T / ld)     # (kd, Ld)
-    gh = jnp.asarray(_phase(lh, kh, lh).T / lh)     # (kh, Lh)
+    gd = jnp.asarray(_phase(ld, kd, ld).T / ld)  # (kd, Ld)
+    gh = jnp.asarray(_phase(lh, kh, lh).T / lh)  # (kh, Lh)
     # Half-spectrum along W: bins other than DC and Nyquist stand for two conjugate bins.
     wts = np.full(wb, 2.0)
     wts[0] = 1.0
     if lw % 2 == 0:
         wts[-1] = 1.0
-    gw = jnp.asarray((_phase(lw, kw, wb) * wts[:, None] / lw).astype(np.complex64))   # (Wb, kw)
+    gw = jnp.asarray((_phase(lw, kw, wb) * wts[:, None] / lw).astype(np.complex64))  # (Wb, kw)
     t = _bmm(jnp.broadcast_to(gh, (c * ld, kh, lh)), s.reshape(c * ld, lh, wb))  # (C*Ld, kh, Wb)
-    t = _bmm(jnp.broadcast_to(gd, (c, kd, ld)), t.reshape(c, ld, kh * wb))      # (C, kd, kh*Wb)
+    t = _bmm(jnp.broadcast_to(gd, (c, kd, ld)), t.reshape(c, ld, kh * wb))  # (C, kd, kh*Wb)
     t = jnp.real(_bmm(t.reshape(c, kd * kh, wb), jnp.broadcast_to(gw, (c, wb, kw))))  # (C, kd*kh, kw)
     return jnp.transpose(t.reshape(c, kd, kh, kw), (1, 2, 3, 0))
 
@@ -165,7 +171,7 @@ def _spectrum(x: jax.Array, lengths: tuple[int, int, int]) -> jax.Array:
 
 def _spatial(s: jax.Array, lengths: tuple[int, int, int], n: tuple[int, ...], dtype) -> jax.Array:
     """Inverse of `_spectrum`: first n[i] samples per axis, back to channels-last."""
-    y = jnp.fft.irfftn(s, s=lengths, axes=(2, 3, 4))[:, :, :n[0], :n[1], :n[2]]
+    y = jnp.fft.irfftn(s, s=lengths, axes=(2, 3, 4))[:, :, : n[0], : n[1], : n[2]]
     return jnp.transpose(y, (0, 2, 3, 4, 1)).astype(dtype)
 
 
@@ -218,7 +224,7 @@ def depthwise_fft_autodiff(x: jax.Array, kernel: jax.Array) -> jax.Array:
     kf = jnp.fft.rfftn(k, s=lengths, axes=(0, 1, 2))
     y = jnp.fft.irfftn(xf * kf[None], s=lengths, axes=(1, 2, 3))
     d, h, w = x.shape[1:4]
-    y = y[:, ks[0] - 1:ks[0] - 1 + d, ks[1] - 1:ks[1] - 1 + h, ks[2] - 1:ks[2] - 1 + w, :]
+    y = y[:, ks[0] - 1 : ks[0] - 1 + d, ks[1] - 1 : ks[1] - 1 + h, ks[2] - 1 : ks[2] - 1 + w, :]
     return y.astype(x.dtype)
 
 
@@ -237,11 +243,10 @@ def _shifted_sum(x: jax.Array, k: jax.Array) -> jax.Array:
     k = k.astype(x.dtype).reshape(kd * kh, kw, -1)
 
     def over_offsets(acc, ab):
-        rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
-                                     (x.shape[0], d, h, xp.shape[3], x.shape[4]))
+        rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0), (x.shape[0], d, h, xp.shape[3], x.shape[4]))
         kab = jax.lax.dynamic_index_in_dim(k, ab, axis=0, keepdims=False)
         for c in range(kw):
-            acc = acc + rows[:, :, :, c:c + w, :] * kab[c]
+            acc = acc + rows[:, :, :, c : c + w, :] * kab[c]
         return acc, None
 
     acc, _ = jax.lax.scan(over_offsets, jnp.zeros_like(x), jnp.arange(kd * kh), unroll=SHIFTED_UNROLL)
@@ -276,9 +281,10 @@ def _shifted_bwd(res, dy: jax.Array):
     dyf = dy.astype(jnp.float32)
 
     def tap_grads(_, ab):
-        rows = jax.lax.dynamic_slice(xp, (0, ab // kh, ab % kh, 0, 0),
-                                     (x.shape[0], d, h, xp.shape[3], x.shape[4])).astype(jnp.float32)
-        return None, jnp.stack([jnp.sum(rows[:, :, :, c:c + w, :] * dyf, axis=(0, 1, 2, 3)) for c in range(kw)])
+        rows = jax.lax.dynamic_slice(
+            xp, (0, ab // kh, ab % kh, 0, 0), (x.shape[0], d, h, xp.shape[3], x.shape[4])
+        ).astype(jnp.float32)
+        return None, jnp.stack([jnp.sum(rows[:, :, :, c : c + w, :] * dyf, axis=(0, 1, 2, 3)) for c in range(kw)])
 
     _, dk = jax.lax.scan(tap_grads, None, jnp.arange(kd * kh), unroll=SHIFTED_UNROLL)  # (kd*kh, kw, C)
     return dx.astype(x.dtype), dk.reshape(kd, kh, kw, 1, -1).astype(kernel.dtype)
@@ -303,15 +309,15 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     on GPU, not measured."""
     if impl != "auto":
         if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown depthwise implementation {impl!r}; choose from "
-                             f"{sorted(IMPLEMENTATIONS)} or 'auto'")
+            raise ValueError(
+                f"unknown depthwise implementation {impl!r}; choose from {sorted(IMPLEMENTATIONS)} or 'auto'"
+            )
         return impl
     backend = backend or jax.default_backend()
     return {"cpu": "fft", "tpu": "shifted"}.get(backend, "direct")
 
 
-def depthwise_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
-                     impl: str = "auto") -> jax.Array:
+def depthwise_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, impl: str = "auto") -> jax.Array:
     """Depthwise 'SAME' cross-correlation, stride 1: torch `Conv3d(C, C, k, padding=k//2, groups=C)`."""
     _check(x, kernel)
     y = IMPLEMENTATIONS[resolve_impl(impl)](x, kernel)

@@ -63,8 +63,9 @@ def _merge(spec: ModelSpec, variables: Variables) -> Classifier:
     return nnx.merge(graphdef, params, stats)
 
 
-def apply(spec: ModelSpec, variables: Variables, x: jax.Array, *, train: bool = False,
-          key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def apply(
+    spec: ModelSpec, variables: Variables, x: jax.Array, *, train: bool = False, key: jax.Array | None = None
+) -> tuple[jax.Array, dict]:
     """Logits (N, num_classes) and the (possibly updated) BatchNorm statistics."""
     model = _merge(spec, variables)
     logits = model(x, train=train, key=key)

@@ -37,10 +37,15 @@ def run_pretraining(config, workdir: Path, progress: bool = True, overwrite: boo
     except FloatingPointError as e:
         return fail(str(e), 1)
     except OSError as e:
-        return fail(f"{e}\nCheckpoints written before this error are intact; fix the cause and rerun the same "
-                    "command to resume.", 1)
-    print(f"pretrained encoder in {model}; format-B checkpoint {Path(workdir) / 'fcmae.safetensors'}; "
-          f"loss.csv, loss.png, reconstruction.png in {workdir}; {time.perf_counter() - t0:.0f} s")
+        return fail(
+            f"{e}\nCheckpoints written before this error are intact; fix the cause and rerun the same "
+            "command to resume.",
+            1,
+        )
+    print(
+        f"pretrained encoder in {model}; format-B checkpoint {Path(workdir) / 'fcmae.safetensors'}; "
+        f"loss.csv, loss.png, reconstruction.png in {workdir}; {time.perf_counter() - t0:.0f} s"
+    )
     return 0
 
 

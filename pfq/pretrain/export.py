@@ -31,12 +31,12 @@ def _sparse_entry(name: str, v: np.ndarray) -> tuple[str, np.ndarray]:
         if parts[1] == "3":  # 1x1x1 stride-1: MinkowskiEngine stores a plain (in, out) matrix
             return ".".join(parts[:3] + ["kernel"]), v[:, :, 0, 0, 0].T
         k = v.shape[-1]  # (out, in, a, b, c) -> (k^3, in, out), flat index a + k b + k^2 c
-        return ".".join(parts[:3] + ["kernel"]), v.transpose(4, 3, 2, 1, 0).reshape(k ** 3, v.shape[1], v.shape[0])
+        return ".".join(parts[:3] + ["kernel"]), v.transpose(4, 3, 2, 1, 0).reshape(k**3, v.shape[1], v.shape[0])
     if parts[0] == "stages":
         layer, leaf = parts[3], parts[4]
         if layer == "dwconv" and leaf == "weight":
             k = v.shape[-1]
-            return ".".join(parts[:4] + ["kernel"]), v[:, 0].transpose(3, 2, 1, 0).reshape(k ** 3, v.shape[0])
+            return ".".join(parts[:4] + ["kernel"]), v[:, 0].transpose(3, 2, 1, 0).reshape(k**3, v.shape[0])
         if layer == "dwconv":
             return name, v.reshape(1, -1)
         if layer == "norm":
@@ -74,7 +74,7 @@ def fcmae_state_dict(spec: FCMAESpec, params: Params) -> dict[str, np.ndarray]:
     out = {"mask_token": params["mask_token"].reshape(1, -1, 1, 1, 1)}
     dense = export_state(spec.encoder, {"params": {"encoder": params["encoder"]}}, with_head=False)
     for name, v in dense.items():
-        name = name[len("encoder."):]
+        name = name[len("encoder.") :]
         if not name.startswith("norm."):  # the sparse encoder has no final LayerNorm
             sparse_name, w = _sparse_entry(name, v)
             out[f"encoder.{sparse_name}"] = w

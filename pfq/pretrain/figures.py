@@ -41,15 +41,16 @@ def plot_losses(losses: np.ndarray, seeds: list[int], path: Path) -> None:
     for i, seed in enumerate(seeds):
         (line,) = ax.plot(steps, losses[i], alpha=0.25, lw=0.8)
         smooth = np.convolve(np.nan_to_num(losses[i]), np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color=line.get_color(), lw=1.5, label=f"seed {seed}")
+        ax.plot(steps[window - 1 :], smooth, color=line.get_color(), lw=1.5, label=f"seed {seed}")
     ax.axhline(1.0, color="grey", ls=":", lw=1, label="predicting the patch mean")
     ax.set(xlabel="step", ylabel="masked-patch loss (norm-pix MSE)", title="FCMAE pretraining loss")
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def reconstruction(spec: fcmae.FCMAESpec, params: dict, volume: np.ndarray, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reconstruction(
+    spec: fcmae.FCMAESpec, params: dict, volume: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input, masked input, reconstruction) of one (D, H, W, C) volume. With norm-pix targets the
     prediction is in per-patch normalised units: it is mapped back with the true patch's mean and
     standard deviation (as MAE's visualisations do); kept patches show the input."""

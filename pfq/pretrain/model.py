@@ -61,7 +61,7 @@ class FCMAESpec:
 
     @property
     def patch_dim(self) -> int:
-        return PATCH ** 3 * self.in_chans
+        return PATCH**3 * self.in_chans
 
 
 def grid_shape(input_size: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -85,8 +85,9 @@ class FCMAE(nnx.Module):
         self.encoder = ConvNeXtV2(enc, rngs)
         self.proj = PatchConv(enc.embed_dim, spec.decoder_dim, 1, dtype, rngs)
         self.mask_token = nnx.Param(jnp.zeros((spec.decoder_dim,)))
-        self.decoder = nnx.List([Block(spec.decoder_dim, 0.0, enc.depthwise_impl, dtype, rngs)
-                                 for _ in range(spec.decoder_depth)])
+        self.decoder = nnx.List(
+            [Block(spec.decoder_dim, 0.0, enc.depthwise_impl, dtype, rngs) for _ in range(spec.decoder_depth)]
+        )
         self.pred = PatchConv(spec.decoder_dim, spec.patch_dim, 1, dtype, rngs)
         self.grn_stats, self.norm_pix = spec.grn_stats, spec.norm_pix_loss
 
@@ -148,7 +149,7 @@ def patchify(x: jax.Array) -> jax.Array:
     n, d, h, w, c = x.shape
     p = PATCH
     x = x.reshape(n, d // p, p, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(n, d // p, h // p, w // p, p ** 3 * c)
+    return x.reshape(n, d // p, h // p, w // p, p**3 * c)
 
 
 def unpatchify(x: jax.Array, channels: int) -> jax.Array:
@@ -211,8 +212,10 @@ def _flatten(tree: dict, prefix: tuple = ()):
 
 
 def _unflatten_like(tree: dict, flat: dict, prefix: tuple = ()) -> dict:
-    return {k: _unflatten_like(v, flat, prefix + (str(k),)) if isinstance(v, dict) else flat[prefix + (str(k),)]
-            for k, v in tree.items()}
+    return {
+        k: _unflatten_like(v, flat, prefix + (str(k),)) if isinstance(v, dict) else flat[prefix + (str(k),)]
+        for k, v in tree.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,21 +50,34 @@ QUALITIES = ("all", "hq", "lq")
 def pretrain_record(config: ConfigDict) -> dict:
     """Every config field that changes the pretrained weights, and nothing else."""
     p, m, d = config.pretrain, config.model, config.data
-    return {"pretrain": {k: v for k, v in p.to_dict().items() if k not in ("checkpoint_every",)},
-            "model": {k: m.get(k) for k in ("size", "depths", "dims", "depthwise", "dtype")},
-            "phantoms": {k: config.phantoms.get(k) for k in ("spacing", "lesion_scale")},
-            "data": {k: d.get(k) for k in ("spacing", "augment", "augment_rotate_deg", "augment_zoom",
-                                           "quality_scale", "quality_threshold")}}
+    return {
+        "pretrain": {k: v for k, v in p.to_dict().items() if k not in ("checkpoint_every",)},
+        "model": {k: m.get(k) for k in ("size", "depths", "dims", "depthwise", "dtype")},
+        "phantoms": {k: config.phantoms.get(k) for k in ("spacing", "lesion_scale")},
+        "data": {
+            k: d.get(k)
+            for k in ("spacing", "augment", "augment_rotate_deg", "augment_zoom", "quality_scale", "quality_threshold")
+        },
+    }
 
 
 def fcmae_spec(config: ConfigDict) -> fcmae.FCMAESpec:
     p, m = config.pretrain, config.model
     kwargs = dict(depthwise_impl=m.depthwise, dtype=m.dtype)
-    encoder = (ModelSpec(depths=tuple(m.depths), dims=tuple(m.dims), **kwargs) if m.get("depths") and m.get("dims")
-               else ModelSpec.from_size(m.size, **kwargs))
-    return fcmae.FCMAESpec(encoder, decoder_dim=int(p.decoder_dim), decoder_depth=int(p.decoder_depth),
-                           mask_ratio=float(p.mask_ratio), norm_pix_loss=bool(p.norm_pix_loss),
-                           grn_stats=str(p.grn_stats), init=str(p.init))
+    encoder = (
+        ModelSpec(depths=tuple(m.depths), dims=tuple(m.dims), **kwargs)
+        if m.get("depths") and m.get("dims")
+        else ModelSpec.from_size(m.size, **kwargs)
+    )
+    return fcmae.FCMAESpec(
+        encoder,
+        decoder_dim=int(p.decoder_dim),
+        decoder_depth=int(p.decoder_depth),
+        mask_ratio=float(p.mask_ratio),
+        norm_pix_loss=bool(p.norm_pix_loss),
+        grn_stats=str(p.grn_stats),
+        init=str(p.init),
+    )
 
 
 def validate_pretrain_config(config: ConfigDict) -> None:
@@ -93,24 +106,43 @@ def pretrain_pool(config: ConfigDict, progress: bool = True) -> tuple[CachedVolu
     if p.manifest:
         path = Path(p.manifest)
     else:
-        path = phantom_manifest(ConfigDict({"cases": p.cases, "seed": p.phantom_seed, "shape": tuple(p.input_size),
-                                            "spacing": tuple(config.phantoms.spacing), "hq_fraction": p.hq_fraction,
-                                            "lesion_scale": config.phantoms.lesion_scale, "dir": ""}), progress)
-    report = validate_manifest(path, task=None, quality_scale=d.get("quality_scale", "piqual_v1"),
-                               quality_threshold=d.get("quality_threshold"), require_quality=p.quality != "all",
-                               check_images=False)
+        path = phantom_manifest(
+            ConfigDict(
+                {
+                    "cases": p.cases,
+                    "seed": p.phantom_seed,
+                    "shape": tuple(p.input_size),
+                    "spacing": tuple(config.phantoms.spacing),
+                    "hq_fraction": p.hq_fraction,
+                    "lesion_scale": config.phantoms.lesion_scale,
+                    "dir": "",
+                }
+            ),
+            progress,
+        )
+    report = validate_manifest(
+        path,
+        task=None,
+        quality_scale=d.get("quality_scale", "piqual_v1"),
+        quality_threshold=d.get("quality_threshold"),
+        require_quality=p.quality != "all",
+        check_images=False,
+    )
     if report.manifest is None:
         raise ManifestError(path, report.problems)
     preprocess = PreprocessConfig.from_config(ConfigDict({"input_size": tuple(p.input_size), "spacing": d.spacing}))
     cache = VolumeCache(d.get("cache_dir") or default_cache_root(), preprocess)
     cases = [c for c in report.manifest.cases if len(c.images) == 3]
-    paths, problems = cache.prepare(cases, workers=int(d.get("prepare_workers", 0)), progress=progress,
-                                    desc="preprocessing pretraining pool (cached)")
+    paths, problems = cache.prepare(
+        cases,
+        workers=int(d.get("prepare_workers", 0)),
+        progress=progress,
+        desc="preprocessing pretraining pool (cached)",
+    )
     problems = list(report.problems) + problems
     if problems:
         raise ManifestError(path, sorted(problems, key=lambda q: q.line if q.line is not None else 0))
-    chosen = np.arange(len(cases)) if p.quality == "all" else \
-        np.flatnonzero([c.quality == p.quality for c in cases])
+    chosen = np.arange(len(cases)) if p.quality == "all" else np.flatnonzero([c.quality == p.quality for c in cases])
     if len(chosen) == 0:
         raise ManifestError(path, [Problem(f"config.pretrain.quality={p.quality!r} selects no case", column="quality")])
     return CachedVolumes(paths), chosen
@@ -161,18 +193,39 @@ class Pretrainer:
         keys = jax.jit(lane_keys, out_shardings=lane_sh)(np.array(seeds, np.uint32))
         box = local_box(batch_sh, (len(seeds), batch_size))
         augment = replace(AugmentConfig.from_config(self.config.data), enabled=bool(p.augment))
-        dataset = train_dataset(source, np.zeros(len(source), np.int32), [pool] * len(seeds), seeds,
-                                batch_size=batch_size, num_steps=steps, augment_config=augment, box=box)
+        dataset = train_dataset(
+            source,
+            np.zeros(len(source), np.int32),
+            [pool] * len(seeds),
+            seeds,
+            batch_size=batch_size,
+            num_steps=steps,
+            augment_config=augment,
+            box=box,
+        )
         iterator = to_iterator(dataset, workers=int(self.config.data.workers))
         ckpt = GroupCheckpointer(self.workdir / "checkpoints" / "pretrain", keep=int(self.config.checkpoint.keep))
         spec = program.batch_spec(len(seeds), batch_size, p.input_size, batch_sh)
-        step_program = jax.jit(jax.vmap(make_pretrain_step(self.spec, tx, p.input_size)), donate_argnums=0,
-                               out_shardings=(lane_sh, lane_sh))
+        step_program = jax.jit(
+            jax.vmap(make_pretrain_step(self.spec, tx, p.input_size)),
+            donate_argnums=0,
+            out_shardings=(lane_sh, lane_sh),
+        )
         try:
-            state, _, _ = train_loop("pretrain", ckpt, state, step_program, keys, iterator, spec,
-                                     batch_sh=batch_sh, steps=steps,
-                                     log_every=int(self.config.log_every), save_every=int(p.checkpoint_every),
-                                     progress=self.progress)
+            state, _, _ = train_loop(
+                "pretrain",
+                ckpt,
+                state,
+                step_program,
+                keys,
+                iterator,
+                spec,
+                batch_sh=batch_sh,
+                steps=steps,
+                log_every=int(self.config.log_every),
+                save_every=int(p.checkpoint_every),
+                progress=self.progress,
+            )
             ckpt.wait()
         finally:
             ckpt.close()
@@ -187,30 +240,49 @@ class Pretrainer:
         p = self.config.pretrain
         seeds = [int(s) for s in p.seeds]
         losses, diverged = to_host(state["losses"]), to_host(state["diverged_step"])
-        rows = [{"step": s + 1, **{f"loss_seed{seed}": float(losses[i, s]) for i, seed in enumerate(seeds)}}
-                for s in range(losses.shape[1])]
+        rows = [
+            {"step": s + 1, **{f"loss_seed{seed}": float(losses[i, s]) for i, seed in enumerate(seeds)}}
+            for s in range(losses.shape[1])
+        ]
         write_csv(self.workdir / "loss.csv", rows)
         plot_losses(losses, seeds, self.workdir / "loss.png")
         healthy = [i for i in range(len(seeds)) if diverged[i] < 0]
         if not healthy:
-            raise FloatingPointError(f"every pretraining seed diverged (steps {diverged.tolist()}); lower "
-                                     "config.pretrain.lr. Checkpoints are kept in " + str(self.workdir / "checkpoints"))
+            raise FloatingPointError(
+                f"every pretraining seed diverged (steps {diverged.tolist()}); lower "
+                "config.pretrain.lr. Checkpoints are kept in " + str(self.workdir / "checkpoints")
+            )
         record = pretrain_record(self.config)
         for i in healthy:
             params = jax.tree.map(lambda x, i=i: to_host(x)[i], state["params"])
             suffix = "" if i == healthy[0] else f"-s{seeds[i]}"
-            meta = {"source_format": "pfq-fcmae", "pretrain_seed": seeds[i], "pretrain_steps": int(p.steps),
-                    "final_loss": float(np.nanmean(losses[i, -max(1, len(losses[i]) // 10):])),
-                    "pretrain_config": record}
-            save_model_dir(self.workdir / f"model{suffix}", self.spec.encoder, encoder_variables(params), meta,
-                           overwrite=True)
-            save_format_b(self.workdir / f"fcmae{suffix}.safetensors", self.spec, params,
-                          {"pfq_source": "pfq.pretrain", "pretrain_seed": str(seeds[i])})
+            meta = {
+                "source_format": "pfq-fcmae",
+                "pretrain_seed": seeds[i],
+                "pretrain_steps": int(p.steps),
+                "final_loss": float(np.nanmean(losses[i, -max(1, len(losses[i]) // 10) :])),
+                "pretrain_config": record,
+            }
+            save_model_dir(
+                self.workdir / f"model{suffix}", self.spec.encoder, encoder_variables(params), meta, overwrite=True
+            )
+            save_format_b(
+                self.workdir / f"fcmae{suffix}.safetensors",
+                self.spec,
+                params,
+                {"pfq_source": "pfq.pretrain", "pretrain_seed": str(seeds[i])},
+            )
             if i == healthy[0]:
-                plot_reconstruction(self.spec, params, source[int(pool[0])], self.workdir / "reconstruction.png",
-                                    seed=seeds[i])
-        atomic_write_text(self.workdir / "run.json", json.dumps(
-            {"complete": True, "seeds": seeds, "diverged_step": diverged.tolist(), "pool_cases": len(pool)}, indent=2))
+                plot_reconstruction(
+                    self.spec, params, source[int(pool[0])], self.workdir / "reconstruction.png", seed=seeds[i]
+                )
+        atomic_write_text(
+            self.workdir / "run.json",
+            json.dumps(
+                {"complete": True, "seeds": seeds, "diverged_step": diverged.tolist(), "pool_cases": len(pool)},
+                indent=2,
+            ),
+        )
 
 
 PRETRAINED_INIT = "fcmae"  # sweep.inits keyword: this config's FCMAE pretraining, run once and cached
@@ -224,7 +296,9 @@ def cached_pretraining(config: ConfigDict, progress: bool = True) -> Path:
 
     validate_pretrain_config(config)
     record = json.dumps(pretrain_record(config), sort_keys=True)
-    workdir = Path(config.pretrain.dir) if config.pretrain.get("dir") else \
-        cache_root() / "pretrain" / hashlib.sha256(record.encode()).hexdigest()[:12]
+    workdir = (
+        Path(config.pretrain.dir)
+        if config.pretrain.get("dir")
+        else cache_root() / "pretrain" / hashlib.sha256(record.encode()).hexdigest()[:12]
+    )
     return Pretrainer(config, workdir, progress=progress).run()
-

@@ -32,9 +32,18 @@ def decay_mask(params: Params) -> Params:
 def make_tx(config, params: Params, spec: FCMAESpec, steps: int) -> optax.GradientTransformation:
     """`config`: the run config's `pretrain` section (lr, weight_decay, warmup_steps, b2, grad_clip); as
     upstream, cosine decay to 0, no layer-wise decay, every parameter trained."""
-    optim = ConfigDict({"lr": config.lr, "weight_decay": config.weight_decay, "warmup_steps": config.warmup_steps,
-                        "b2": config.b2, "grad_clip": config.get("grad_clip", 0.0), "final_lr_fraction": 0.0,
-                        "layer_decay": 1.0, "mode": "full"})
+    optim = ConfigDict(
+        {
+            "lr": config.lr,
+            "weight_decay": config.weight_decay,
+            "warmup_steps": config.warmup_steps,
+            "b2": config.b2,
+            "grad_clip": config.get("grad_clip", 0.0),
+            "final_lr_fraction": 0.0,
+            "layer_decay": 1.0,
+            "mode": "full",
+        }
+    )
     return make_optimizer(optim, params, spec.encoder.depths, steps, decay_mask=decay_mask(params))
 
 

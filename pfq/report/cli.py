@@ -31,16 +31,19 @@ def write_report(workdir: Path, metric: str = "auc") -> str:
     if not all_rows:
         raise ValueError(f"{workdir / 'results.csv'} has no rows")
     if metric not in metric_columns(all_rows):
-        raise ValueError(f"metric {metric!r} is not a column of results.csv; choose from "
-                         f"{', '.join(metric_columns(all_rows))}")
+        raise ValueError(
+            f"metric {metric!r} is not a column of results.csv; choose from {', '.join(metric_columns(all_rows))}"
+        )
     tasks = sorted({r["task"] for r in all_rows})
     sections, summaries = [], []
     for task in tasks:
         rows = [r for r in all_rows if r["task"] == task]
         suffix = f"_{task}" if len(tasks) > 1 else ""
-        figures = {f"heatmap_{metric}{suffix}.png": f"{metric} heatmaps",
-                   f"label_efficiency_{metric}{suffix}.png": f"{metric} vs train size",
-                   f"mismatch_{metric}{suffix}.png": f"{metric} vs quality mismatch"}
+        figures = {
+            f"heatmap_{metric}{suffix}.png": f"{metric} heatmaps",
+            f"label_efficiency_{metric}{suffix}.png": f"{metric} vs train size",
+            f"mismatch_{metric}{suffix}.png": f"{metric} vs quality mismatch",
+        }
         names = list(figures)
         plot_heatmaps(rows, workdir / names[0], metric)
         plot_label_efficiency(rows, workdir / names[1], metric)
@@ -52,8 +55,9 @@ def write_report(workdir: Path, metric: str = "auc") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pfq.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pfq.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--metric", default="auc", help="a metric column of results.csv (default: auc)")
     args = parser.parse_args(argv)

@@ -65,14 +65,24 @@ def plot_heatmaps(rows: list[dict], path: Path, metric: str = "auc") -> None:
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
     diff_cmap = plt.get_cmap("RdBu").with_extremes(bad="0.85")
     norm = Normalize(vmin, vmax)
-    diffs = {(size, init): panels[(size, init)][0] - panels[(size, REFERENCE_INIT)][0]
-             for size in sizes for init in pretrained}
+    diffs = {
+        (size, init): panels[(size, init)][0] - panels[(size, REFERENCE_INIT)][0]
+        for size in sizes
+        for init in pretrained
+    }
     span = max([float(np.nanmax(np.abs(d))) for d in diffs.values() if np.isfinite(d).any()] + [1e-3])
     diff_norm = Normalize(-span, span)
 
-    fig, axes = plt.subplots(len(sizes), len(columns), squeeze=False,
-                             figsize=(1.0 + 0.95 * len(tts) * len(columns) + 0.6 * len(columns),
-                                      0.9 + 0.75 * len(fts) * len(sizes) + 0.5 * len(sizes)), layout="constrained")
+    fig, axes = plt.subplots(
+        len(sizes),
+        len(columns),
+        squeeze=False,
+        figsize=(
+            1.0 + 0.95 * len(tts) * len(columns) + 0.6 * len(columns),
+            0.9 + 0.75 * len(fts) * len(sizes) + 0.5 * len(sizes),
+        ),
+        layout="constrained",
+    )
     for r, size in enumerate(sizes):
         for c, (init, is_diff) in enumerate(columns):
             ax = axes[r, c]
@@ -84,8 +94,11 @@ def plot_heatmaps(rows: list[dict], path: Path, metric: str = "auc") -> None:
                 title = f"{init_label(init, inits)} − scratch"
             else:
                 mean, std = panels[(size, init)]
-                texts = {(i, j): f"{mean[i, j]:.3f}" + (f"\n±{std[i, j]:.3f}" if math.isfinite(std[i, j]) else "")
-                         for i in range(len(fts)) for j in range(len(tts))}
+                texts = {
+                    (i, j): f"{mean[i, j]:.3f}" + (f"\n±{std[i, j]:.3f}" if math.isfinite(std[i, j]) else "")
+                    for i in range(len(fts))
+                    for j in range(len(tts))
+                }
                 im = ax.imshow(mean, cmap=cmap, norm=norm, origin="lower", aspect="auto")
                 _annotate(ax, mean, texts, cmap, norm)
                 title = init_label(init, inits)
@@ -98,8 +111,14 @@ def plot_heatmaps(rows: list[dict], path: Path, metric: str = "auc") -> None:
             if c == 0:  # one row per train size, named where the row starts (titles stay short)
                 ax.set_ylabel(f"train size {size:g}\nfinetune HQ ratio" if len(sizes) > 1 else "finetune HQ ratio")
             if r == 0 and (c == len(inits) - 1 or is_diff and c == len(columns) - 1):
-                fig.colorbar(im, ax=axes[:, c].tolist(), fraction=0.05, pad=0.01, shrink=0.9,
-                             label=f"{_label(metric)} difference" if is_diff else f"mean {_label(metric)}")
+                fig.colorbar(
+                    im,
+                    ax=axes[:, c].tolist(),
+                    fraction=0.05,
+                    pad=0.01,
+                    shrink=0.9,
+                    label=f"{_label(metric)} difference" if is_diff else f"mean {_label(metric)}",
+                )
     size_note = "" if len(sizes) > 1 else f", train size {sizes[0]:g}"
     fig.suptitle(f"{_label(metric)}: mean ± std over seeds{size_note}", fontsize=11)
     _save(fig, path)
@@ -126,23 +145,35 @@ def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> 
     inits, sizes = _inits(rows), _values(rows, "train_size")
     fts, tts = _values(rows, "finetune_hq_ratio"), _values(rows, "test_hq_ratio")
     colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.85, max(len(fts), 2)))
-    fig, axes = plt.subplots(1, len(tts), squeeze=False, sharey=True, figsize=(1.8 + 3.0 * len(tts), 3.4),
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(tts), squeeze=False, sharey=True, figsize=(1.8 + 3.0 * len(tts), 3.4), layout="constrained"
+    )
     # log2 offsets that keep error bars apart: per init along curves; with a single train size (no
     # curves) every (finetune ratio, init) gets its own place beside the others
     if len(sizes) > 1:
         jitter = {(fi, k): (k - (len(inits) - 1) / 2) * 0.03 for fi in range(len(fts)) for k in range(len(inits))}
     else:
         n = len(fts) * len(inits)
-        jitter = {(fi, k): (fi * len(inits) + k - (n - 1) / 2) * min(0.08, 0.8 / n)
-                  for fi in range(len(fts)) for k in range(len(inits))}
+        jitter = {
+            (fi, k): (fi * len(inits) + k - (n - 1) / 2) * min(0.08, 0.8 / n)
+            for fi in range(len(fts))
+            for k in range(len(inits))
+        }
     plotted = False
     for j, t in enumerate(tts):
         ax = axes[0, j]
         for fi, f in enumerate(fts):
             for k, init in enumerate(inits):
-                cells = group([r for r in rows if str(r["init"]) == init and _num(r, "finetune_hq_ratio") == f
-                               and _num(r, "test_hq_ratio") == t], ("train_size",))
+                cells = group(
+                    [
+                        r
+                        for r in rows
+                        if str(r["init"]) == init
+                        and _num(r, "finetune_hq_ratio") == f
+                        and _num(r, "test_hq_ratio") == t
+                    ],
+                    ("train_size",),
+                )
                 xs, ms, ss = [], [], []
                 for (size,), cell in cells.items():
                     s = summarize(stats.seed_means(cell, metric).values())
@@ -151,8 +182,9 @@ def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> 
                         ms.append(s.mean)
                         ss.append(s.std if math.isfinite(s.std) else 0.0)
                 if xs:
-                    ax.errorbar(xs, ms, yerr=ss, color=colors[fi], ls=_line_style(k), marker=_marker(k), ms=4,
-                                capsize=2)
+                    ax.errorbar(
+                        xs, ms, yerr=ss, color=colors[fi], ls=_line_style(k), marker=_marker(k), ms=4, capsize=2
+                    )
                     plotted = True
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [_g(s) for s in sizes])
@@ -166,9 +198,9 @@ def plot_label_efficiency(rows: list[dict], path: Path, metric: str = "auc") -> 
     if plotted:
         from matplotlib.lines import Line2D
 
-        handles = ([Line2D([], [], color=colors[fi], marker="o", ms=4) for fi in range(len(fts))]
-                   + [Line2D([], [], color="0.2", ls=_line_style(k), marker=_marker(k), ms=4)
-                      for k in range(len(inits))])
+        handles = [Line2D([], [], color=colors[fi], marker="o", ms=4) for fi in range(len(fts))] + [
+            Line2D([], [], color="0.2", ls=_line_style(k), marker=_marker(k), ms=4) for k in range(len(inits))
+        ]
         labels = [f"finetune HQ {f:g}" for f in fts] + [init_label(init, inits) for init in inits]
         fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
     else:
@@ -186,8 +218,9 @@ def plot_mismatch(rows: list[dict], path: Path, metric: str = "auc") -> None:
 
     inits, sizes = _inits(rows), _values(rows, "train_size")
     colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(sizes), squeeze=False, sharey=True, figsize=(1.6 + 3.2 * len(sizes), 3.8),
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(sizes), squeeze=False, sharey=True, figsize=(1.6 + 3.2 * len(sizes), 3.8), layout="constrained"
+    )
     effects = stats.mismatch_effect(rows, metric)
     levels_all = sorted({lv for e in effects for lv in e["levels"]})
     for c, size in enumerate(sizes):
@@ -198,8 +231,16 @@ def plot_mismatch(rows: list[dict], path: Path, metric: str = "auc") -> None:
             ss = [e["levels"][lv].std if math.isfinite(e["levels"][lv].std) else 0.0 for lv in levels]
             k = inits.index(e["init"])
             if levels:
-                ax.errorbar(np.array(levels) + 0.008 * (k - (len(inits) - 1) / 2), ms, yerr=ss, color=colors(k),
-                            marker=_marker(k), ms=4, capsize=2, label=init_label(e["init"], inits))
+                ax.errorbar(
+                    np.array(levels) + 0.008 * (k - (len(inits) - 1) / 2),
+                    ms,
+                    yerr=ss,
+                    color=colors(k),
+                    marker=_marker(k),
+                    ms=4,
+                    capsize=2,
+                    label=init_label(e["init"], inits),
+                )
         ax.set_xticks(levels_all, [_g(lv) for lv in levels_all])
         ax.set_xlabel("|finetune HQ ratio − test HQ ratio|")
         ax.set_title(f"train size {size:g}", fontsize=10)
@@ -207,8 +248,7 @@ def plot_mismatch(rows: list[dict], path: Path, metric: str = "auc") -> None:
     axes[0, 0].set_ylabel(f"{_label(metric)}, mean over the cells\nat that mismatch")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if labels:  # below the panels: beside them it collides with the title on narrow figures
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8,
-                   frameon=False)
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
     else:
         _no_data(axes[0, 0])
     fig.suptitle(f"Quality mismatch: {_label(metric)} (mean ± std over seeds)", fontsize=11)

@@ -37,8 +37,11 @@ def _values(rows: list[dict], key: str) -> list[float]:
 
 
 def _select(rows: list[dict], init: str | None = None, train_size: float | None = None) -> list[dict]:
-    return [r for r in rows if (init is None or str(r["init"]) == init)
-            and (train_size is None or _num(r, "train_size") == train_size)]
+    return [
+        r
+        for r in rows
+        if (init is None or str(r["init"]) == init) and (train_size is None or _num(r, "train_size") == train_size)
+    ]
 
 
 def _g(x: float) -> str:
@@ -76,14 +79,17 @@ def _cell_text(summary: Summary, cell_rows: list[dict], metric: str) -> str:
 
 
 def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-            + ["| " + " | ".join(line) + " |" for line in body])
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(line) + " |" for line in body
+    ]
 
 
 def grid_table(rows: list[dict], metric: str, init: str, train_size: float) -> list[str]:
     fts, tts, _, _, cells = grid(rows, metric, init, train_size)
-    body = [[_g(f)] + [_cell_text(*cells[(i, j)], metric) if (i, j) in cells else "" for j in range(len(tts))]
-            for i, f in enumerate(fts)]
+    body = [
+        [_g(f)] + [_cell_text(*cells[(i, j)], metric) if (i, j) in cells else "" for j in range(len(tts))]
+        for i, f in enumerate(fts)
+    ]
     return _md_table(["finetune \\ test HQ ratio"] + [_g(t) for t in tts], body)
 
 
@@ -96,12 +102,16 @@ def summary_table(rows: list[dict], metric: str = "auc") -> str:
     for init in inits:
         for size in _values(_select(rows, init), "train_size"):
             fts, tts, _, _, cells = grid(rows, metric, init, size)
-            out.append(f"{metric.upper()} (mean ± std over seeds), init={init_label(init, inits)}, "
-                       f"train size={size:g}; rows: finetune HQ ratio, columns: test HQ ratio")
+            out.append(
+                f"{metric.upper()} (mean ± std over seeds), init={init_label(init, inits)}, "
+                f"train size={size:g}; rows: finetune HQ ratio, columns: test HQ ratio"
+            )
             out.append(f"{corner:>13} " + "".join(f"{t:>22g}" for t in tts))
             for i, f in enumerate(fts):
-                out.append(f"{f:>13g} " + "".join(f"{(cells[(i, j)][0].format() if (i, j) in cells else ''):>22}"
-                                                  for j in range(len(tts))))
+                out.append(
+                    f"{f:>13g} "
+                    + "".join(f"{(cells[(i, j)][0].format() if (i, j) in cells else ''):>22}" for j in range(len(tts)))
+                )
     return "\n".join(out)
 
 
@@ -120,28 +130,52 @@ def _overview(rows: list[dict], metric: str, inits: list[str]) -> list[str]:
 def _paired_tables(rows: list[dict], metric: str, inits: list[str]) -> list[str]:
     pooled = stats.pooled_comparisons(rows, metric)
     if not pooled:
-        return ["Needs `scratch` and at least one pretrained initialisation with the same seeds; not in this "
-                "sweep."]
-    out = [f"Difference in {metric} (pretrained − scratch), paired by seed (same finetuning set and test "
-           "subsets). p: two-sided paired t-test and Wilcoxon signed-rank test across seeds, unadjusted for "
-           "multiple comparisons; with 5 seeds the Wilcoxon test cannot go below p = 0.0625.", "",
-           "**Pooled over finetune and test HQ ratios** (per seed, the mean difference over the grid):", ""]
+        return ["Needs `scratch` and at least one pretrained initialisation with the same seeds; not in this sweep."]
+    out = [
+        f"Difference in {metric} (pretrained − scratch), paired by seed (same finetuning set and test "
+        "subsets). p: two-sided paired t-test and Wilcoxon signed-rank test across seeds, unadjusted for "
+        "multiple comparisons; with 5 seeds the Wilcoxon test cannot go below p = 0.0625.",
+        "",
+        "**Pooled over finetune and test HQ ratios** (per seed, the mean difference over the grid):",
+        "",
+    ]
     body = []
     for item in pooled:
         r = item["result"]
-        body.append([init_label(item["init"], inits), _g(item["train_size"]), str(r.n), f"{r.mean_a:.3f}",
-                     f"{r.mean_b:.3f}", _signed(r.mean_diff, r.std_diff), _p(r.t_p), _p(r.wilcoxon_p)])
-    out += _md_table(["init", "train size", "seeds", "pretrained", "scratch", "difference", "t-test p",
-                      "Wilcoxon p"], body)
+        body.append(
+            [
+                init_label(item["init"], inits),
+                _g(item["train_size"]),
+                str(r.n),
+                f"{r.mean_a:.3f}",
+                f"{r.mean_b:.3f}",
+                _signed(r.mean_diff, r.std_diff),
+                _p(r.t_p),
+                _p(r.wilcoxon_p),
+            ]
+        )
+    out += _md_table(
+        ["init", "train size", "seeds", "pretrained", "scratch", "difference", "t-test p", "Wilcoxon p"], body
+    )
     out += ["", "**Per cell:**", ""]
     body = []
     for item in stats.paired_comparisons(rows, metric):
         r = item["result"]
-        body.append([init_label(item["init"], inits), _g(item["train_size"]), _g(item["finetune_hq_ratio"]),
-                     _g(item["test_hq_ratio"]), str(r.n), _signed(r.mean_diff, r.std_diff), _p(r.t_p),
-                     _p(r.wilcoxon_p)])
-    out += _md_table(["init", "train size", "finetune HQ", "test HQ", "seeds", "difference", "t-test p",
-                      "Wilcoxon p"], body)
+        body.append(
+            [
+                init_label(item["init"], inits),
+                _g(item["train_size"]),
+                _g(item["finetune_hq_ratio"]),
+                _g(item["test_hq_ratio"]),
+                str(r.n),
+                _signed(r.mean_diff, r.std_diff),
+                _p(r.t_p),
+                _p(r.wilcoxon_p),
+            ]
+        )
+    out += _md_table(
+        ["init", "train size", "finetune HQ", "test HQ", "seeds", "difference", "t-test p", "Wilcoxon p"], body
+    )
     return out
 
 
@@ -156,13 +190,17 @@ def _mismatch_table(rows: list[dict], metric: str, inits: list[str]) -> list[str
     levels = sorted({lv for e in effects for lv in e["levels"]})
     body = []
     for e in sorted(effects, key=lambda e: (inits.index(e["init"]), e["train_size"])):
-        body.append([init_label(e["init"], inits), _g(e["train_size"])]
-                    + [e["levels"][lv].format() if lv in e["levels"] else "" for lv in levels]
-                    + [e["slope"].format()])
-    return (["Metric by Δ = |finetune HQ ratio − test HQ ratio| (per seed, the mean over cells at that mismatch; "
-             "mean ± std over seeds), and the slope of a per-seed least-squares line (metric change per unit "
-             "of mismatch; negative: mismatch hurts).", ""]
-            + _md_table(["init", "train size"] + [f"Δ={_g(lv)}" for lv in levels] + ["slope"], body))
+        body.append(
+            [init_label(e["init"], inits), _g(e["train_size"])]
+            + [e["levels"][lv].format() if lv in e["levels"] else "" for lv in levels]
+            + [e["slope"].format()]
+        )
+    return [
+        "Metric by Δ = |finetune HQ ratio − test HQ ratio| (per seed, the mean over cells at that mismatch; "
+        "mean ± std over seeds), and the slope of a per-seed least-squares line (metric change per unit "
+        "of mismatch; negative: mismatch hurts).",
+        "",
+    ] + _md_table(["init", "train size"] + [f"Δ={_g(lv)}" for lv in levels] + ["slope"], body)
 
 
 def _diverged(rows: list[dict]) -> list[str]:
@@ -171,27 +209,42 @@ def _diverged(rows: list[dict]) -> list[str]:
     if not lanes:
         return ["None."]
     body = [[init_label(str(k[0])), _g(k[1]), _g(k[2]), _g(k[3]), str(v[0]["status"])] for k, v in lanes.items()]
-    return (["Their metrics are NaN and left out of every mean, std and paired test.", ""]
-            + _md_table(["init", "finetune HQ", "train size", "seed", "status"], body))
+    return ["Their metrics are NaN and left out of every mean, std and paired test.", ""] + _md_table(
+        ["init", "finetune HQ", "train size", "seed", "status"], body
+    )
 
 
 def report_markdown(rows: list[dict], metric: str, figures: dict[str, str], title: str = "") -> str:
     inits = _inits(rows)
     seeds = sorted({int(r["seed"]) for r in rows})
     first = rows[0]
-    listed = {key: ", ".join(_g(v) for v in _values(rows, key)) for key in
-              ("train_size", "finetune_hq_ratio", "test_hq_ratio")}
-    lines = [f"# pfq report{': ' + title if title else ''}", "",
-             f"Metric: **{metric}**. {len(rows)} rows of results.csv; inits: "
-             f"{', '.join(init_label(i, inits) for i in inits)}; train sizes: {listed['train_size']}; finetune HQ "
-             f"ratios: {listed['finetune_hq_ratio']}; test HQ ratios: {listed['test_hq_ratio']}; seeds: "
-             f"{', '.join(map(str, seeds))}. Each row scores {first.get('n_test', '?')} test cases, averaged over "
-             f"{first.get('n_draws', '?')} label-stratified subset draws.", "",
-             "Cells: mean ± sample std over seeds (`(n=k/m)` when only k of m seeds have a finite value); with a "
-             "single seed, the value and its bootstrap 95% CI over test cases.", "",
-             "## Diverged lanes", ""] + _diverged(rows)
-    lines += ["", "## Overview", "", f"{metric} per initialisation and train size (per seed, the mean over the "
-              "finetune × test HQ ratio grid's finite cells; mean ± std over seeds).", ""]
+    listed = {
+        key: ", ".join(_g(v) for v in _values(rows, key))
+        for key in ("train_size", "finetune_hq_ratio", "test_hq_ratio")
+    }
+    lines = [
+        f"# pfq report{': ' + title if title else ''}",
+        "",
+        f"Metric: **{metric}**. {len(rows)} rows of results.csv; inits: "
+        f"{', '.join(init_label(i, inits) for i in inits)}; train sizes: {listed['train_size']}; finetune HQ "
+        f"ratios: {listed['finetune_hq_ratio']}; test HQ ratios: {listed['test_hq_ratio']}; seeds: "
+        f"{', '.join(map(str, seeds))}. Each row scores {first.get('n_test', '?')} test cases, averaged over "
+        f"{first.get('n_draws', '?')} label-stratified subset draws.",
+        "",
+        "Cells: mean ± sample std over seeds (`(n=k/m)` when only k of m seeds have a finite value); with a "
+        "single seed, the value and its bootstrap 95% CI over test cases.",
+        "",
+        "## Diverged lanes",
+        "",
+    ] + _diverged(rows)
+    lines += [
+        "",
+        "## Overview",
+        "",
+        f"{metric} per initialisation and train size (per seed, the mean over the "
+        "finetune × test HQ ratio grid's finite cells; mean ± std over seeds).",
+        "",
+    ]
     lines += _overview(rows, metric, inits)
     lines += ["", "## Finetune HQ ratio × test HQ ratio", ""]
     for init in inits:
@@ -210,13 +263,17 @@ def text_summary(rows: list[dict], metric: str, task: str) -> str:
     for init in inits:
         for size in _values([r for r in rows if str(r["init"]) == init], "train_size"):
             sel = [r for r in rows if str(r["init"]) == init and _num(r, "train_size") == size]
-            out.append(f"  {init_label(init, inits):<24} n={size:<6g} "
-                       f"{summarize(stats.seed_means(sel, metric).values()).format()}")
+            out.append(
+                f"  {init_label(init, inits):<24} n={size:<6g} "
+                f"{summarize(stats.seed_means(sel, metric).values()).format()}"
+            )
     for item in stats.pooled_comparisons(rows, metric):
         r = item["result"]
-        out.append(f"  {init_label(item['init'], inits)} − scratch, n={item['train_size']:g}: "
-                   f"{_signed(r.mean_diff, r.std_diff)} over {r.n} seeds (t-test p {_p(r.t_p)}, "
-                   f"Wilcoxon p {_p(r.wilcoxon_p)})")
+        out.append(
+            f"  {init_label(item['init'], inits)} − scratch, n={item['train_size']:g}: "
+            f"{_signed(r.mean_diff, r.std_diff)} over {r.n} seeds (t-test p {_p(r.t_p)}, "
+            f"Wilcoxon p {_p(r.wilcoxon_p)})"
+        )
     diverged = sum(str(r.get("status", "ok")) != "ok" for r in rows)
     if diverged:
         out.append(f"  {diverged} row(s) from diverged lanes (NaN metrics)")

@@ -21,8 +21,12 @@ from absl import app, flags
 from pfq import xla_flags
 from pfq.config import ConfigError, load_config, split_overrides, validate_config
 
-_CONFIG = flags.DEFINE_string("config", "default", "A packaged config's name (default, smoke, pirads_binary, ...) "
-                              "or a config file (Python, get_config()); override fields with --config.x.y=value.")
+_CONFIG = flags.DEFINE_string(
+    "config",
+    "default",
+    "A packaged config's name (default, smoke, pirads_binary, ...) "
+    "or a config file (Python, get_config()); override fields with --config.x.y=value.",
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder: results.csv, figures, checkpoints.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host runs.")
@@ -45,8 +49,16 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from pfq.train.trainer import ModelBuildError
     from pfq.train.workdir import WorkdirError
 
-    return (ManifestError, VolumeError, StratificationError, WorkdirError, ConvertError, LabelError,
-            ModelBuildError, DoesNotFitError)
+    return (
+        ManifestError,
+        VolumeError,
+        StratificationError,
+        WorkdirError,
+        ConvertError,
+        LabelError,
+        ModelBuildError,
+        DoesNotFitError,
+    )
 
 
 def fail(message: str, status: int) -> int:
@@ -114,11 +126,16 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
     except SweepDivergedError as e:
         return fail(str(e), 1)
     except OSError as e:  # a full disk, a read-only folder: what was written before is intact
-        return fail(f"{e}\nCheckpoints and outputs written before this error are intact; fix the cause and "
-                    f"rerun the same command to resume.", 1)
+        return fail(
+            f"{e}\nCheckpoints and outputs written before this error are intact; fix the cause and "
+            f"rerun the same command to resume.",
+            1,
+        )
     print(summary_table(rows))
-    print(f"\n{len(rows)} result rows in {workdir / 'results.csv'}; report {workdir / 'report.md'} and figures; "
-          f"{trainer.compile_count} compiled step program(s); {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\n{len(rows)} result rows in {workdir / 'results.csv'}; report {workdir / 'report.md'} and figures; "
+        f"{trainer.compile_count} compiled step program(s); {time.perf_counter() - t0:.0f} s"
+    )
     return 0
 
 

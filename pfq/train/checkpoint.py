@@ -45,8 +45,10 @@ class GroupCheckpointer:
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
-                                                     create=True, cleanup_tmp_directories=True))
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True, cleanup_tmp_directories=True
+                ),
+            )
         except OSError as e:
             raise CheckpointWriteError(f"cannot use the checkpoint directory {self.directory}: {e}") from e
 
@@ -54,11 +56,14 @@ class GroupCheckpointer:
         """Start an asynchronous save; an error of an earlier save surfaces here or in `wait`."""
         maybe_fail("checkpoint_save", step)
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)))
+            self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            )
         except Exception as e:
-            raise CheckpointWriteError(f"could not write a checkpoint in {self.directory} ({_brief(e)}); "
-                                       "the checkpoints already there are intact") from e
+            raise CheckpointWriteError(
+                f"could not write a checkpoint in {self.directory} ({_brief(e)}); "
+                "the checkpoints already there are intact"
+            ) from e
         maybe_fail("checkpoint_async", step)
 
     def problems(self, step: int) -> list[str]:
@@ -66,22 +71,26 @@ class GroupCheckpointer:
         folder = self.directory / str(step)
         return [f"item {item!r} is missing ({folder / item})" for item in ITEMS if not (folder / item).is_dir()]
 
-    def restore(self, like_state: Any, adopt_meta: Callable[[dict], None] | None = None
-                ) -> tuple[int, Any, dict] | None:
+    def restore(
+        self, like_state: Any, adopt_meta: Callable[[dict], None] | None = None
+    ) -> tuple[int, Any, dict] | None:
         """Newest readable checkpoint restored onto `like_state`'s shapes and shardings; a checkpoint
         that fails to read is reported, moved aside and the next older one tried. `adopt_meta(meta)`
         (e.g. setting the data iterator's state) runs on each candidate's metadata; if it raises,
         the checkpoint counts as damaged too."""
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state
+        )
         unreadable = []
         result = None
         for step in sorted(self.manager.all_steps(), reverse=True):
             problems = self.problems(step)
             if not problems:
                 try:
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                    restored = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+                    )
                     meta = restored["meta"]
                     if not isinstance(meta, dict) or meta.get("step") != step or "data_iterator" not in meta:
                         problems.append(f"item 'meta' does not describe step {step}: {meta!r:.200}")
@@ -93,8 +102,11 @@ class GroupCheckpointer:
                     problems.append(_brief(e))
             if result is not None:
                 break
-            log.warning("checkpoint %s is unreadable (%s); falling back to an older one",
-                        self.directory / str(step), "; ".join(problems))
+            log.warning(
+                "checkpoint %s is unreadable (%s); falling back to an older one",
+                self.directory / str(step),
+                "; ".join(problems),
+            )
             unreadable.append(step)
         for step in unreadable:
             self._move_aside(step)
@@ -122,8 +134,10 @@ class GroupCheckpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointWriteError(f"could not write a checkpoint in {self.directory} ({_brief(e)}); "
-                                       "the checkpoints already there are intact") from e
+            raise CheckpointWriteError(
+                f"could not write a checkpoint in {self.directory} ({_brief(e)}); "
+                "the checkpoints already there are intact"
+            ) from e
 
     def close(self) -> None:
         self.manager.close()

@@ -27,14 +27,18 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     if coordinator:
         num_processes = num_processes or int(os.environ["PFQ_NUM_PROCESSES"])
         process_id = process_id if process_id >= 0 else int(os.environ["PFQ_PROCESS_ID"])
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     elif auto:
         jax.distributed.initialize()
     else:
         return
-    log.info("process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d; %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def is_writer() -> bool:
@@ -48,8 +52,10 @@ def local_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[
     which is what `global_batch` expects."""
     indices = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
     if not indices:
-        raise ValueError(f"process {jax.process_index()} holds no device of the (lane, data) mesh, so its devices "
-                         "would idle; make the lanes per group or the batch size divisible by the process count")
+        raise ValueError(
+            f"process {jax.process_index()} holds no device of the (lane, data) mesh, so its devices "
+            "would idle; make the lanes per group or the batch size divisible by the process count"
+        )
     box = []
     for axis in (0, 1):
         ranges = [idx[axis].indices(shape[axis])[:2] for idx in indices]
@@ -60,8 +66,9 @@ def local_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[
 def global_batch(tree, sharding: jax.sharding.Sharding, lead_shape: tuple[int, int]):
     """Host numpy leaves holding this process's `local_box` of global arrays whose first two axes are
     `lead_shape` -> global arrays laid out by `sharding` (one process: a plain device_put)."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x, tuple(lead_shape) + x.shape[2:]),
-                        tree)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x, tuple(lead_shape) + x.shape[2:]), tree
+    )
 
 
 def to_host(x) -> np.ndarray:

@@ -36,11 +36,20 @@ def data_fingerprint(data, data_config) -> dict:
     for i, case in enumerate(data.manifest.cases):
         cases[case.case_id] = {
             "line": case.line,
-            "files": {role: {"path": str(path), "sha256": cache.content_hash(path)}
-                      for role, path in sorted(case.images.items())},
-            "label": int(data.labels[i]), "quality": case.quality, "pool": "test" if i in test else "train"}
-    return {"format": FORMAT, "manifest": str(Path(data.manifest.path).resolve()), "preprocess": preprocess.key(),
-            "cases": cases}
+            "files": {
+                role: {"path": str(path), "sha256": cache.content_hash(path)}
+                for role, path in sorted(case.images.items())
+            },
+            "label": int(data.labels[i]),
+            "quality": case.quality,
+            "pool": "test" if i in test else "train",
+        }
+    return {
+        "format": FORMAT,
+        "manifest": str(Path(data.manifest.path).resolve()),
+        "preprocess": preprocess.key(),
+        "cases": cases,
+    }
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -81,15 +90,18 @@ def check(workdir: Path, fingerprint: dict) -> None:
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise WorkdirError(f"{recorded} is unreadable ({e}); use another --workdir, or --overwrite to discard "
-                           "the run") from None
+        raise WorkdirError(
+            f"{recorded} is unreadable ({e}); use another --workdir, or --overwrite to discard the run"
+        ) from None
     changed = differences(old, fingerprint)
     if changed:
         more = f"; and {len(changed) - SHOWN} more" if len(changed) > SHOWN else ""
-        raise WorkdirError(f"{workdir} holds a run on other data than this manifest's "
-                           f"({fingerprint['manifest']}): {'; '.join(changed[:SHOWN])}{more}. Resuming would mix "
-                           "two datasets in one result: restore the data, or use another --workdir, or "
-                           "--overwrite to start over")
+        raise WorkdirError(
+            f"{workdir} holds a run on other data than this manifest's "
+            f"({fingerprint['manifest']}): {'; '.join(changed[:SHOWN])}{more}. Resuming would mix "
+            "two datasets in one result: restore the data, or use another --workdir, or "
+            "--overwrite to start over"
+        )
 
 
 def record(workdir: Path, fingerprint: dict) -> None:

@@ -58,7 +58,7 @@ def group_lanes(lanes: list[Lane], max_size: int = 0) -> list[list[Lane]]:
         groups.setdefault(lane.init, []).append(lane)
     if max_size <= 0:
         return list(groups.values())
-    return [g[i:i + max_size] for g in groups.values() for i in range(0, len(g), max_size)]
+    return [g[i : i + max_size] for g in groups.values() for i in range(0, len(g), max_size)]
 
 
 def make_mesh(num_lanes: int, batch_size: int, devices=None) -> Mesh:

@@ -33,10 +33,22 @@ def adopt_iterator_state(iterator, meta: dict) -> None:
     iterator.set_state(stored)
 
 
-def train_loop(name: str, ckpt: GroupCheckpointer, state: dict, step_program: Callable, keys: jax.Array, iterator,
-               batch_spec: dict, *, batch_sh, steps: int, log_every: int, save_every: int,
-               progress: bool = True, on_log: Callable[[int, np.ndarray], None] | None = None
-               ) -> tuple[dict, np.ndarray, bool]:
+def train_loop(
+    name: str,
+    ckpt: GroupCheckpointer,
+    state: dict,
+    step_program: Callable,
+    keys: jax.Array,
+    iterator,
+    batch_spec: dict,
+    *,
+    batch_sh,
+    steps: int,
+    log_every: int,
+    save_every: int,
+    progress: bool = True,
+    on_log: Callable[[int, np.ndarray], None] | None = None,
+) -> tuple[dict, np.ndarray, bool]:
     """Resume from the newest readable checkpoint, then train to `steps`, saving every `save_every`
     steps and at the end. Returns (state, last logged per-lane loss, whether a program was compiled).
     `step_program(state, batch, keys) -> (state, metrics with "loss")` is the jitted, lane-vmapped
@@ -61,8 +73,14 @@ def train_loop(name: str, ckpt: GroupCheckpointer, state: dict, step_program: Ca
     step = step_program.lower(state, batch_spec, keys).compile()
     compiled = True
     log.info("%s: compiled the %d-lane step in %.1f s", name, lanes, time.perf_counter() - t0)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{name} ({lanes} lanes)",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc=f"{name} ({lanes} lanes)",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for s in bar:
         batch = global_batch(next(iterator), batch_sh, (lanes, batch_size))
         state, metrics = step(state, batch, keys)

@@ -42,21 +42,27 @@ def lr_scales(params: Any, depths: tuple[int, ...], decay: float) -> Any:
     return traverse_util.unflatten_dict(scales)
 
 
-def make_optimizer(config, params: Any, depths: tuple[int, ...], num_steps: int,
-                   decay_mask: Any = None) -> optax.GradientTransformation:
+def make_optimizer(
+    config, params: Any, depths: tuple[int, ...], num_steps: int, decay_mask: Any = None
+) -> optax.GradientTransformation:
     """`config`: a run config's `optim` section (`pfq.config.base_config`; `b2` optional, default 0.999).
     `decay_mask`: which leaves get weight decay (default: those with more than one dimension)."""
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.lr, warmup_steps=min(config.warmup_steps, max(num_steps - 1, 0)),
-        decay_steps=max(num_steps, 1), end_value=config.lr * config.final_lr_fraction)
+        init_value=0.0,
+        peak_value=config.lr,
+        warmup_steps=min(config.warmup_steps, max(num_steps - 1, 0)),
+        decay_steps=max(num_steps, 1),
+        end_value=config.lr * config.final_lr_fraction,
+    )
     parts = []
     if config.grad_clip:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
     # As upstream, no weight decay on biases and norm parameters (1-D leaves).
     if decay_mask is None:
         decay_mask = jax.tree.map(lambda p: p.ndim > 1, params)
-    parts.append(optax.adamw(schedule, b1=0.9, b2=config.get("b2", 0.999), weight_decay=config.weight_decay,
-                             mask=decay_mask))
+    parts.append(
+        optax.adamw(schedule, b1=0.9, b2=config.get("b2", 0.999), weight_decay=config.weight_decay, mask=decay_mask)
+    )
     decay = config.layer_decay
     if decay != 1.0:
         # Scaling the whole AdamW update equals scaling that group's learning rate (weight decay
@@ -65,8 +71,11 @@ def make_optimizer(config, params: Any, depths: tuple[int, ...], num_steps: int,
     tx = optax.chain(*parts)
     probe = config.mode == "linear_probe"
     labels = traverse_util.unflatten_dict(
-        {k: ("frozen" if (probe and k[0] == "encoder") or k in BATCHNORM_SHIFTED else "train")
-         for k in traverse_util.flatten_dict(params)})
+        {
+            k: ("frozen" if (probe and k[0] == "encoder") or k in BATCHNORM_SHIFTED else "train")
+            for k in traverse_util.flatten_dict(params)
+        }
+    )
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 

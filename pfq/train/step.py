@@ -41,8 +41,9 @@ def classification_loss(logits: jax.Array, labels: jax.Array, loss: str = "ce") 
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def guarded_update(state: State, value: jax.Array, grads: Any, tx: optax.GradientTransformation,
-                   updated: dict) -> State:
+def guarded_update(
+    state: State, value: jax.Array, grads: Any, tx: optax.GradientTransformation, updated: dict
+) -> State:
     """Apply `grads` (and replace the `updated` state entries) unless the loss or the gradient is not
     finite or the lane is already frozen; a lane that turns non-finite now records the step."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

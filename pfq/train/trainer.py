@@ -67,8 +67,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def model_spec(config, num_classes: int) -> ModelSpec:
     m = config.model
-    kwargs = dict(in_chans=3, num_classes=num_classes, drop_path_rate=m.drop_path,
-                  depthwise_impl=m.depthwise, dtype=m.dtype, remat_stages=tuple(m.remat_stages))
+    kwargs = dict(
+        in_chans=3,
+        num_classes=num_classes,
+        drop_path_rate=m.drop_path,
+        depthwise_impl=m.depthwise,
+        dtype=m.dtype,
+        remat_stages=tuple(m.remat_stages),
+    )
     if m.depths and m.dims:
         return ModelSpec(depths=tuple(m.depths), dims=tuple(m.dims), **kwargs)
     return ModelSpec.from_size(m.size, **kwargs)
@@ -80,12 +86,20 @@ def model_spec(config, num_classes: int) -> ModelSpec:
 def lane_training_set(lane: lanes_lib.Lane, data: StudyData, num_classes: int) -> np.ndarray:
     pool = data.train_pool
     try:
-        chosen = stratified_indices(data.is_hq[pool], data.labels[pool], lane.train_size, lane.finetune_hq_ratio,
-                                    lane.seed, num_classes=num_classes)
+        chosen = stratified_indices(
+            data.is_hq[pool],
+            data.labels[pool],
+            lane.train_size,
+            lane.finetune_hq_ratio,
+            lane.seed,
+            num_classes=num_classes,
+        )
     except StratificationError as e:
-        raise StratificationError(f"config.sweep.train_sizes / finetune_hq_ratios: lane {lane.name} asks for "
-                                  f"{lane.train_size} finetuning cases at HQ ratio {lane.finetune_hq_ratio:g} "
-                                  f"from a finetuning pool of {len(pool)}: {e}") from None
+        raise StratificationError(
+            f"config.sweep.train_sizes / finetune_hq_ratios: lane {lane.name} asks for "
+            f"{lane.train_size} finetuning cases at HQ ratio {lane.finetune_hq_ratio:g} "
+            f"from a finetuning pool of {len(pool)}: {e}"
+        ) from None
     return pool[chosen]
 
 
@@ -98,11 +112,15 @@ def load_init(init: str, spec: ModelSpec) -> dict:
     except ConvertError as e:
         raise ConvertError(f"config.sweep.inits: {e}", e.problems) from None
     fields = ("depths", "dims", "in_chans")
-    wrong = [f"{f}={getattr(ckpt_spec, f)} (config.model asks for {getattr(spec, f)})" for f in fields
-             if tuple(np.atleast_1d(getattr(ckpt_spec, f))) != tuple(np.atleast_1d(getattr(spec, f)))]
+    wrong = [
+        f"{f}={getattr(ckpt_spec, f)} (config.model asks for {getattr(spec, f)})"
+        for f in fields
+        if tuple(np.atleast_1d(getattr(ckpt_spec, f))) != tuple(np.atleast_1d(getattr(spec, f)))
+    ]
     if wrong:
-        raise ConvertError(f"config.sweep.inits: checkpoint {init} does not fit the configured model: "
-                           + "; ".join(wrong))
+        raise ConvertError(
+            f"config.sweep.inits: checkpoint {init} does not fit the configured model: " + "; ".join(wrong)
+        )
     return ckpt_vars
 
 
@@ -114,7 +132,6 @@ def lane_variables(lane: lanes_lib.Lane, spec: ModelSpec, loaded: dict | None = 
         ckpt_vars = loaded if loaded is not None else load_init(lane.init, spec)
         variables["params"]["encoder"] = ckpt_vars["params"]["encoder"]
     return variables
-
 
 
 def stack(trees: list) -> object:
@@ -158,12 +175,27 @@ class Trainer:
 
         box = local_box(batch_sh, (len(group), batch_size))  # this host loads only what its devices hold
         if jax.process_count() > 1:
-            log.info("group %d: this process loads lanes %d:%d, slots %d:%d of each step's batch", gi,
-                     box[0].start, box[0].stop, box[1].start, box[1].stop)
-        dataset = train_dataset(data.source, data.labels, lane_sets, [lane.seed for lane in group],
-                                batch_size=batch_size, num_steps=steps,
-                                augment_config=AugmentConfig.from_config(cfg.data), balance=cfg.data.balance,
-                                is_hq=data.is_hq, exact_quality=cfg.data.exact_batch_quality, box=box)
+            log.info(
+                "group %d: this process loads lanes %d:%d, slots %d:%d of each step's batch",
+                gi,
+                box[0].start,
+                box[0].stop,
+                box[1].start,
+                box[1].stop,
+            )
+        dataset = train_dataset(
+            data.source,
+            data.labels,
+            lane_sets,
+            [lane.seed for lane in group],
+            batch_size=batch_size,
+            num_steps=steps,
+            augment_config=AugmentConfig.from_config(cfg.data),
+            balance=cfg.data.balance,
+            is_hq=data.is_hq,
+            exact_quality=cfg.data.exact_batch_quality,
+            box=box,
+        )
         iterator = to_iterator(dataset, workers=cfg.data.workers)
 
         ckpt = GroupCheckpointer(self.workdir / "checkpoints" / f"group{gi}", keep=cfg.checkpoint.keep)
@@ -177,17 +209,28 @@ class Trainer:
                 log.warning("group %d: a pending checkpoint could not be finished either (%s)", gi, e)
             raise
         ckpt.close()
-        return GroupOutcome(group, lane_sets, state, to_host(state["diverged_step"]), loss,
-                            to_host(state["diverged_reason"]))
+        return GroupOutcome(
+            group, lane_sets, state, to_host(state["diverged_step"]), loss, to_host(state["diverged_reason"])
+        )
 
     def _train_loop(self, gi, group, ckpt, state, tx, keys, iterator, lane_sh, batch_sh):
         """Resume from the newest readable checkpoint, then train to `optim.steps`, saving as configured."""
         cfg, optim = self.config, self.config.optim
         spec = program.batch_spec(len(group), int(optim.batch_size), cfg.data.input_size, batch_sh)
         state, loss, compiled = train_loop(
-            f"group {gi}", ckpt, state, program.jit_train_step(self.spec, tx, optim.loss, lane_sh), keys, iterator,
-            spec, batch_sh=batch_sh, steps=int(optim.steps), log_every=cfg.log_every,
-            save_every=cfg.checkpoint.every_steps, progress=self.progress)
+            f"group {gi}",
+            ckpt,
+            state,
+            program.jit_train_step(self.spec, tx, optim.loss, lane_sh),
+            keys,
+            iterator,
+            spec,
+            batch_sh=batch_sh,
+            steps=int(optim.steps),
+            log_every=cfg.log_every,
+            save_every=cfg.checkpoint.every_steps,
+            progress=self.progress,
+        )
         self.compile_count += int(compiled)
         return state, loss
 
@@ -204,8 +247,15 @@ class Trainer:
             maybe_fail("predict_batch")
             return out
 
-        probs = evaluate.predict(forward, data.source, data.test_pool, int(self.config.eval_batch_size),
-                                 batch_axis=1, progress=self.progress, desc="predict test pool")
+        probs = evaluate.predict(
+            forward,
+            data.source,
+            data.test_pool,
+            int(self.config.eval_batch_size),
+            batch_axis=1,
+            progress=self.progress,
+            desc="predict test pool",
+        )
         return probs.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------------------------------
@@ -216,11 +266,13 @@ class Trainer:
         for lane in lanes:
             lane_training_set(lane, data, self.task.num_classes)
         try:
-            plan = evaluate.scoring_plan(data.is_hq[data.test_pool], data.labels[data.test_pool], self.config.sweep,
-                                         self.task.num_classes)
+            plan = evaluate.scoring_plan(
+                data.is_hq[data.test_pool], data.labels[data.test_pool], self.config.sweep, self.task.num_classes
+            )
         except StratificationError as e:
-            raise StratificationError(f"config.sweep.test_size / test_hq_ratios: test pool of {len(data.test_pool)} "
-                                      f"cases: {e}") from None
+            raise StratificationError(
+                f"config.sweep.test_size / test_hq_ratios: test pool of {len(data.test_pool)} cases: {e}"
+            ) from None
         for init in dict.fromkeys(lane.init for lane in lanes if lane.init != "scratch"):
             self._inits[init] = load_init(self.init_dir(init), self.spec)
         self.preflight_model(max(len(g) for g in lanes_lib.group_lanes(lanes, int(self.config.sweep.lanes_per_group))))
@@ -238,17 +290,24 @@ class Trainer:
             tx = make_optimizer(optim, single["params"], self.spec.depths, int(optim.steps))
             state = jax.eval_shape(jax.vmap(lambda v: init_state(v, tx)), jax.tree.map(lanes_axis, single))
             shape = (num_lanes, int(optim.batch_size)) + tuple(int(n) for n in cfg.data.input_size) + (3,)
-            batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
-                     "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32)}
+            batch = {
+                "image": jax.ShapeDtypeStruct(shape, jnp.float32),
+                "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32),
+            }
             keys = jax.eval_shape(jax.vmap(jax.random.key), jax.ShapeDtypeStruct((num_lanes,), jnp.uint32))
             jax.eval_shape(jax.vmap(make_train_step(self.spec, tx, optim.loss)), state, batch, keys)
             images = jax.ShapeDtypeStruct((int(cfg.eval_batch_size),) + shape[2:], jnp.float32)
-            jax.eval_shape(jax.vmap(make_predict_step(self.spec), in_axes=(0, None)),
-                           {"params": state["params"], "batch_stats": state["batch_stats"]}, images)
+            jax.eval_shape(
+                jax.vmap(make_predict_step(self.spec), in_axes=(0, None)),
+                {"params": state["params"], "batch_stats": state["batch_stats"]},
+                images,
+            )
         except Exception as e:  # shape, dtype and name errors surface while tracing
             text = " ".join(str(e).split())[:400]
-            raise ModelBuildError(f"config.model / config.data.input_size / config.optim: no model can be built "
-                                  f"and trained for this config ({type(e).__name__}: {text})") from None
+            raise ModelBuildError(
+                f"config.model / config.data.input_size / config.optim: no model can be built "
+                f"and trained for this config ({type(e).__name__}: {text})"
+            ) from None
 
     def init_dir(self, init: str) -> str:
         """A checkpoint directory, or for the keyword "fcmae" this config's cached FCMAE pretraining."""
@@ -264,12 +323,22 @@ class Trainer:
         for li, lane in enumerate(outcome.lanes):
             if outcome.diverged_step[li] >= 0:
                 continue
-            variables = jax.tree.map(lambda x, li=li: to_host(x)[li],
-                                     {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]})
-            save_model_dir(self.workdir / "models" / lane.name, self.spec, variables,
-                           {"source_format": "pfq-finetuned", "task": self.task.name, **lane.as_row(),
-                            "preprocess": PreprocessConfig.from_config(self.config.data).key()},
-                           overwrite=True)
+            variables = jax.tree.map(
+                lambda x, li=li: to_host(x)[li],
+                {"params": outcome.state["params"], "batch_stats": outcome.state["batch_stats"]},
+            )
+            save_model_dir(
+                self.workdir / "models" / lane.name,
+                self.spec,
+                variables,
+                {
+                    "source_format": "pfq-finetuned",
+                    "task": self.task.name,
+                    **lane.as_row(),
+                    "preprocess": PreprocessConfig.from_config(self.config.data).key(),
+                },
+                overwrite=True,
+            )
 
     def run(self) -> list[dict]:
         cfg = self.config
@@ -280,8 +349,9 @@ class Trainer:
             return self._finished_rows()
         fit.refuse_what_does_not_fit(cfg, self.spec)  # before any data is loaded or the workdir touched
         data = load_study_data(cfg, self.task, progress=self.progress)
-        lanes = lanes_lib.make_lanes(cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes,
-                                     cfg.sweep.seeds)
+        lanes = lanes_lib.make_lanes(
+            cfg.sweep.finetune_hq_ratios, cfg.sweep.inits, cfg.sweep.train_sizes, cfg.sweep.seeds
+        )
         plan = self.preflight(lanes, data)
         data_print = fingerprint.data_fingerprint(data, cfg.data)
         if not self.overwrite:  # a resume must see the data its run started on
@@ -303,38 +373,59 @@ class Trainer:
     def _sweep(self, lanes: list, data: StudyData, plan: evaluate.ScoringPlan) -> list[dict]:
         cfg = self.config
         groups = lanes_lib.group_lanes(lanes, int(cfg.sweep.get("lanes_per_group", 0)))
-        log.info("%d lanes in %d group(s); train pool %d, test pool %d", len(lanes),
-                 len(groups), len(data.train_pool), len(data.test_pool))
+        log.info(
+            "%d lanes in %d group(s); train pool %d, test pool %d",
+            len(lanes),
+            len(groups),
+            len(data.train_pool),
+            len(data.test_pool),
+        )
         rows, prediction_rows, diverged = [], [], []
         for gi, group in enumerate(groups):
             outcome = self.train_group(gi, group, data)
-            diverged += [f"{lane.name} at step {int(outcome.diverged_step[li])} "
-                         f"({DIVERGED_REASONS[int(outcome.diverged_reason[li])]})"
-                         for li, lane in enumerate(group) if outcome.diverged_step[li] >= 0]
+            diverged += [
+                f"{lane.name} at step {int(outcome.diverged_step[li])} "
+                f"({DIVERGED_REASONS[int(outcome.diverged_reason[li])]})"
+                for li, lane in enumerate(group)
+                if outcome.diverged_step[li] >= 0
+            ]
             probs = self.predict_pool(outcome, data)
             if cfg.export_models and is_writer():
                 self.export_models(outcome)
-            rows += evaluate.lane_rows(group, outcome.lane_sets, lane_status(outcome), probs, data, plan,
-                                       self.task.name)
+            rows += evaluate.lane_rows(
+                group, outcome.lane_sets, lane_status(outcome), probs, data, plan, self.task.name
+            )
             prediction_rows += evaluate.prediction_rows(group, probs, data)
         if len(diverged) == len(lanes):
             raise SweepDivergedError(
                 f"every lane diverged: {'; '.join(diverged)}. Their state is saved in {self.workdir / 'checkpoints'}; "
-                "no results were written. Lower config.optim.lr or check the data, then rerun with --overwrite")
+                "no results were written. Lower config.optim.lr or check the data, then rerun with --overwrite"
+            )
         if not is_writer():
             return rows
         write_csv(self.workdir / "predictions.csv", prediction_rows)
         write_csv(self.workdir / "results.csv", rows)
-        atomic_write_text(self.workdir / "run.json", json.dumps(
-            {"complete": True, "compile_count": self.compile_count, "lanes": len(lanes),
-             "lane_groups": len(groups),
-             # which grades split HQ/LQ (predictions.csv's `quality` holds each case's)
-             "quality_from": cfg.data.get("quality_from", "label"),
-             "quality_grading": data.grading.summary() if data.grading is not None else None}, indent=2))
+        atomic_write_text(
+            self.workdir / "run.json",
+            json.dumps(
+                {
+                    "complete": True,
+                    "compile_count": self.compile_count,
+                    "lanes": len(lanes),
+                    "lane_groups": len(groups),
+                    # which grades split HQ/LQ (predictions.csv's `quality` holds each case's)
+                    "quality_from": cfg.data.get("quality_from", "label"),
+                    "quality_grading": data.grading.summary() if data.grading is not None else None,
+                },
+                indent=2,
+            ),
+        )
         return rows
 
 
 def lane_status(outcome: GroupOutcome) -> list[str]:
     """Per lane: 'ok', or when and why it diverged (the results' `status` column)."""
-    return ["ok" if step < 0 else f"diverged at step {int(step)}: {DIVERGED_REASONS[int(reason)] or 'non-finite loss'}"
-            for step, reason in zip(outcome.diverged_step, outcome.diverged_reason, strict=True)]
+    return [
+        "ok" if step < 0 else f"diverged at step {int(step)}: {DIVERGED_REASONS[int(reason)] or 'non-finite loss'}"
+        for step, reason in zip(outcome.diverged_step, outcome.diverged_reason, strict=True)
+    ]

@@ -20,9 +20,16 @@ from pathlib import Path
 from pfq import io as pfq_io
 
 # Fields that change how a run executes, never its numbers.
-OPERATIONAL_FIELDS = {("log_every",), ("eval_batch_size",), ("export_models",), ("data", "workers"),
-                      ("checkpoint", "every_steps"), ("checkpoint", "keep"), ("data", "cache_dir"),
-                      ("data", "prepare_workers")}
+OPERATIONAL_FIELDS = {
+    ("log_every",),
+    ("eval_batch_size",),
+    ("export_models",),
+    ("data", "workers"),
+    ("checkpoint", "every_steps"),
+    ("checkpoint", "keep"),
+    ("data", "cache_dir"),
+    ("data", "prepare_workers"),
+}
 OUTPUTS = ("results.csv", "predictions.csv", "run.json", "report.md", "config.json", "data.json")
 # What else a run writes, removed by --overwrite so that nothing of the previous run stays beside
 # the new results: the report's figures (one set per metric and task) and exported models.
@@ -50,8 +57,9 @@ def exclusive(workdir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to end, or use "
-                               "another --workdir") from None
+            raise WorkdirError(
+                f"{workdir} is in use by another run ({holder}); wait for it to end, or use another --workdir"
+            ) from None
         except OSError as e:  # e.g. ENOLCK on a network mount without a lock manager
             log.warning("could not lock %s (%s); make sure no other run uses this workdir", workdir, e)
         else:
@@ -68,8 +76,11 @@ def remove_stale_temporaries(workdir: Path) -> None:
 
 
 def _strip(config: dict, prefix: tuple = ()) -> dict:
-    return {k: _strip(v, prefix + (k,)) if isinstance(v, dict) else v
-            for k, v in config.items() if prefix + (k,) not in OPERATIONAL_FIELDS}
+    return {
+        k: _strip(v, prefix + (k,)) if isinstance(v, dict) else v
+        for k, v in config.items()
+        if prefix + (k,) not in OPERATIONAL_FIELDS
+    }
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -98,12 +109,15 @@ def _check_recorded(workdir: Path, new: dict) -> None:
     try:
         old = json.loads(recorded.read_text())
     except (OSError, ValueError) as e:
-        raise WorkdirError(f"{recorded} is unreadable ({e}); use another --workdir, or --overwrite to discard "
-                           "the run") from None
+        raise WorkdirError(
+            f"{recorded} is unreadable ({e}); use another --workdir, or --overwrite to discard the run"
+        ) from None
     changed = differences(_strip(old), _strip(new))
     if changed:
-        raise WorkdirError(f"{workdir} holds a run with a different config ({'; '.join(changed[:8])}); "
-                           f"use another --workdir, or --overwrite to discard it")
+        raise WorkdirError(
+            f"{workdir} holds a run with a different config ({'; '.join(changed[:8])}); "
+            f"use another --workdir, or --overwrite to discard it"
+        )
 
 
 def _finished(workdir: Path) -> bool:
