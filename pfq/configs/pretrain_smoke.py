@@ -5,21 +5,13 @@ the pretrained ("fcmae") and scratch inits (seconds each).
     python -m pfq.train --config configs/pretrain_smoke.py --workdir /tmp/pfq-pretrain-sweep
 """
 
-from pfq.config import base_config
+from pfq.configs import smoke
 
 
 def get_config():
-    c = base_config()
-    c.phantoms.cases = 48
-    c.data.test_fraction = 0.5
-    c.model.depths = (1, 1, 1, 1)
-    c.model.dims = (8, 16, 24, 32)
+    c = smoke.get_config()
     c.sweep.inits = ("fcmae", "scratch")
     c.sweep.finetune_hq_ratios = (0.5,)
-    c.sweep.train_sizes = (8,)
-    c.sweep.test_draws = 2
-    c.optim.update({"steps": 6, "batch_size": 2, "warmup_steps": 2})
-    c.checkpoint.every_steps = 3
     c.pretrain.update(
         {
             "cases": 12,
@@ -31,5 +23,4 @@ def get_config():
             "checkpoint_every": 3,
         }
     )
-    c.update({"eval_batch_size": 8, "log_every": 2})
     return c
