@@ -27,7 +27,7 @@ from pfq.data.stratify import StratificationError, stratified_indices
 from pfq.data.study import StudyData, load_study_data
 from pfq.faults import maybe_fail
 from pfq.io import atomic_write_text
-from pfq.model import ModelSpec, abstract_variables, init_variables
+from pfq.model import ModelSpec, init_variables
 from pfq.results import read_results
 from pfq.tasks import Task, get_task
 from pfq.train import fingerprint, fit, program
@@ -284,19 +284,11 @@ class Trainer:
         (an input too small for the downsampling, an unknown dtype or loss) stops here, before
         `--overwrite` discards anything."""
         cfg, optim = self.config, self.config.optim
-        lanes_axis = lambda s: jax.ShapeDtypeStruct((num_lanes,) + tuple(s.shape), s.dtype)
-        try:
-            single = abstract_variables(self.spec)
-            tx = make_optimizer(optim, single["params"], self.spec.depths, int(optim.steps))
-            state = jax.eval_shape(jax.vmap(lambda v: init_state(v, tx)), jax.tree.map(lanes_axis, single))
-            shape = (num_lanes, int(optim.batch_size)) + tuple(int(n) for n in cfg.data.input_size) + (3,)
-            batch = {
-                "image": jax.ShapeDtypeStruct(shape, jnp.float32),
-                "label": jax.ShapeDtypeStruct(shape[:2], jnp.int32),
-            }
-            keys = jax.eval_shape(jax.vmap(jax.random.key), jax.ShapeDtypeStruct((num_lanes,), jnp.uint32))
+        try:  # the trainer's own abstract group and batch, unsharded (no mesh is needed to trace)
+            tx, state, keys = program.abstract_group(self.spec, optim, num_lanes, None)
+            batch = program.batch_spec(num_lanes, int(optim.batch_size), cfg.data.input_size, None)
             jax.eval_shape(jax.vmap(make_train_step(self.spec, tx, optim.loss)), state, batch, keys)
-            images = jax.ShapeDtypeStruct((int(cfg.eval_batch_size),) + shape[2:], jnp.float32)
+            images = jax.ShapeDtypeStruct((int(cfg.eval_batch_size),) + batch["image"].shape[2:], jnp.float32)
             jax.eval_shape(
                 jax.vmap(make_predict_step(self.spec), in_axes=(0, None)),
                 {"params": state["params"], "batch_stats": state["batch_stats"]},
