@@ -93,10 +93,8 @@ def load_study_data(config, task: Task, progress: bool = True) -> StudyData:
         raise ManifestError(path, problems)
     labels, is_hq, grading = report.labels, manifest.is_hq(), None
     if from_iqm:
-        root = data.get("cache_dir") or default_cache_root()
-        rows, iqm_problems = manifest_iqms(
-            manifest.cases, root, workers=int(data.get("prepare_workers", 0)), progress=progress
-        )
+        root = data.cache_dir or default_cache_root()
+        rows, iqm_problems = manifest_iqms(manifest.cases, root, workers=int(data.prepare_workers), progress=progress)
         if iqm_problems:
             raise ManifestError(path, iqm_problems)
         grading = grade(rows, [c.quality for c in manifest.cases])

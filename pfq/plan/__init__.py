@@ -304,7 +304,7 @@ def sweep_groups(config: ConfigDict) -> list[int]:
     """Sizes of the sweep's lane groups under the config's `sweep.lanes_per_group`."""
     s = config.sweep
     lanes = lanes_lib.make_lanes(s.finetune_hq_ratios, s.inits, s.train_sizes, s.seeds)
-    return [len(g) for g in lanes_lib.group_lanes(lanes, int(s.get("lanes_per_group", 0)))]
+    return [len(g) for g in lanes_lib.group_lanes(lanes, int(s.lanes_per_group))]
 
 
 def plan_layout(

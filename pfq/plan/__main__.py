@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
             sizes = plan.default_lane_groups(config, len(devices))
         else:
             try:
-                sizes = [int(config.sweep.get("lanes_per_group", 0)) if v == "config" else int(v) for v in _LANES.value]
+                sizes = [int(config.sweep.lanes_per_group) if v == "config" else int(v) for v in _LANES.value]
             except ValueError:
                 print(f"error: --lanes_per_group: integers, 'config' or 'auto', got {_LANES.value}", file=sys.stderr)
                 return 2

@@ -90,7 +90,7 @@ def refuse_what_does_not_fit(config, spec) -> None:
         enable_compilation_cache()
     s = config.sweep
     lanes = lanes_lib.make_lanes(s.finetune_hq_ratios, s.inits, s.train_sizes, s.seeds)
-    size = max(len(g) for g in lanes_lib.group_lanes(lanes, int(s.get("lanes_per_group", 0))))
+    size = max(len(g) for g in lanes_lib.group_lanes(lanes, int(s.lanes_per_group)))
     lowered, mesh = program.lower_train_step(spec, config, devices, size)
     check_fits(lowered.compile(), devices[0], config, size, -(-size // mesh.shape["lane"]), limit)
 

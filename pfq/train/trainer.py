@@ -364,7 +364,7 @@ class Trainer:
 
     def _sweep(self, lanes: list, data: StudyData, plan: evaluate.ScoringPlan) -> list[dict]:
         cfg = self.config
-        groups = lanes_lib.group_lanes(lanes, int(cfg.sweep.get("lanes_per_group", 0)))
+        groups = lanes_lib.group_lanes(lanes, int(cfg.sweep.lanes_per_group))
         log.info(
             "%d lanes in %d group(s); train pool %d, test pool %d",
             len(lanes),
@@ -406,7 +406,7 @@ class Trainer:
                     "lanes": len(lanes),
                     "lane_groups": len(groups),
                     # which grades split HQ/LQ (predictions.csv's `quality` holds each case's)
-                    "quality_from": cfg.data.get("quality_from", "label"),
+                    "quality_from": cfg.data.quality_from,
                     "quality_grading": data.grading.summary() if data.grading is not None else None,
                 },
                 indent=2,
