@@ -93,6 +93,9 @@ def base_config() -> ConfigDict:
     c.sweep.test_draws = 5
     c.sweep.test_seed = 0
     c.sweep.bootstrap_resamples = 1000  # for the percentile 95% CIs in results.csv; 0: none
+    # Also fit a logistic regression on per-channel intensity percentiles to each (finetune ratio, train
+    # size, seed)'s finetuning set: results rows with init "percentile-lr", a reference a CNN should beat.
+    c.sweep.baseline = True
 
     c.optim = ConfigDict()
     c.optim.steps = 700
@@ -285,6 +288,7 @@ FIELDS: dict[str, Rule] = {
     "sweep.test_draws": _rule("int", _POSITIVE),
     "sweep.test_seed": _rule("int", _SEED),
     "sweep.bootstrap_resamples": _rule("int", _NON_NEGATIVE),
+    "sweep.baseline": _rule("bool"),
     "optim.steps": _rule("int", _POSITIVE),
     "optim.batch_size": _rule("int", _POSITIVE),
     "optim.lr": _rule("float", _between(0, 10, open_lo=True)),

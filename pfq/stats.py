@@ -20,6 +20,7 @@ import numpy as np
 from scipy import stats as sps
 
 REFERENCE_INIT = "scratch"
+BASELINE_INIT = "percentile-lr"  # the reference logistic regression's rows (pfq.baseline); never "pretrained"
 CELL_KEYS = ("task", "finetune_hq_ratio", "train_size", "test_hq_ratio")  # a grid cell, over seeds
 
 
@@ -93,6 +94,20 @@ class Paired:
     t_p: float
     wilcoxon_p: float
 
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """Student-t 95% confidence interval of the mean difference over seeds (NaN with < 2 pairs)."""
+        if self.n < 2 or not math.isfinite(self.std_diff):
+            return (math.nan, math.nan)
+        half = float(sps.t.ppf(0.975, self.n - 1)) * self.std_diff / math.sqrt(self.n)
+        return (self.mean_diff - half, self.mean_diff + half)
+
+    @property
+    def resolved(self) -> bool:
+        """The 95% interval excludes zero: the difference is larger than the seed-to-seed noise."""
+        low, high = self.ci95
+        return bool(low > 0 or high < 0)
+
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> Paired:
     """Paired comparison of a and b (same order = same seed); pairs with a NaN are dropped. p-values are
@@ -129,7 +144,7 @@ def paired_comparisons(
     """For every initialisation other than `reference` and every cell `keys`: the paired test across
     seeds of init minus reference. Empty when either side is missing."""
     out = []
-    inits = sorted({str(r["init"]) for r in rows} - {reference})
+    inits = sorted({str(r["init"]) for r in rows} - {reference, BASELINE_INIT})
     for init in inits:
         for key, cell in group([r for r in rows if str(r["init"]) in (init, reference)], keys).items():
             a = seed_means([r for r in cell if str(r["init"]) == init], metric)
@@ -145,7 +160,7 @@ def pooled_comparisons(
     """The headline test: per `by` group, each seed's difference init - reference is averaged over the
     cells (finetune ratio x test ratio) where both are finite, then tested across seeds."""
     out = []
-    inits = sorted({str(r["init"]) for r in rows} - {reference})
+    inits = sorted({str(r["init"]) for r in rows} - {reference, BASELINE_INIT})
     cell_keys = [k for k in CELL_KEYS if k not in by]
     for init in inits:
         for key, part in group([r for r in rows if str(r["init"]) in (init, reference)], by).items():
@@ -162,6 +177,37 @@ def pooled_comparisons(
             a_mean = [float(np.mean([p[0] for p in diffs[s]])) for s in seeds]
             b_mean = [float(np.mean([p[1] for p in diffs[s]])) for s in seeds]
             out.append({"init": init, **dict(zip(by, key, strict=True)), "result": paired_test(a_mean, b_mean)})
+    return out
+
+
+def pretrained_inits(rows: Iterable[dict]) -> list[str]:
+    """The initialisations that are neither scratch nor the reference baseline, sorted."""
+    return sorted({str(r["init"]) for r in rows} - {REFERENCE_INIT, BASELINE_INIT})
+
+
+def quality_contrasts(rows: list[dict], metric: str, by: Sequence[str] = ("task", "init", "train_size")) -> list[dict]:
+    """The study's quality contrast, per `by` group: on the highest test HQ ratio, lanes finetuned at the
+    highest finetune HQ ratio minus those at the lowest, paired by seed (same budget, same test subsets)."""
+    out = []
+    for key, part in group(rows, by).items():
+        finetune = sorted({round(float(r["finetune_hq_ratio"]), 9) for r in part})
+        test_hq = max(round(float(r["test_hq_ratio"]), 9) for r in part)
+        if len(finetune) < 2:
+            continue
+        on_test = [r for r in part if round(float(r["test_hq_ratio"]), 9) == test_hq]
+        hi, lo = (
+            seed_means([r for r in on_test if round(float(r["finetune_hq_ratio"]), 9) == f], metric)
+            for f in (finetune[-1], finetune[0])
+        )
+        out.append(
+            {
+                **dict(zip(by, key, strict=True)),
+                "high": finetune[-1],
+                "low": finetune[0],
+                "test_hq_ratio": test_hq,
+                "result": paired_by_seed(hi, lo),
+            }
+        )
     return out
 
 

@@ -73,11 +73,19 @@ def reference(tmp_path_factory, train) -> Path:
 
 
 def test_smoke_run_writes_every_row_and_the_report(reference):
-    rows = read_csv(reference / "results.csv")
+    every = read_csv(reference / "results.csv")
+    rows = [r for r in every if r["init"] == "scratch"]
     cells = {(float(r["finetune_hq_ratio"]), float(r["test_hq_ratio"]), int(r["seed"])) for r in rows}
     assert cells == {(f, t, s) for f in (0.0, 0.5, 1.0) for t in (0.0, 0.5, 1.0) for s in (0, 1)}
     assert len(rows) == 18
-    for row in rows:
+    # The reference baseline: one row per scratch row, fitted to the same finetuning set.
+    reference_rows = [r for r in every if r["init"] == "percentile-lr"]
+    assert len(every) == 36 and len(reference_rows) == 18
+    key = ("finetune_hq_ratio", "train_size", "seed", "test_hq_ratio", "finetune_hq_count", "n_test")
+    assert sorted(tuple(r[k] for k in key) for r in reference_rows) == sorted(tuple(r[k] for k in key) for r in rows)
+    assert {r["lane"].split("-n")[0] for r in read_csv(reference / "predictions.csv")} >= {"r1-percentile-lr"}
+    assert "percentile-lr" in (reference / "report.md").read_text()
+    for row in every:
         assert row["status"] == "ok"
         assert 0.0 <= float(row["auc"]) <= 1.0
         assert float(row["auc_ci_low"]) <= float(row["auc"]) <= float(row["auc_ci_high"])

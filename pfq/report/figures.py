@@ -47,7 +47,7 @@ def plot_heatmaps(rows: list[dict], path: Path, metric: str = "auc") -> None:
     from matplotlib.colors import Normalize
 
     inits, sizes = _inits(rows), _values(rows, "train_size")
-    pretrained = [i for i in inits if i != REFERENCE_INIT] if REFERENCE_INIT in inits else []
+    pretrained = stats.pretrained_inits(rows) if REFERENCE_INIT in inits else []
     columns = [(init, False) for init in inits] + [(init, True) for init in pretrained]
     fts, tts = _values(rows, "finetune_hq_ratio"), _values(rows, "test_hq_ratio")
     panels = {}

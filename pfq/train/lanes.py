@@ -30,7 +30,9 @@ class Lane:
 
     @property
     def name(self) -> str:
-        init = "scratch" if self.init == "scratch" else "pretrained"
+        from pfq.baseline import BASELINE_INIT
+
+        init = self.init if self.init in ("scratch", BASELINE_INIT) else "pretrained"
         return f"r{self.finetune_hq_ratio:g}-{init}-n{self.train_size}-s{self.seed}"
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfq import evaluate
+from pfq import baseline, evaluate
 from pfq.convert.errors import ConvertError
 from pfq.data.pipeline import AugmentConfig, to_iterator, train_dataset
 from pfq.data.preprocess import PreprocessConfig
@@ -393,6 +393,12 @@ class Trainer:
                 f"every lane diverged: {'; '.join(diverged)}. Their state is saved in {self.workdir / 'checkpoints'}; "
                 "no results were written. Lower config.optim.lr or check the data, then rerun with --overwrite"
             )
+        if cfg.sweep.baseline:
+            reference = baseline_lanes(lanes)
+            sets = [lane_training_set(lane, data, self.task.num_classes) for lane in reference]
+            probs = baseline_probs(sets, data, self.task.num_classes)
+            rows += evaluate.lane_rows(reference, sets, ["ok"] * len(reference), probs, data, plan, self.task.name)
+            prediction_rows += evaluate.prediction_rows(reference, probs, data)
         if not is_writer():
             return rows
         write_csv(self.workdir / "predictions.csv", prediction_rows)
@@ -413,6 +419,21 @@ class Trainer:
             ),
         )
         return rows
+
+
+def baseline_lanes(lanes: list[lanes_lib.Lane]) -> list[lanes_lib.Lane]:
+    """One reference lane per (finetune ratio, train size, seed) of the sweep, init `BASELINE_INIT`."""
+    cells = dict.fromkeys((lane.finetune_hq_ratio, lane.train_size, lane.seed) for lane in lanes)
+    return [
+        lanes_lib.Lane(-1 - i, ratio, baseline.BASELINE_INIT, size, seed) for i, (ratio, size, seed) in enumerate(cells)
+    ]
+
+
+def baseline_probs(sets: list[np.ndarray], data: StudyData, num_classes: int) -> np.ndarray:
+    """(lanes, test pool, classes): per finetuning set (manifest indices), the reference logistic
+    regression's class probabilities for the test pool."""
+    features = baseline.pool_features(data.source, np.unique(np.concatenate([*sets, data.test_pool])))
+    return np.stack([baseline.fit_predict(features, data.labels, s, data.test_pool, num_classes) for s in sets])
 
 
 def lane_status(outcome: GroupOutcome) -> list[str]:
