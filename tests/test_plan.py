@@ -89,6 +89,15 @@ def test_a_step_that_cannot_fit_is_refused_naming_the_fields(monkeypatch):
     fit.refuse_what_does_not_fit(two_lanes(**{"sweep.lanes_per_group": 1}), spec)
 
 
+def test_the_predict_step_lowers_from_shapes_on_the_lane_mesh():
+    """The planner compiles the trainer's predict step from shapes (CPU here; TPU in the libtpu tests):
+    one evaluation batch, replicated, predicted by every lane of the group."""
+    c = two_lanes()
+    compiled = program.lower_predict_step(model_spec(c, 2), c, jax.devices(), 2).compile()
+    (out,) = jax.tree.leaves(compiled.out_info)
+    assert out.shape == (2, int(c.eval_batch_size), 2)
+
+
 def test_the_trainer_refuses_before_any_data_or_workdir_and_exits_2(tmp_path, monkeypatch):
     from pfq.train.__main__ import run_sweep
 

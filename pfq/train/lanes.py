@@ -80,3 +80,8 @@ def lane_sharding(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("lane", "data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (the evaluation batch all lanes of a group predict)."""
+    return NamedSharding(mesh, P())
