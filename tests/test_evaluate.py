@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from pfq import evaluate as ev
+from pfq.results import ID_COLUMNS
 
 # ----------------------------------------------------------------------------------------------
 # Binary, by hand.
@@ -284,18 +285,9 @@ def test_lane_rows_columns_and_status():
     probs = rng.dirichlet(np.ones(2), (2, 80)).astype(np.float32)
     rows = ev.lane_rows(lanes, [lane_set, lane_set], status, probs, data, plan, "pirads_ge4")
     assert len(rows) == 4
-    assert list(rows[0])[:10] == [
-        "task",
-        "init",
-        "finetune_hq_ratio",
-        "finetune_hq_count",
-        "train_size",
-        "seed",
-        "test_hq_ratio",
-        "n_test",
-        "n_draws",
-        "n_resamples",
-    ]
+    # results.csv's identifying columns, in the documented order, first; the status last
+    assert list(rows[0])[:10] == list(ID_COLUMNS[:-1]) and ID_COLUMNS[-1] == "status"
+    assert list(rows[0])[:3] == ["task", "init", "finetune_hq_ratio"]
     assert list(rows[0])[-1] == "status"
     assert {"auc", "auc_ci_low", "auc_ci_high", "sens_at_spec90_ci_high"} <= set(rows[0])
     assert rows[0]["status"] == "ok" and rows[0]["finetune_hq_count"] == 8

@@ -178,6 +178,29 @@ def test_a_layout_that_cannot_fit_is_reported_as_not_fitting(tpu):
     assert "NO" in plan.table([record])
 
 
+def test_a_planned_layout_is_read_back_from_the_cache_and_a_changed_one_is_compiled(tmp_path, monkeypatch):
+    """Runs on CPU (a stand-in chip): the analysis cache is keyed by the lowered programs, so the same
+    layout is not compiled again and a different one (another lane count) is."""
+    from pfq import plan
+
+    chip = plan.Chip("stand-in", 16, 197, 819)
+    quiet = lambda *a, **k: None
+    layout = lambda lanes: plan.Layout("fft", ("none",) * 4, "float32", lanes)
+    c = two_lanes()
+    first = plan.plan_layout(c, "cpu", layout(2), jax.devices(), chip=chip, cache=tmp_path, log=quiet)
+    assert not first["cached"] and len(list(tmp_path.glob("*.json"))) == 1
+    assert first["train"]["total_gib"] > 0 and first["train"]["flops"] > 0
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled although this layout was planned before")
+
+    monkeypatch.setattr(plan, "_compile_and_analyse", no_compile)
+    again = plan.plan_layout(c, "cpu", layout(2), jax.devices(), chip=chip, cache=tmp_path, log=quiet)
+    assert again["cached"] and again["train"] == first["train"] and again["predict"] == first["predict"]
+    with pytest.raises(AssertionError, match="compiled although"):
+        plan.plan_layout(c, "cpu", layout(1), jax.devices(), chip=chip, cache=tmp_path, log=quiet)
+
+
 def test_plan_cli_without_libtpu_says_how_to_install(tmp_path):
     if HAS_LIBTPU:
         pytest.skip("libtpu is installed here")

@@ -149,21 +149,9 @@ def stratified_set(
     return StratifiedSet(indices=indices, counts=counts, hq_ratio=float(hq_ratio))
 
 
-def stratified_indices(
-    is_hq: np.ndarray,
-    labels: np.ndarray,
-    size: int,
-    hq_ratio: float,
-    seed: int,
-    *,
-    num_classes: int | None = None,
-    class_weights: np.ndarray | None = None,
-    salt: int = 0,
-) -> np.ndarray:
-    """Sorted pool indices of `stratified_set(...)`."""
-    return stratified_set(
-        is_hq, labels, size, hq_ratio, seed, num_classes=num_classes, class_weights=class_weights, salt=salt
-    ).indices
+def stratified_indices(*args, **kwargs) -> np.ndarray:
+    """Sorted pool indices of `stratified_set(...)`, which takes the same arguments."""
+    return stratified_set(*args, **kwargs).indices
 
 
 def split_pool(is_hq: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

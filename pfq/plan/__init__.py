@@ -26,10 +26,14 @@ Where an estimate and a real run disagree, the real run wins.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
+import json
 import math
 import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
+from pfq.io import atomic_write_text
 from pfq.model import ModelSpec
 from pfq.model.convnext import remat_mode
 from pfq.model.depthwise import depthwise_conv3d, resolve_impl
@@ -130,17 +135,35 @@ def quiet_libtpu() -> None:
         os.environ.setdefault(key, value)
 
 
-def enable_compilation_cache(folder: str = "") -> str | None:
-    """JAX's persistent compilation cache in `folder` (default $PFQ_CACHE/jax or ~/.cache/pfq/jax):
-    a layout planned once compiles from the cache the next time. 'none' turns it off."""
+def analysis_cache(folder: str = "") -> Path | None:
+    """Where compiled programs' analyses are kept (default $PFQ_CACHE/plan or ~/.cache/pfq/plan), so a
+    layout planned once is read back instead of compiled again; 'none': no cache. JAX's own persistent
+    compilation cache cannot serve here: an executable compiled for a described TPU cannot be loaded
+    back without a TPU client (jax 0.10.2 warns "PjRtCompiler must be constructed with a Client")."""
     if folder == "none":
         return None
     if not folder:
         base = os.environ.get("PFQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pfq")
-        folder = os.path.join(base, "jax")
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return folder
+        folder = os.path.join(base, "plan")
+    return Path(folder)
+
+
+def _analysis_key(*parts: str) -> str:
+    """Content key of a planned layout: the lowered programs' text (shapes, shardings, every op), the
+    topology and chip, and the compiler's versions."""
+    digest = hashlib.sha256()
+    versions = f"jax {jax.__version__} jaxlib {jax.lib.__version__} libtpu {_libtpu_version()}"
+    for part in (versions, *parts):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _libtpu_version() -> str:
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def chip_of(topology: str) -> Chip:
@@ -316,9 +339,11 @@ def plan_layout(
     headroom: float = 0.1,
     test_cases: int = 300,
     chip: Chip | None = None,
+    cache: Path | None = None,
     log=print,
 ) -> dict:
-    """Compile the train and predict steps of one layout and return its record."""
+    """Compile the train and predict steps of one layout and return its record; with `cache`, the
+    compiled programs' analyses are read from there when these exact programs were planned before."""
     chip = chip or chip_of(topology)
     c = layout.apply(config)
     groups = sweep_groups(c)
@@ -335,11 +360,7 @@ def plan_layout(
         "config_batch": int(c.optim.batch_size),
         "input_size": list(c.data.input_size),
     }
-    log(f"[plan] {topology}: compiling train step, {layout.label()} ...", flush=True)
-    t0 = time.perf_counter()
     lowered, mesh = lower_train_step(c, devices, size)
-    compiled = lowered.compile()
-    record["compile_s"] = time.perf_counter() - t0
     lane_axis, data_axis = mesh.shape["lane"], mesh.shape["data"]
     record.update(
         mesh=[lane_axis, data_axis],
@@ -347,10 +368,20 @@ def plan_layout(
         lanes_per_chip=size // lane_axis,
         batch_per_chip=int(c.optim.batch_size) // data_axis,
     )
-    spec = model_spec_for(c, platform_of(devices))
-    samples = record["lanes_per_chip"] * record["batch_per_chip"]
-    train = analyse(compiled, chip, shifted_loop_correction(spec, samples, c.data.input_size, chip, devices))
-    record["train"] = train
+    predict_lowered = lower_predict_step(c, devices, size)
+    key = _analysis_key(topology, chip.name, lowered.as_text(), predict_lowered.as_text())
+    path = cache / f"{key}.json" if cache is not None else None
+    cached = path is not None and path.is_file()
+    if cached:
+        analyses = json.loads(path.read_text())
+        log(f"[plan] {topology}: {layout.label()}: read from {path} (planned before)", flush=True)
+    else:
+        log(f"[plan] {topology}: compiling train step, {layout.label()} ...", flush=True)
+        analyses = _compile_and_analyse(c, chip, devices, record, lowered, predict_lowered)
+        if path is not None:
+            atomic_write_text(path, json.dumps(analyses))
+    record.update(analyses, cached=cached)  # compile_s: the time of the compile that made the entry
+    train, predict = record["train"], record["predict"]
     record["fits"] = train["total_gib"] <= (1 - headroom) * chip.hbm_gib
     flops = "no cost analysis" if train["flops"] is None else f"{train['flops'] / 1e12:.3f} TFLOP/chip"
     log(
@@ -358,16 +389,6 @@ def plan_layout(
         f"compiled in {record['compile_s']:.0f} s",
         flush=True,
     )
-    t0 = time.perf_counter()
-    # Prediction: each chip holds its lanes and scores the whole eval batch (forward only: a third
-    # of the forward+backward correction).
-    fwd = shifted_loop_correction(
-        spec, record["lanes_per_chip"] * int(c.eval_batch_size), c.data.input_size, chip, devices
-    )
-    fwd = {k: v / 3 for k, v in fwd.items()}
-    predict = analyse(lower_predict_step(c, devices, size).compile(), chip, fwd)
-    record["predict"] = predict
-    record["predict_compile_s"] = time.perf_counter() - t0
     steps = int(c.optim.steps)
     eval_batches = math.ceil(test_cases / int(c.eval_batch_size))
     record["test_cases"] = test_cases
@@ -378,6 +399,25 @@ def plan_layout(
         record["eval_hours"] = len(groups) * eval_batches * predict["roofline_s"] / 3600
         record["sweep_hours"] = record["train_hours"] + record["eval_hours"]
     return record
+
+
+def _compile_and_analyse(c: ConfigDict, chip: Chip, devices: list, record: dict, lowered, predict_lowered) -> dict:
+    """Compile both programs; their memory and cost analyses with compile times."""
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    spec = model_spec_for(c, platform_of(devices))
+    samples = record["lanes_per_chip"] * record["batch_per_chip"]
+    train = analyse(compiled, chip, shifted_loop_correction(spec, samples, c.data.input_size, chip, devices))
+    t0 = time.perf_counter()
+    # Prediction: each chip holds its lanes and scores the whole eval batch (forward only: a third
+    # of the forward+backward correction).
+    fwd = shifted_loop_correction(
+        spec, record["lanes_per_chip"] * int(c.eval_batch_size), c.data.input_size, chip, devices
+    )
+    fwd = {k: v / 3 for k, v in fwd.items()}
+    predict = analyse(predict_lowered.compile(), chip, fwd)
+    return {"train": train, "predict": predict, "compile_s": compile_s, "predict_compile_s": time.perf_counter() - t0}
 
 
 def candidate_layouts(

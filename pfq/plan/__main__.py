@@ -39,9 +39,10 @@ _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of HBM kept free when 
 _TEST_CASES = flags.DEFINE_integer("test_cases", 300, "Test-pool size assumed for the evaluation time estimate.")
 _OUT = flags.DEFINE_string("out", "plan.json", "JSON file: one record per topology x layout.")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache",
+    "cache",
     "",
-    "Persistent compilation cache folder (default $PFQ_CACHE/jax or ~/.cache/pfq/jax); 'none' to turn it off.",
+    "Folder of planned layouts' analyses, keyed by the lowered programs, topology and compiler versions "
+    "(default $PFQ_CACHE/plan or ~/.cache/pfq/plan): a layout planned before is not compiled again; 'none': off.",
 )
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> int:
         validate_config(config)
         if not plan.libtpu_available() and not all(t.startswith(plan.GPUS) for t in _TOPOLOGY.value):
             raise ValueError("libtpu is not installed; `pip install -e '.[tpu]'` (works on a CPU-only machine)")
-        plan.enable_compilation_cache(_CACHE.value)
+        cache = plan.analysis_cache(_CACHE.value)
         depthwise = _resolve(_DEPTHWISE.value, config.model.depthwise)
         for d in depthwise:
             resolve_impl(d, "tpu")  # a known name (or 'auto', resolved per topology below)
@@ -93,7 +94,13 @@ def main(argv: list[str]) -> int:
         for layout in plan.candidate_layouts(config, len(devices), resolved, remat, dtypes, sizes):
             records.append(
                 plan.plan_layout(
-                    config, topology, layout, devices, headroom=_HEADROOM.value, test_cases=_TEST_CASES.value
+                    config,
+                    topology,
+                    layout,
+                    devices,
+                    headroom=_HEADROOM.value,
+                    test_cases=_TEST_CASES.value,
+                    cache=cache,
                 )
             )
             Path(_OUT.value).write_text(json.dumps(records, indent=1))  # after each compile: they take minutes
