@@ -58,6 +58,17 @@ def test_a_one_class_training_set_predicts_that_class():
     np.testing.assert_array_equal(probs, np.tile([0, 0, 1, 0], (5, 1)))
 
 
+def test_a_case_with_non_finite_intensities_is_named_and_the_lane_is_not_fitted():
+    volumes, _ = _cases(6, 0)
+    volumes[4, 0, 0, 0, 1] = np.nan
+    volumes[5, ..., 0] = np.inf  # (one stray infinite voxel would not move a percentile)
+    feats = dict(enumerate(baseline.percentile_features(volumes)))
+    ids = [f"case{i}" for i in range(6)]
+    assert baseline.fit_status(feats, np.arange(3), np.array([3]), ids) == "ok"
+    status = baseline.fit_status(feats, np.arange(4), np.array([4, 5]), ids)
+    assert status == "not fitted: non-finite intensities in 2 case(s): case4, case5"
+
+
 def test_the_confidence_interval_is_students_t_and_resolved_means_it_excludes_zero():
     d = np.array([0.05, 0.07, 0.02, 0.09])
     r = stats.paired_test(d, np.zeros(4))

@@ -167,7 +167,7 @@ def test_configs_load_by_name_and_by_path_alike():
     by_name = load_config("smoke")
     assert load_config(REPO / "configs" / "smoke.py").to_json() == by_name.to_json()
     assert load_config(REPO / "pfq" / "configs" / "smoke.py").to_json() == by_name.to_json()
-    assert load_config().to_json() == base_config().to_json()
+    assert load_config().to_json() == load_config("default").to_json()
     with pytest.raises(ConfigError, match="not a packaged config .*smoke"):
         load_config("smok")
     with pytest.raises(ConfigError, match="no such file"):
@@ -246,7 +246,7 @@ def test_a_non_editable_install_ships_the_configs(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.split("\n")
-    assert Path(out[0]).is_relative_to(target) and out[1] == f"{base_config().optim.steps} tiny"
+    assert Path(out[0]).is_relative_to(target) and out[1] == f"{load_config('default').optim.steps} tiny"
     proc = subprocess.run(
         [sys.executable, "-m", "pfq.train", "--workdir", str(tmp_path / "w"), "--config.optim.lrr=1"],
         env=env,

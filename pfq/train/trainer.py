@@ -396,8 +396,8 @@ class Trainer:
         if cfg.sweep.baseline:
             reference = baseline_lanes(lanes)
             sets = [lane_training_set(lane, data, self.task.num_classes) for lane in reference]
-            probs = baseline_probs(sets, data, self.task.num_classes)
-            rows += evaluate.lane_rows(reference, sets, ["ok"] * len(reference), probs, data, plan, self.task.name)
+            status, probs = baseline_probs(sets, data, self.task.num_classes)
+            rows += evaluate.lane_rows(reference, sets, status, probs, data, plan, self.task.name)
             prediction_rows += evaluate.prediction_rows(reference, probs, data)
         if not is_writer():
             return rows
@@ -429,11 +429,17 @@ def baseline_lanes(lanes: list[lanes_lib.Lane]) -> list[lanes_lib.Lane]:
     ]
 
 
-def baseline_probs(sets: list[np.ndarray], data: StudyData, num_classes: int) -> np.ndarray:
-    """(lanes, test pool, classes): per finetuning set (manifest indices), the reference logistic
-    regression's class probabilities for the test pool."""
+def baseline_probs(sets: list[np.ndarray], data: StudyData, num_classes: int) -> tuple[list[str], np.ndarray]:
+    """Per finetuning set (manifest indices): the reference's status ('ok' or why it was not fitted) and
+    (lanes, test pool, classes) class probabilities for the test pool (NaN where not fitted)."""
     features = baseline.pool_features(data.source, np.unique(np.concatenate([*sets, data.test_pool])))
-    return np.stack([baseline.fit_predict(features, data.labels, s, data.test_pool, num_classes) for s in sets])
+    case_ids = data.case_ids
+    status = [baseline.fit_status(features, s, data.test_pool, case_ids) for s in sets]
+    probs = np.full((len(sets), len(data.test_pool), num_classes), np.nan, np.float32)
+    for li, s in enumerate(sets):
+        if status[li] == "ok":
+            probs[li] = baseline.fit_predict(features, data.labels, s, data.test_pool, num_classes)
+    return status, probs
 
 
 def lane_status(outcome: GroupOutcome) -> list[str]:
