@@ -8,6 +8,7 @@ tests run on CPU with a fake device limit.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -187,18 +188,48 @@ def test_a_planned_layout_is_read_back_from_the_cache_and_a_changed_one_is_compi
     quiet = lambda *a, **k: None
     layout = lambda lanes: plan.Layout("fft", ("none",) * 4, "float32", lanes)
     c = two_lanes()
-    first = plan.plan_layout(c, "cpu", layout(2), jax.devices(), chip=chip, cache=tmp_path, log=quiet)
-    assert not first["cached"] and len(list(tmp_path.glob("*.json"))) == 1
+    cache = tmp_path / "not-yet" / "plan"  # a fresh machine: the cache folder is made on first use
+    first = plan.plan_layout(c, "cpu", layout(2), jax.devices(), chip=chip, cache=cache, log=quiet)
+    assert not first["cached"] and len(list(cache.glob("*.json"))) == 1
     assert first["train"]["total_gib"] > 0 and first["train"]["flops"] > 0
 
     def no_compile(*a, **k):
         raise AssertionError("compiled although this layout was planned before")
 
     monkeypatch.setattr(plan, "_compile_and_analyse", no_compile)
-    again = plan.plan_layout(c, "cpu", layout(2), jax.devices(), chip=chip, cache=tmp_path, log=quiet)
+    again = plan.plan_layout(c, "cpu", layout(2), jax.devices(), chip=chip, cache=cache, log=quiet)
     assert again["cached"] and again["train"] == first["train"] and again["predict"] == first["predict"]
     with pytest.raises(AssertionError, match="compiled although"):
-        plan.plan_layout(c, "cpu", layout(1), jax.devices(), chip=chip, cache=tmp_path, log=quiet)
+        plan.plan_layout(c, "cpu", layout(1), jax.devices(), chip=chip, cache=cache, log=quiet)
+
+
+def test_a_cache_that_cannot_be_written_or_read_costs_a_compile_not_the_plan(tmp_path):
+    from pfq import plan
+
+    chip = plan.Chip("stand-in", 16, 197, 819)
+    said = []
+    layout = plan.Layout("fft", ("none",) * 4, "float32", 2)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    record = plan.plan_layout(
+        two_lanes(),
+        "cpu",
+        layout,
+        jax.devices(),
+        chip=chip,
+        cache=blocked / "plan",
+        log=lambda *a, **k: said.append(a[0]),
+    )
+    assert record["train"]["total_gib"] > 0 and not record["cached"]
+    assert any("could not keep this layout's analyses" in s for s in said)
+    cache = tmp_path / "plan"
+    plan.plan_layout(two_lanes(), "cpu", layout, jax.devices(), chip=chip, cache=cache, log=lambda *a, **k: None)
+    (entry,) = cache.glob("*.json")
+    entry.write_text("{truncated")  # a torn or hand-edited entry: compiled again, and rewritten
+    again = plan.plan_layout(
+        two_lanes(), "cpu", layout, jax.devices(), chip=chip, cache=cache, log=lambda *a, **k: None
+    )
+    assert not again["cached"] and json.loads(entry.read_text())["train"] == again["train"]
 
 
 def test_plan_cli_without_libtpu_says_how_to_install(tmp_path):

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
@@ -146,6 +146,29 @@ def analysis_cache(folder: str = "") -> Path | None:
         base = os.environ.get("PFQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pfq")
         folder = os.path.join(base, "plan")
     return Path(folder)
+
+
+def _read_cached(path: Path | None) -> dict | None:
+    """A cache entry's analyses, or None when there is none (an unreadable entry is a miss too)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        analyses = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return analyses if isinstance(analyses, dict) and {"train", "predict", "compile_s"} <= analyses.keys() else None
+
+
+def _write_cached(path: Path | None, analyses: dict, log: Callable[..., None]) -> None:
+    """Keep a compile's analyses; a cache that cannot be written costs a recompile later, never this
+    plan's result (a compile takes minutes)."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(analyses))
+    except OSError as e:
+        log(f"[plan] warning: could not keep this layout's analyses in {path.parent}: {e}", flush=True)
 
 
 def _analysis_key(*parts: str) -> str:
@@ -371,15 +394,14 @@ def plan_layout(
     predict_lowered = lower_predict_step(c, devices, size)
     key = _analysis_key(topology, chip.name, lowered.as_text(), predict_lowered.as_text())
     path = cache / f"{key}.json" if cache is not None else None
-    cached = path is not None and path.is_file()
+    analyses = _read_cached(path)
+    cached = analyses is not None
     if cached:
-        analyses = json.loads(path.read_text())
         log(f"[plan] {topology}: {layout.label()}: read from {path} (planned before)", flush=True)
     else:
         log(f"[plan] {topology}: compiling train step, {layout.label()} ...", flush=True)
         analyses = _compile_and_analyse(c, chip, devices, record, lowered, predict_lowered)
-        if path is not None:
-            atomic_write_text(path, json.dumps(analyses))
+        _write_cached(path, analyses, log)
     record.update(analyses, cached=cached)  # compile_s: the time of the compile that made the entry
     train, predict = record["train"], record["predict"]
     record["fits"] = train["total_gib"] <= (1 - headroom) * chip.hbm_gib
