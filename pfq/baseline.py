@@ -30,15 +30,10 @@ def pool_features(source, indices: Sequence[int]) -> dict[int, np.ndarray]:
     return {int(i): percentile_features(np.asarray(source[int(i)])[None])[0] for i in indices}
 
 
-def unusable_cases(features: dict[int, np.ndarray], cases: np.ndarray) -> list[int]:
-    """Cases among `cases` whose features are not finite (a NaN or infinite voxel reached them)."""
-    return [int(i) for i in cases if not np.all(np.isfinite(features[int(i)]))]
-
-
 def fit_status(features: dict[int, np.ndarray], train: np.ndarray, test: np.ndarray, case_ids: Sequence[str]) -> str:
     """'ok', or why this lane's reference cannot be fitted, naming the cases (its rows then get NaN
     metrics, as a diverged CNN lane's do, instead of failing the whole sweep)."""
-    bad = unusable_cases(features, np.concatenate([train, test]))
+    bad = [int(i) for i in np.concatenate([train, test]) if not np.all(np.isfinite(features[int(i)]))]
     if not bad:
         return "ok"
     shown = ", ".join(case_ids[i] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
