@@ -267,3 +267,28 @@ def test_lanes_per_group_splits_each_init_in_order():
     assert [lane.index for g in groups for lane in g] == [lane.index for lane in lanes]
     with pytest.raises(ValueError, match="lanes_per_group"):
         smoke_config(**{"sweep.lanes_per_group": -1})
+
+
+def test_plan_cli_reads_configs_like_train(tmp_path):
+    """A packaged name works, and a misspelt override stops with exit status 2 naming the field."""
+    import subprocess
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pfq.plan",
+            "--config",
+            "smoke",
+            "--config.optim.stepz=3",
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "config.optim.stepz" in proc.stderr and "config.optim.steps" in proc.stderr
+    assert not (tmp_path / "p.json").exists()

@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
+from pfq.compile import compile_lowered
 from pfq.io import atomic_write_text
 from pfq.model import ModelSpec
 from pfq.model.convnext import remat_mode
@@ -426,7 +427,7 @@ def plan_layout(
 def _compile_and_analyse(c: ConfigDict, chip: Chip, devices: list, record: dict, lowered, predict_lowered) -> dict:
     """Compile both programs; their memory and cost analyses with compile times."""
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = compile_lowered(lowered)
     compile_s = time.perf_counter() - t0
     spec = model_spec_for(c, platform_of(devices))
     samples = record["lanes_per_chip"] * record["batch_per_chip"]
@@ -438,7 +439,7 @@ def _compile_and_analyse(c: ConfigDict, chip: Chip, devices: list, record: dict,
         spec, record["lanes_per_chip"] * int(c.eval_batch_size), c.data.input_size, chip, devices
     )
     fwd = {k: v / 3 for k, v in fwd.items()}
-    predict = analyse(predict_lowered.compile(), chip, fwd)
+    predict = analyse(compile_lowered(predict_lowered), chip, fwd)
     return {"train": train, "predict": predict, "compile_s": compile_s, "predict_compile_s": time.perf_counter() - t0}
 
 

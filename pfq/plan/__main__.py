@@ -1,4 +1,4 @@
-"""`python -m pfq.plan --config FILE [--config.x.y=v ...] --topology v5e:2x4 [--topology ...]`
+"""`python -m pfq.plan [--config NAME|FILE] [--config.x.y=v ...] --topology v5e:2x4 [--topology ...]`
 
 Compiles the sweep's train and predict steps for each TPU topology and candidate layout on this
 (CPU-only) host, prints a table and writes one JSON record per topology x layout (see
@@ -16,11 +16,15 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pirads_binary.py"
+from pfq.config import ConfigError, load_config, split_overrides
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, get_config()).")
+# Read as `python -m pfq.train` reads it: a packaged name or a file, checked overrides.
+_CONFIG = flags.DEFINE_string(
+    "config",
+    "pirads_binary",
+    "A packaged config's name (pirads_binary, isup, ...) or a config file; override fields with --config.x.y=value.",
+)
 _TOPOLOGY = flags.DEFINE_multi_string("topology", ["v5e:2x4"], "TPU slice, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4.")
 _DEPTHWISE = flags.DEFINE_list(
     "depthwise",
@@ -53,14 +57,12 @@ def _resolve(values: list[str], from_config) -> list:
 def main(argv: list[str]) -> int:
     del argv
     from pfq import plan
-    from pfq.config import validate_config
     from pfq.model.depthwise import resolve_impl
 
     plan.quiet_libtpu()
     logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'": expected here
-    config = _CONFIG.value
     try:
-        validate_config(config)
+        config = load_config(_CONFIG.value, _overrides)
         if not plan.libtpu_available() and not all(t.startswith(plan.GPUS) for t in _TOPOLOGY.value):
             raise ValueError("libtpu is not installed; `pip install -e '.[tpu]'` (works on a CPU-only machine)")
         cache = plan.analysis_cache(_CACHE.value)
@@ -76,7 +78,7 @@ def main(argv: list[str]) -> int:
             if t not in ("float32", "bfloat16"):
                 raise ValueError(f"--dtype: {t!r}; use float32 or bfloat16")
         topologies = [(t, plan.topology_devices(t)) for t in _TOPOLOGY.value]
-    except ValueError as e:
+    except ValueError as e:  # ConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     records = []
@@ -122,9 +124,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+_overrides: list[tuple[str, str]] = []  # the --config.x.y=value arguments, set by _parse_flags
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        rest, _overrides[:] = split_overrides(argv)
+    except ConfigError as e:
+        print(f"error: invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+    return flags.FLAGS(rest)
+
+
 if __name__ == "__main__":
     if not os.environ.get("JAX_PLATFORMS"):  # planning only compiles: never start an accelerator backend
         import jax
 
         jax.config.update("jax_platforms", "cpu")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
