@@ -8,8 +8,9 @@ SIGKILL to the process itself, as a preemption would; `enospc` / `eio` raise the
 a full disk or a failing device would. A line naming the point goes to stderr first, so a test can
 tell the fault fired. Named points (see the callers): `cache_write` (a preprocessed volume written,
 not yet renamed into the cache), `train_step`, `checkpoint_save`, `checkpoint_async`,
-`checkpoint_wait`, `predict_batch`, `evaluate`, `report`, and `write:<file name>` between writing an
-output's temporary file and renaming it into place.
+`checkpoint_wait`, `predict_batch`, `evaluate`, `report`, `write:<file name>` between writing an
+output's temporary file and renaming it into place, and `plan_compile:<topology>` before `pfq.plan`
+compiles a layout.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def test_the_planned_function_is_the_trainers_own_step(tpu, monkeypatch):
     assert mesh.devices.flat[0].platform == "tpu" and dict(mesh.shape) == {"lane": 2, "data": 2}
     # The trainer builds its step through the same function (pfq/train/trainer.py).
     source = (ROOT / "pfq" / "train" / "trainer.py").read_text()
-    assert "program.jit_train_step(" in source and "jax.vmap(make_train_step" not in source
+    assert "program.jit_train_step(" in source and "jit(jax.vmap(make_train_step" not in source
 
 
 @needs_libtpu
@@ -292,3 +292,29 @@ def test_plan_cli_reads_configs_like_train(tmp_path):
     )
     assert proc.returncode == 2 and "config.optim.stepz" in proc.stderr and "config.optim.steps" in proc.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+@needs_libtpu
+def test_a_topology_whose_compiler_crashes_costs_only_its_own_rows(tmp_path):
+    """Each topology is planned in its own process: one killed mid-compile (the fault injection's
+    stand-in for libtpu's segmentation faults) is reported as not planned, and the others are."""
+    import subprocess
+
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pfq.plan", "--config", "smoke", "--topology", "v5e:2x2", "--topology", "v6e:2x2"]
+        + ["--lanes_per_group", "2", "--cache", "none", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), PFQ_FAULT_POINT="plan_compile:v5e:2x2:1"),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads(out.read_text())
+    (crashed,) = [r for r in records if r["topology"] == "v5e:2x2"]
+    assert "SIGKILL" in crashed["error"] and "train" not in crashed
+    (planned,) = [r for r in records if r["topology"] == "v6e:2x2"]
+    assert planned["fits"] and planned["train"]["flops"] > 0
+    assert "v5e:2x2: not planned: the planning process for v5e:2x2 stopped with signal SIGKILL" in proc.stdout
+    assert "v6e:2x2: best fitting layout" in proc.stdout

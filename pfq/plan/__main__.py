@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from absl import app, flags
@@ -81,16 +84,24 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # ConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if _LANES.value != ["auto"]:
+        try:
+            sizes = [int(config.sweep.lanes_per_group) if v == "config" else int(v) for v in _LANES.value]
+        except ValueError:
+            print(f"error: --lanes_per_group: integers, 'config' or 'auto', got {_LANES.value}", file=sys.stderr)
+            return 2
+    child = os.environ.get(_CHILD_ENV)  # "TOPOLOGY\nRECORDS_FILE" when planning one topology for a parent
+    out = Path(child.split("\n")[1]) if child else Path(_OUT.value)
+    if child:
+        topologies = [(t, d) for t, d in topologies if t == child.split("\n")[0]]
     records = []
     for topology, devices in topologies:
+        if len(topologies) > 1:
+            records += _plan_in_child(topology)
+            out.write_text(json.dumps(records, indent=1))
+            continue
         if _LANES.value == ["auto"]:
             sizes = plan.default_lane_groups(config, len(devices))
-        else:
-            try:
-                sizes = [int(config.sweep.lanes_per_group) if v == "config" else int(v) for v in _LANES.value]
-            except ValueError:
-                print(f"error: --lanes_per_group: integers, 'config' or 'auto', got {_LANES.value}", file=sys.stderr)
-                return 2
         platform = plan.platform_of(devices)
         resolved = list(dict.fromkeys(resolve_impl(d, platform) for d in depthwise))
         for layout in plan.candidate_layouts(config, len(devices), resolved, remat, dtypes, sizes):
@@ -105,11 +116,16 @@ def main(argv: list[str]) -> int:
                     cache=cache,
                 )
             )
-            Path(_OUT.value).write_text(json.dumps(records, indent=1))  # after each compile: they take minutes
+            out.write_text(json.dumps(records, indent=1))  # after each compile: they take minutes
+    if child:
+        return 0
     print(plan.table(records))
     for topology, _ in topologies:
         choice = plan.best([r for r in records if r["topology"] == topology])
-        if choice is None:
+        failed = [r["error"] for r in records if r["topology"] == topology and "error" in r]
+        if choice is None and failed:
+            print(f"{topology}: not planned: {failed[0]}")
+        elif choice is None:
             print(
                 f"{topology}: no layout fits; try --config.sweep.lanes_per_group smaller, --remat full, "
                 f"--dtype bfloat16, or a smaller --config.optim.batch_size"
@@ -122,6 +138,31 @@ def main(argv: list[str]) -> int:
             )
     print(f"records: {_OUT.value}")
     return 0
+
+
+_CHILD_ENV = "PFQ_PLAN_ONE_TOPOLOGY"
+
+
+def _plan_in_child(topology: str) -> list[dict]:
+    """Plan one topology in a child process (same arguments), so that a compiler crash costs that
+    topology's rows only: libtpu 0.0.42.1 has died with a segmentation fault inside its convolution
+    emitter while compiling the real-size step for v4 and v5p. Returns the child's records, plus an
+    `error` record if it did not finish."""
+    with tempfile.TemporaryDirectory() as tmp:
+        records_file = Path(tmp) / "records.json"
+        env = dict(os.environ, **{_CHILD_ENV: f"{topology}\n{records_file}"})
+        code = subprocess.run([sys.executable, "-m", "pfq.plan", *sys.argv[1:]], env=env).returncode
+        records = json.loads(records_file.read_text()) if records_file.exists() else []
+    if code != 0:
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        records.append(
+            {
+                "topology": topology,
+                "error": f"the planning process for {topology} stopped with {how} (a compiler crash, if a "
+                "signal; its last progress line above names the layout); the layouts listed for it finished",
+            }
+        )
+    return records
 
 
 _overrides: list[tuple[str, str]] = []  # the --config.x.y=value arguments, set by _parse_flags

@@ -79,7 +79,6 @@ def refuse_what_does_not_fit(config, spec) -> None:
     e.g. on CPU. With the persistent compilation cache the trainer's own compile then reuses it."""
     import jax
 
-    from pfq.compile import compile_lowered
     from pfq.train import lanes as lanes_lib
     from pfq.train import program
 
@@ -93,7 +92,7 @@ def refuse_what_does_not_fit(config, spec) -> None:
     lanes = lanes_lib.make_lanes(s.finetune_hq_ratios, s.inits, s.train_sizes, s.seeds)
     size = max(len(g) for g in lanes_lib.group_lanes(lanes, int(s.lanes_per_group)))
     lowered, mesh = program.lower_train_step(spec, config, devices, size)
-    check_fits(compile_lowered(lowered), devices[0], config, size, -(-size // mesh.shape["lane"]), limit)
+    check_fits(lowered.compile(), devices[0], config, size, -(-size // mesh.shape["lane"]), limit)
 
 
 def check_fits(compiled, device, config, num_lanes: int, lanes_per_chip: int, limit: int | None = None) -> None:

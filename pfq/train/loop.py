@@ -16,7 +16,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pfq.compile import compile_lowered
 from pfq.faults import maybe_fail
 from pfq.train.checkpoint import GroupCheckpointer
 from pfq.train.distributed import global_batch, to_host
@@ -71,7 +70,7 @@ def train_loop(
     if start >= steps:
         return state, loss, compiled
     t0 = time.perf_counter()
-    step = compile_lowered(step_program.lower(state, batch_spec, keys))
+    step = step_program.lower(state, batch_spec, keys).compile()
     compiled = True
     log.info("%s: compiled the %d-lane step in %.1f s", name, lanes, time.perf_counter() - t0)
     bar = tqdm(
