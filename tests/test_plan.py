@@ -232,27 +232,24 @@ def test_a_cache_that_cannot_be_written_or_read_costs_a_compile_not_the_plan(tmp
     assert not again["cached"] and json.loads(entry.read_text())["train"] == again["train"]
 
 
+def run_plan_cli(*args: str, timeout: int = 300, **env: str):
+    """`python -m pfq.plan ARGS` from the checkout, output captured."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "pfq.plan", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
+        cwd=ROOT,
+    )
+
+
 def test_plan_cli_without_libtpu_says_how_to_install(tmp_path):
     if HAS_LIBTPU:
         pytest.skip("libtpu is installed here")
-    import subprocess
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pfq.plan",
-            "--config",
-            str(ROOT / "configs" / "smoke.py"),
-            "--out",
-            str(tmp_path / "p.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=ROOT,
-    )
+    proc = run_plan_cli("--config", str(ROOT / "configs" / "smoke.py"), "--out", str(tmp_path / "p.json"))
     assert proc.returncode == 2 and "pip install -e '.[tpu]'" in proc.stderr
 
 
@@ -271,25 +268,7 @@ def test_lanes_per_group_splits_each_init_in_order():
 
 def test_plan_cli_reads_configs_like_train(tmp_path):
     """A packaged name works, and a misspelt override stops with exit status 2 naming the field."""
-    import subprocess
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pfq.plan",
-            "--config",
-            "smoke",
-            "--config.optim.stepz=3",
-            "--out",
-            str(tmp_path / "p.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=ROOT,
-    )
+    proc = run_plan_cli("--config", "smoke", "--config.optim.stepz=3", "--out", str(tmp_path / "p.json"))
     assert proc.returncode == 2 and "config.optim.stepz" in proc.stderr and "config.optim.steps" in proc.stderr
     assert not (tmp_path / "p.json").exists()
 
@@ -298,17 +277,12 @@ def test_plan_cli_reads_configs_like_train(tmp_path):
 def test_a_topology_whose_compiler_crashes_costs_only_its_own_rows(tmp_path):
     """Each topology is planned in its own process: one killed mid-compile (the fault injection's
     stand-in for libtpu's segmentation faults) is reported as not planned, and the others are."""
-    import subprocess
 
     out = tmp_path / "plan.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pfq.plan", "--config", "smoke", "--topology", "v5e:2x2", "--topology", "v6e:2x2"]
-        + ["--lanes_per_group", "2", "--cache", "none", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(ROOT), PFQ_FAULT_POINT="plan_compile:v5e:2x2:1"),
-        cwd=ROOT,
+    topologies = ["--topology", "v5e:2x2", "--topology", "v6e:2x2"]
+    options = ["--lanes_per_group", "2", "--cache", "none", "--out", str(out)]
+    proc = run_plan_cli(
+        "--config", "smoke", *topologies, *options, timeout=600, PFQ_FAULT_POINT="plan_compile:v5e:2x2:1"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = json.loads(out.read_text())
