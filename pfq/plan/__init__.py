@@ -481,8 +481,9 @@ def best(records: list[dict]) -> dict | None:
 # Output.
 # ----------------------------------------------------------------------------------------------
 def table(records: list[dict]) -> str:
+    wide = max([38] + [len(r["layout"]) for r in records if "layout" in r])  # layout names vary in length
     head = (
-        f"{'topology':<10} {'layout':<38} {'mesh':>6} {'lanes/chip':>10} {'b/chip':>6} {'GiB/chip':>9} "
+        f"{'topology':<10} {'layout':<{wide}} {'mesh':>6} {'lanes/chip':>10} {'b/chip':>6} {'GiB/chip':>9} "
         f"{'(arg+tmp)':>12} {'fits':>5} {'TFLOP/step':>10} {'GB/step':>8} {'roofline':>9} {'xla':>8} "
         f"{'sweep h':>8} {'compile':>8}"
     )
@@ -496,7 +497,7 @@ def table(records: list[dict]) -> str:
         xla = f"{t['xla_s']:.3f}s" if t["xla_s"] is not None else "n/a"
         roofline = f"{t['roofline_s']:.3f}s" if t["roofline_s"] is not None else "n/a"
         lines.append(
-            f"{r['topology']:<10} {r['layout']:<38} {r['mesh'][0]:>2}x{r['mesh'][1]:<3} {r['lanes_per_chip']:>10} "
+            f"{r['topology']:<10} {r['layout']:<{wide}} {r['mesh'][0]:>2}x{r['mesh'][1]:<3} {r['lanes_per_chip']:>10} "
             f"{r['batch_per_chip']:>6} {t['total_gib']:>6.2f}/{r['hbm_gib']:<3g}"
             f"{t['arguments_gib']:>6.2f}+{t['temp_gib']:<5.2f} {'yes' if r['fits'] else 'NO':>5} "
             f"{num(t['flops'], '.3f', 1e12):>10} {num(t['bytes'], '.1f', 1e9):>8} {roofline:>9} "
