@@ -531,3 +531,32 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
             rest.append(arg)
         i += 1
     return rest, overrides
+
+
+_command_line_overrides: list[tuple[str, str]] = []  # set by parse_flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flags parser for the commands that read a run config (`pfq.train`, `pfq.pretrain`,
+    `pfq.plan`): the `--config.x.y=value` overrides are taken out first (`command_line_overrides()`,
+    checked against the config's fields once it is loaded); a malformed one or an unknown flag stops
+    here with exit status 2."""
+    import sys
+
+    from absl import flags
+
+    try:
+        rest, _command_line_overrides[:] = split_overrides(argv)
+    except ConfigError as e:
+        print(f"error: invalid config: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    try:
+        return flags.FLAGS(rest)
+    except flags.Error as e:
+        print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def command_line_overrides() -> list[tuple[str, str]]:
+    """The `--config.x.y=value` arguments `parse_flags` took from the command line."""
+    return list(_command_line_overrides)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from pfq.config import ConfigError, load_config, split_overrides
+from pfq.config import command_line_overrides, load_config, parse_flags
 
 # Read as `python -m pfq.train` reads it: a packaged name or a file, checked overrides.
 _CONFIG = flags.DEFINE_string(
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     plan.quiet_libtpu()
     logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'": expected here
     try:
-        config = load_config(_CONFIG.value, _overrides)
+        config = load_config(_CONFIG.value, command_line_overrides())
         if not plan.libtpu_available() and not all(t.startswith(plan.GPUS) for t in _TOPOLOGY.value):
             raise ValueError("libtpu is not installed; `pip install -e '.[tpu]'` (works on a CPU-only machine)")
         cache = plan.analysis_cache(_CACHE.value)
@@ -91,9 +91,11 @@ def main(argv: list[str]) -> int:
             print(f"error: --lanes_per_group: integers, 'config' or 'auto', got {_LANES.value}", file=sys.stderr)
             return 2
     child = os.environ.get(_CHILD_ENV)  # "TOPOLOGY\nRECORDS_FILE" when planning one topology for a parent
-    out = Path(child.split("\n")[1]) if child else Path(_OUT.value)
+    out = Path(_OUT.value)
     if child:
-        topologies = [(t, d) for t, d in topologies if t == child.split("\n")[0]]
+        only, records_file = child.split("\n")
+        out = Path(records_file)
+        topologies = [(t, d) for t, d in topologies if t == only]
     records = []
     for topology, devices in topologies:
         if len(topologies) > 1:
@@ -165,21 +167,9 @@ def _plan_in_child(topology: str) -> list[dict]:
     return records
 
 
-_overrides: list[tuple[str, str]] = []  # the --config.x.y=value arguments, set by _parse_flags
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        rest, _overrides[:] = split_overrides(argv)
-    except ConfigError as e:
-        print(f"error: invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
-    return flags.FLAGS(rest)
-
-
 if __name__ == "__main__":
     if not os.environ.get("JAX_PLATFORMS"):  # planning only compiles: never start an accelerator backend
         import jax
 
         jax.config.update("jax_platforms", "cpu")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

@@ -15,7 +15,8 @@ from pathlib import Path
 from absl import app, flags
 
 from pfq import xla_flags
-from pfq.train.__main__ import _OVERWRITE, _PROGRESS, _WORKDIR, fail, input_errors, parse_flags, setup_process
+from pfq.config import parse_flags
+from pfq.train.__main__ import _OVERWRITE, _PROGRESS, _WORKDIR, fail, input_errors, setup_process
 
 DEFAULT_WORKDIR = "runs/pretrain"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from absl import app, flags
 
 from pfq import xla_flags
-from pfq.config import ConfigError, load_config, split_overrides, validate_config
+from pfq.config import ConfigError, command_line_overrides, load_config, parse_flags, validate_config
 
 _CONFIG = flags.DEFINE_string(
     "config",
@@ -139,23 +139,6 @@ def run_sweep(config, workdir: Path, progress: bool = True, overwrite: bool = Fa
     return 0
 
 
-_overrides: list[tuple[str, str]] = []  # the --config.x.y=value arguments, set by parse_flags
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flags, with the `--config.x.y=value` overrides taken out first (checked against the
-    config's fields once it is loaded); a malformed one stops here with exit status 2."""
-    try:
-        rest, overrides = split_overrides(argv)
-    except ConfigError as e:
-        sys.exit(fail(f"invalid config: {e}", 2))
-    _overrides[:] = overrides
-    try:
-        return flags.FLAGS(rest)
-    except flags.Error as e:
-        sys.exit(fail(f"{e}\nPass --helpfull to see the flags.", 2))
-
-
 def setup_process():
     """Logging, the unraisable hook, the config (file plus overrides) and, for multi-host runs,
     jax.distributed; returns the config, or an exit status for a bad one."""
@@ -165,7 +148,7 @@ def setup_process():
         logging.getLogger(noisy).setLevel(logging.WARNING)
         logging.getLogger(noisy).addFilter(_NoLibraryTracebacks())
     try:
-        config = load_config(_CONFIG.value, _overrides)
+        config = load_config(_CONFIG.value, command_line_overrides())
     except ConfigError as e:
         return fail(f"invalid config: {e}", 2)
     from pfq.train import distributed
