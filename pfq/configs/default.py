@@ -22,7 +22,7 @@ def get_config():
     c.sweep.seeds = (0, 1, 2, 3)
     c.optim.steps = 350
     # No augmentation: at 350 steps it cost the CNN 0.11 AUC (scratch, n = 400, HQ -> HQ, 4 seeds:
-    # 0.56 with it, 0.67 without) and a third of the training time; 1400 steps did not recover it.
+    # 0.56 with it, 0.67 without); 1400 steps with it did not recover it.
     c.data.augment = False
     # A short pretraining: 250 steps of batch 8 on 800 phantoms at 16 x 64 x 64 (4 x 4 patches per slab).
     # pfq's own initialisation and per-sample GRN statistics: with upstream's std-1 re-initialisation
